@@ -1,0 +1,422 @@
+"""Evaluation of prediction folders: per-case tables, summaries and paired comparisons between runs.
+
+These are the functions the command line calls (``python -m bundle evaluate --pred DIR --truth DIR``):
+
+* :func:`evaluate_files` scores one prediction/ground-truth NIfTI pair;
+* :func:`evaluate_folder` scores every case of a folder and writes ``metrics.csv`` (one row per case and
+  region) and ``summary.json`` (mean, std, median, 25th/75th percentile per region and metric);
+* :func:`compare` pairs two runs' ``metrics.csv`` by case and tests the per-region differences.
+
+Metric definitions live in :mod:`bundle.metrics` and ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import stats
+
+from bundle.constants import LABEL_SCHEMES
+from bundle.metrics import DISTANCE_METRICS, LESION_METRICS, OVERLAP_METRICS, evaluate_case
+
+#: Metrics where a smaller value is better (all others: larger is better).
+LOWER_IS_BETTER: frozenset[str] = frozenset({"hd95", "hd95_monai", "lesion_hd95", "lesion_hd95_matched", "lesion_fp"})
+#: Columns summarised and compared by default (counts and volumes are kept in metrics.csv only).
+SUMMARY_METRICS: tuple[str, ...] = (
+    *OVERLAP_METRICS,
+    *DISTANCE_METRICS,
+    "lesion_dice",
+    "lesion_hd95",
+    "lesion_dice_matched",
+    "lesion_hd95_matched",
+    "lesion_f1",
+)
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_SEG_TAGS = ("_seg", "-seg", "_label", "-label", "_pred", "-pred")
+
+
+def case_id_from_path(path: str | Path) -> str:
+    """Case identifier of a segmentation file: its name without ``.nii[.gz]`` and a ``_seg``-like tag.
+
+    ``BraTS2021_00000_seg.nii.gz`` and ``BraTS2021_00000.nii.gz`` both give ``BraTS2021_00000``, so a
+    prediction folder pairs with a BraTS ground-truth folder whatever the prediction files' tag.
+    """
+    name = Path(path).name
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    for tag in _SEG_TAGS:
+        if name.endswith(tag):
+            return name[: -len(tag)]
+    return name
+
+
+def find_segmentations(folder: str | Path) -> dict[str, Path]:
+    """Map case id -> segmentation file for a flat folder of label maps or a BraTS-style case-folder tree.
+
+    In a case-folder tree (``<case>/<case>_seg.nii.gz`` next to the images) only files tagged as
+    segmentations are taken; in a flat folder every NIfTI file is a case.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
+    tagged = [p for p in files if any(p.name.split(".nii")[0].endswith(t) for t in _SEG_TAGS)]
+    chosen = tagged if any(p.parent != folder for p in files) else files
+    found: dict[str, Path] = {}
+    for path in chosen:
+        case = case_id_from_path(path)
+        if case in found:
+            raise ValueError(f"{folder}: two segmentations for case {case!r}: {found[case]} and {path}")
+        found[case] = path
+    if not found:
+        raise FileNotFoundError(f"{folder}: no NIfTI segmentation files found")
+    return found
+
+
+def load_label_map(path: str | Path, label_scheme: str) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Load a NIfTI label map and map its values onto the internal labels.
+
+    Returns ``(labels, spacing_mm, affine)``. Raises ``ValueError`` naming the file if it holds a value the
+    scheme does not know (e.g. a BraTS 2021 file read with the ``brats2023`` scheme).
+    """
+    if label_scheme not in LABEL_SCHEMES:
+        raise ValueError(f"unknown label scheme {label_scheme!r}; expected one of {sorted(LABEL_SCHEMES)}")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj)
+    except Exception as err:  # nibabel raises several types for missing / corrupt files
+        raise ValueError(f"{path}: cannot read as NIfTI ({err})") from err
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3-D label map, got shape {data.shape}")
+    if not np.allclose(data, np.round(data)):
+        raise ValueError(f"{path}: label map holds non-integer values")
+    data = np.round(data).astype(np.int64)
+    scheme = LABEL_SCHEMES[label_scheme]
+    unknown = sorted(set(np.unique(data).tolist()) - set(scheme))
+    if unknown:
+        raise ValueError(f"{path}: label values {unknown} are not in the {label_scheme!r} scheme {sorted(scheme)}")
+    lut = np.zeros(max(scheme) + 1, dtype=np.uint8)
+    for value, internal in scheme.items():
+        lut[value] = internal
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return lut[data], spacing, image.affine
+
+
+def evaluate_files(
+    pred_path: str | Path,
+    truth_path: str | Path,
+    label_scheme: str = "brats2021",
+    pred_label_scheme: str | None = None,
+    lesion_wise: bool = True,
+    include_disjoint: bool = False,
+    case_id: str | None = None,
+) -> list[dict]:
+    """Score one prediction/ground-truth NIfTI pair (one row per region, see :func:`bundle.metrics.evaluate_case`).
+
+    ``label_scheme`` maps the ground truth's values, ``pred_label_scheme`` (default: the same) the
+    prediction's. The spacing comes from the ground truth's header; shapes and affines must agree.
+    """
+    truth, spacing, truth_affine = load_label_map(truth_path, label_scheme)
+    pred, _, pred_affine = load_label_map(pred_path, pred_label_scheme or label_scheme)
+    if pred.shape != truth.shape:
+        raise ValueError(f"{pred_path}: shape {pred.shape} differs from the ground truth {truth_path} {truth.shape}")
+    if not np.allclose(pred_affine, truth_affine, atol=1e-3):
+        raise ValueError(f"{pred_path}: affine differs from the ground truth {truth_path}; resample it first")
+    case = case_id if case_id is not None else case_id_from_path(truth_path)
+    return evaluate_case(pred, truth, spacing, lesion_wise=lesion_wise, include_disjoint=include_disjoint, case_id=case)
+
+
+def evaluate_folder(
+    pred_dir: str | Path,
+    truth_dir: str | Path,
+    label_scheme: str = "brats2021",
+    output_dir: str | Path | None = None,
+    pred_label_scheme: str | None = None,
+    lesion_wise: bool = True,
+    include_disjoint: bool = False,
+    verbose: bool = True,
+) -> list[dict]:
+    """Score every case in ``pred_dir`` against ``truth_dir``; write ``metrics.csv`` and ``summary.json``.
+
+    Cases are paired by :func:`case_id_from_path`. Every ground-truth case must have a prediction (a
+    missing one stops the run before any scoring, naming the cases); predictions without ground truth are
+    an error too. With ``output_dir`` the two files are written there (atomically: no half-written file
+    is left if scoring fails). With ``verbose`` the summary table is printed. Returns the per-case rows.
+    """
+    preds, truths = find_segmentations(pred_dir), find_segmentations(truth_dir)
+    missing, extra = sorted(set(truths) - set(preds)), sorted(set(preds) - set(truths))
+    if missing:
+        raise ValueError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s): {', '.join(missing)}")
+    if extra:
+        raise ValueError(f"{truth_dir}: no ground truth for {len(extra)} predicted case(s): {', '.join(extra)}")
+    rows: list[dict] = []
+    for case in sorted(truths):
+        rows += evaluate_files(
+            preds[case],
+            truths[case],
+            label_scheme,
+            pred_label_scheme,
+            lesion_wise=lesion_wise,
+            include_disjoint=include_disjoint,
+            case_id=case,
+        )
+    summary = summarize(rows)
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics_csv(rows, output_dir / "metrics.csv")
+        _atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    if verbose:
+        print(format_summary(summary))
+    return rows
+
+
+def summarize(rows: Iterable[dict], metrics: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per region and metric: ``n``, ``mean``, ``std`` (sample, ddof=1), ``median``, ``p25``, ``p75``.
+
+    NaN values (none are produced by :func:`bundle.metrics.evaluate_case`) are left out of the statistics.
+    """
+    rows = list(rows)
+    metrics = [m for m in (metrics or SUMMARY_METRICS) if any(m in r for r in rows)]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for region in dict.fromkeys(r["region"] for r in rows):
+        out[region] = {}
+        for metric in metrics:
+            values = np.array(
+                [float(r[metric]) for r in rows if r["region"] == region and r.get(metric, "") not in ("", None)]
+            )
+            values = values[~np.isnan(values)]
+            if values.size == 0:
+                continue
+            out[region][metric] = {
+                "n": int(values.size),
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                "median": float(np.median(values)),
+                "p25": float(np.percentile(values, 25)),
+                "p75": float(np.percentile(values, 75)),
+            }
+    return out
+
+
+def format_summary(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Human-readable table: one line per metric, one ``mean +- std (median)`` column per region."""
+    regions = list(summary)
+    metrics = list(dict.fromkeys(m for r in regions for m in summary[r]))
+    width = max([len(m) for m in metrics] + [6])
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{r:>24}" for r in regions)]
+    for metric in metrics:
+        cells = []
+        for region in regions:
+            s = summary[region].get(metric)
+            cells.append(f"{s['mean']:.4f} +- {s['std']:.4f} ({s['median']:.4f})" if s else "-")
+        lines.append(f"{metric:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
+    n = max((s["n"] for r in regions for s in summary[r].values()), default=0)
+    lines.append(f"{n} case(s); mean +- std (median)")
+    return "\n".join(lines)
+
+
+def write_metrics_csv(rows: Sequence[dict], path: str | Path) -> None:
+    """Write per-case rows to CSV (columns: ``case``, ``region``, then every metric), atomically."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    first = [c for c in ("case", "region") if c in columns]
+    columns = first + [c for c in columns if c not in first]
+    _write_csv(rows, columns, path)
+
+
+def read_metrics_csv(path: str | Path) -> list[dict]:
+    """Read a ``metrics.csv``: numbers become floats, ``case`` and ``region`` stay strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such metrics file")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"case", "region"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected the columns 'case' and 'region' (a metrics.csv from evaluate_folder)")
+        rows = []
+        for row in reader:
+            rows.append({k: (v if k in ("case", "region") else _to_float(v)) for k, v in row.items()})
+    return rows
+
+
+def compare(
+    run_a_csv: str | Path,
+    run_b_csv: str | Path,
+    metrics: Sequence[str] | None = None,
+    n_bootstrap: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    output_csv: str | Path | None = None,
+    verbose: bool = True,
+) -> list[dict]:
+    """Paired comparison of two runs' ``metrics.csv`` (B minus A), per region and metric.
+
+    Cases are paired by case id; both files must hold the same cases and regions (a ``ValueError`` names
+    the file and the cases that differ). Each result row has ``region``, ``metric``, ``n``, ``mean_a``,
+    ``mean_b``, ``mean_diff`` (B - A), ``ci_low`` / ``ci_high`` (percentile bootstrap 95 % CI of the mean
+    difference, ``n_bootstrap`` resamples of the cases, seeded), ``p_wilcoxon`` (two-sided Wilcoxon
+    signed-rank) and ``p_ttest`` (two-sided paired t-test), and ``verdict``: B is called better or worse
+    only if the Wilcoxon p-value is below ``alpha`` *and* the bootstrap CI excludes 0; otherwise
+    "no significant difference". Identical runs give mean difference 0 and p-values of 1.
+    """
+    a, b = read_metrics_csv(run_a_csv), read_metrics_csv(run_b_csv)
+    index_a, index_b = _index_rows(a, run_a_csv), _index_rows(b, run_b_csv)
+    only_a = sorted({c for c, _ in index_a} - {c for c, _ in index_b})
+    only_b = sorted({c for c, _ in index_b} - {c for c, _ in index_a})
+    if only_a:
+        raise ValueError(f"{run_b_csv}: missing case(s) present in {run_a_csv}: {', '.join(only_a)}")
+    if only_b:
+        raise ValueError(f"{run_a_csv}: missing case(s) present in {run_b_csv}: {', '.join(only_b)}")
+    if set(index_a) != set(index_b):
+        diff = sorted(set(index_a) ^ set(index_b))
+        raise ValueError(f"{run_a_csv} and {run_b_csv}: regions differ for (case, region) {diff[:5]}")
+    cases = sorted({c for c, _ in index_a})
+    regions = list(dict.fromkeys(r["region"] for r in a))
+    metrics = [m for m in (metrics or SUMMARY_METRICS) if m in a[0] and m in b[0]]
+    rng = np.random.default_rng(seed)
+    resample = rng.integers(0, len(cases), size=(n_bootstrap, len(cases)))
+    results = []
+    for region in regions:
+        for metric in metrics:
+            va = np.array([index_a[(c, region)][metric] for c in cases], dtype=float)
+            vb = np.array([index_b[(c, region)][metric] for c in cases], dtype=float)
+            diff = vb - va
+            boot = diff[resample].mean(axis=1)
+            ci_low, ci_high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+            p_w, p_t = _paired_p_values(diff)
+            results.append(
+                {
+                    "region": region,
+                    "metric": metric,
+                    "n": len(cases),
+                    "mean_a": float(va.mean()),
+                    "mean_b": float(vb.mean()),
+                    "mean_diff": float(diff.mean()),
+                    "ci_low": ci_low,
+                    "ci_high": ci_high,
+                    "p_wilcoxon": p_w,
+                    "p_ttest": p_t,
+                    "verdict": _verdict(metric, float(diff.mean()), ci_low, ci_high, p_w, alpha),
+                }
+            )
+    if output_csv is not None:
+        write_metrics_table(results, output_csv)
+    if verbose:
+        print(format_comparison(results))
+    return results
+
+
+def write_metrics_table(rows: Sequence[dict], path: str | Path) -> None:
+    """Write any list of flat dicts (e.g. :func:`compare`'s result) as CSV, atomically."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    _write_csv(rows, columns, path)
+
+
+def format_comparison(results: Sequence[dict]) -> str:
+    """One line per region and metric: difference, CI, p-values and verdict."""
+    lines = [
+        f"{'region':<6} {'metric':<20} {'mean B-A':>10} {'95% CI':>22} {'p Wilcoxon':>11} {'p t-test':>9}  verdict"
+    ]
+    for r in results:
+        ci = f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+        lines.append(
+            f"{r['region']:<6} {r['metric']:<20} {r['mean_diff']:>10.4f} {ci:>22} "
+            f"{r['p_wilcoxon']:>11.4g} {r['p_ttest']:>9.4g}  {r['verdict']}"
+        )
+    return "\n".join(lines)
+
+
+def _paired_p_values(diff: np.ndarray) -> tuple[float, float]:
+    """Two-sided Wilcoxon signed-rank and paired t-test p-values of paired differences.
+
+    All-zero differences (identical runs) give 1.0 for both: scipy returns NaN or raises there.
+    """
+    if np.allclose(diff, 0.0):
+        return 1.0, 1.0
+    try:
+        p_w = float(stats.wilcoxon(diff).pvalue)
+    except ValueError:  # fewer than two non-zero differences
+        p_w = 1.0
+    # a constant non-zero shift has zero variance: t is infinite (scipy warns and may return NaN)
+    constant = np.allclose(diff, diff[0])
+    p_t = (0.0 if len(diff) > 1 else 1.0) if constant else float(stats.ttest_1samp(diff, 0.0).pvalue)
+    return p_w, p_t
+
+
+def _verdict(metric: str, mean_diff: float, ci_low: float, ci_high: float, p: float, alpha: float) -> str:
+    if p >= alpha or ci_low <= 0.0 <= ci_high:
+        return "no significant difference"
+    improved = (mean_diff < 0) if metric in LOWER_IS_BETTER else (mean_diff > 0)
+    return f"B {'better' if improved else 'worse'} than A (p={p:.3g})"
+
+
+def _index_rows(rows: list[dict], path: str | Path) -> dict[tuple[str, str], dict]:
+    index: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        key = (row["case"], row["region"])
+        if key in index:
+            raise ValueError(f"{path}: case {key[0]!r} region {key[1]!r} appears twice")
+        index[key] = row
+    return index
+
+
+def _to_float(value: str) -> float | str:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _csv_value(value: object) -> object:
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly
+    return value
+
+
+def _write_csv(rows: Sequence[dict], columns: list[str], path: str | Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: _csv_value(r.get(k, "")) for k in columns} for r in rows])
+    _atomic_write_text(Path(path), buffer.getvalue())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so no half-written file is ever visible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "LESION_METRICS",
+    "LOWER_IS_BETTER",
+    "SUMMARY_METRICS",
+    "case_id_from_path",
+    "compare",
+    "evaluate_files",
+    "evaluate_folder",
+    "find_segmentations",
+    "format_comparison",
+    "format_summary",
+    "load_label_map",
+    "read_metrics_csv",
+    "summarize",
+    "write_metrics_csv",
+]
