@@ -1,0 +1,22 @@
+"""Registered blocks and networks of the bundle; configs use ``_target_: bundle.networks.<Name>``."""
+
+from bundle.networks.blocks import (
+    ContextExtraction,
+    LargeKernelAttention,
+    ModalityAwareStem,
+    ResidualBlock,
+    ResSEBlock,
+    UpResidualBlock,
+)
+from bundle.networks.nets import ResSELKAUNet, ResUNet
+
+__all__ = [
+    "ContextExtraction",
+    "LargeKernelAttention",
+    "ModalityAwareStem",
+    "ResSEBlock",
+    "ResSELKAUNet",
+    "ResUNet",
+    "ResidualBlock",
+    "UpResidualBlock",
+]
