@@ -1,0 +1,529 @@
+"""Dataset discovery, case checks, datalists with folds, and the embedded demo phantoms.
+
+Three layouts are recognised and mapped onto one convention (``bundle.constants``):
+
+* ``brats2021`` (BraTS 2018-2021): ``CASE/CASE_{t1,t1ce,t2,flair}.nii.gz`` (+ ``CASE_seg.nii.gz``);
+* ``brats2023`` (BraTS 2023+): ``CASE/CASE-{t1n,t1c,t2w,t2f}.nii.gz`` (+ ``CASE-seg.nii.gz``);
+* ``msd`` (Decathlon Task01): ``imagesTr/*.nii.gz`` 4-D (FLAIR, T1w, T1gd, T2w) + ``labelsTr``.
+
+Every datalist item is ``{"case_id", "layout", "image", "label"?, "fold"?}`` where ``image`` is
+either the four files in the canonical order (T1, T1ce, T2, FLAIR) or one 4-D file; the
+``layout`` key tells :class:`bundle.transforms.ToInternalConventiond` how to reorder channels
+and map label values. MONAI's ``load_decathlon_datalist`` reads the JSON back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from bundle.constants import (
+    BRATS2021_SUFFIXES,
+    BRATS2023_SUFFIXES,
+    LABEL_SCHEMES,
+    MODALITIES,
+    MSD_CHANNEL_ORDER,
+)
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+LAYOUTS = ("brats2021", "brats2023", "msd")
+
+
+class DataError(ValueError):
+    """A user's dataset problem, with a message that names the file and the problem."""
+
+
+@dataclass
+class Case:
+    """One case as found on disk, before any check."""
+
+    case_id: str
+    layout: str
+    image: list[str] | str
+    label: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def to_item(self) -> dict[str, Any]:
+        """Return the datalist item for this case."""
+        item: dict[str, Any] = {"case_id": self.case_id, "layout": self.layout, "image": self.image}
+        if self.label is not None:
+            item["label"] = self.label
+        return item
+
+
+# --------------------------------------------------------------------------------------- discovery
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith("._")
+
+
+def _strip_nifti(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _brats_file(case_dir: Path, separator: str, suffix: str) -> Path | None:
+    """Find ``<anything><separator><suffix>.nii[.gz]`` in ``case_dir`` (exactly one, else None)."""
+    hits = [p for p in case_dir.iterdir() if _is_nifti(p) and _strip_nifti(p.name).endswith(separator + suffix)]
+    if len(hits) > 1:
+        names = ", ".join(sorted(p.name for p in hits))
+        raise DataError(f"{case_dir}: several files match modality '{suffix}' ({names})")
+    return hits[0] if hits else None
+
+
+def _case_dir_layout(case_dir: Path) -> str | None:
+    """Return the BraTS layout of a single case folder, or None if it is not one."""
+    names = [_strip_nifti(p.name) for p in case_dir.iterdir() if _is_nifti(p)]
+    for layout, separator, suffixes in (
+        ("brats2021", "_", BRATS2021_SUFFIXES),
+        ("brats2023", "-", BRATS2023_SUFFIXES),
+    ):
+        wanted = [separator + suffixes[m] for m in MODALITIES]
+        # Two distinctive modalities are enough to recognise the layout; missing ones are
+        # reported per file by the case check, not silently treated as "not a case".
+        if sum(any(n.endswith(w) for n in names) for w in wanted) >= 2:
+            return layout
+    return None
+
+
+def detect_layout(dataset_dir: str | Path) -> str:
+    """Return ``brats2021``, ``brats2023``, ``msd`` or ``case`` (a single BraTS case folder)."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
+        return "msd"
+    if _case_dir_layout(root) is not None:
+        return "case"
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        layout = _case_dir_layout(sub)
+        if layout is not None:
+            return layout
+    raise DataError(
+        f"{root}: no BraTS 2021 (CASE/CASE_t1.nii.gz ...), BraTS 2023 (CASE/CASE-t1n.nii.gz ...) "
+        "or Decathlon (imagesTr/, labelsTr/) layout found"
+    )
+
+
+def _brats_case(case_dir: Path, layout: str) -> Case:
+    separator, suffixes = ("_", BRATS2021_SUFFIXES) if layout == "brats2021" else ("-", BRATS2023_SUFFIXES)
+    images: list[str] = []
+    problems: list[str] = []
+    for modality in MODALITIES:
+        path = _brats_file(case_dir, separator, suffixes[modality])
+        if path is None:
+            problems.append(
+                f"{case_dir / (case_dir.name + separator + suffixes[modality] + '.nii.gz')}: "
+                f"missing modality {modality}"
+            )
+            images.append("")
+        else:
+            images.append(str(path))
+    seg = _brats_file(case_dir, separator, suffixes["seg"])
+    return Case(case_dir.name, layout, images, str(seg) if seg else None, problems)
+
+
+def _msd_cases(root: Path) -> list[Case]:
+    cases: list[Case] = []
+    labels_dir = root / "labelsTr"
+    for split_dir, labelled in ((root / "imagesTr", True), (root / "imagesTs", False)):
+        if not split_dir.is_dir():
+            continue
+        for image in sorted(p for p in split_dir.iterdir() if _is_nifti(p)):
+            case = Case(_strip_nifti(image.name), "msd", str(image))
+            if labelled:
+                label = labels_dir / image.name
+                if label.is_file():
+                    case.label = str(label)
+                else:
+                    case.problems.append(f"{label}: missing label for {image}")
+            cases.append(case)
+    return cases
+
+
+def discover_cases(dataset_dir: str | Path, layout: str | None = None) -> list[Case]:
+    """Find every case under ``dataset_dir`` (any supported layout, or one case folder)."""
+    root = Path(dataset_dir)
+    found = detect_layout(root) if layout is None else layout
+    if found == "msd":
+        cases = _msd_cases(root)
+    elif found == "case":
+        case_layout = _case_dir_layout(root)
+        assert case_layout is not None
+        cases = [_brats_case(root, case_layout)]
+    elif found in ("brats2021", "brats2023"):
+        cases = [
+            _brats_case(sub, found)
+            for sub in sorted(p for p in root.iterdir() if p.is_dir())
+            if _case_dir_layout(sub) == found
+        ]
+    else:
+        raise DataError(f"{root}: unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if not cases:
+        raise DataError(f"{root}: no cases found for layout {found}")
+    return cases
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def _read_header(path: str) -> nib.Nifti1Image:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file does not exist")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: file is empty")
+    try:
+        return nib.load(str(p))
+    except Exception as err:  # nibabel raises several types for corrupt files
+        raise DataError(f"{p}: not a readable NIfTI file ({err})") from err
+
+
+def _read_label_values(path: str) -> np.ndarray:
+    try:
+        return np.unique(np.asarray(nib.load(path).dataobj))
+    except Exception as err:
+        raise DataError(f"{path}: label data cannot be read ({err})") from err
+
+
+def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True) -> None:
+    """Raise :class:`DataError` naming the file if a case cannot be used.
+
+    Checks: every modality present and readable, 3-D images of one shape and affine (within
+    ``affine_atol``, in mm), a 4-D MSD image with 4 channels, a label of the image's shape and
+    affine whose values belong to the layout's label scheme.
+    """
+    if case.problems:
+        raise DataError(case.problems[0])
+    if case.layout == "msd":
+        assert isinstance(case.image, str)
+        image = _read_header(case.image)
+        if image.ndim != 4 or image.shape[3] != len(MSD_CHANNEL_ORDER):
+            raise DataError(
+                f"{case.image}: expected a 4-D image with {len(MSD_CHANNEL_ORDER)} channels "
+                f"({', '.join(MSD_CHANNEL_ORDER)}), got shape {image.shape}"
+            )
+        ref_path, ref_shape, ref_affine = case.image, image.shape[:3], image.affine
+    else:
+        assert isinstance(case.image, list)
+        ref_path, ref_shape, ref_affine = "", None, None
+        for modality, path in zip(MODALITIES, case.image):
+            image = _read_header(path)
+            if image.ndim != 3:
+                raise DataError(f"{path}: expected a 3-D {modality} volume, got shape {image.shape}")
+            if ref_shape is None:
+                ref_path, ref_shape, ref_affine = path, image.shape, image.affine
+            elif image.shape != ref_shape:
+                raise DataError(f"{path}: shape {image.shape} differs from {ref_path} {ref_shape}")
+            elif not np.allclose(image.affine, ref_affine, atol=affine_atol):
+                raise DataError(f"{path}: affine differs from {ref_path} by more than {affine_atol} mm")
+    if case.label is None or not check_labels:
+        return
+    label = _read_header(case.label)
+    if tuple(label.shape[:3]) != tuple(ref_shape) or (label.ndim == 4 and label.shape[3] != 1) or label.ndim > 4:
+        raise DataError(f"{case.label}: label shape {label.shape} differs from image {ref_path} {tuple(ref_shape)}")
+    if not np.allclose(label.affine, ref_affine, atol=affine_atol):
+        raise DataError(f"{case.label}: label affine differs from image {ref_path} by more than {affine_atol} mm")
+    values = _read_label_values(case.label)
+    allowed = LABEL_SCHEMES[case.layout]
+    unknown = [v for v in values.tolist() if v not in allowed]
+    if unknown:
+        raise DataError(
+            f"{case.label}: unknown label values {unknown} for the {case.layout} layout "
+            f"(expected a subset of {sorted(allowed)})"
+        )
+
+
+# --------------------------------------------------------------------------------------- datalists
+
+
+def assign_folds(num_cases: int, folds: int, seed: int) -> list[int]:
+    """Deterministic fold index per case: a seeded permutation dealt round-robin into ``folds``."""
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    order = np.random.default_rng(seed).permutation(num_cases)
+    fold_of = [0] * num_cases
+    for rank, index in enumerate(order):
+        fold_of[int(index)] = rank % folds
+    return fold_of
+
+
+def make_datalist(
+    dataset_dir: str | Path,
+    folds: int = 5,
+    seed: int = 42,
+    skip_bad: bool = False,
+    layout: str | None = None,
+    check_labels: bool = True,
+) -> dict[str, Any]:
+    """Discover, check and split a dataset into a MONAI datalist dictionary.
+
+    Labelled cases go to ``training`` (each with a ``fold``), unlabelled ones to ``testing``.
+    A bad case raises :class:`DataError`; with ``skip_bad`` it is left out with a warning.
+    """
+    cases = discover_cases(dataset_dir, layout)
+    good: list[Case] = []
+    for case in cases:
+        try:
+            check_case(case, check_labels=check_labels)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping case {case.case_id}: {err}", stacklevel=2)
+            continue
+        good.append(case)
+    if not good:
+        raise DataError(f"{dataset_dir}: no usable cases")
+    labelled = [c for c in good if c.label is not None]
+    unlabelled = [c for c in good if c.label is None]
+    fold_of = assign_folds(len(labelled), folds, seed)
+    training = [{**c.to_item(), "fold": f} for c, f in zip(labelled, fold_of)]
+    return {
+        "name": Path(dataset_dir).name,
+        "layout": good[0].layout,
+        "modalities": list(MODALITIES),
+        "num_folds": folds,
+        "seed": seed,
+        "training": training,
+        "testing": [c.to_item() for c in unlabelled],
+    }
+
+
+def write_json_atomic(data: Any, output: str | Path) -> Path:
+    """Write JSON to ``output`` through a temporary file, so no half-written file is left."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(out)
+    return out
+
+
+def prepare(
+    dataset_dir: str,
+    output: str = "datalist.json",
+    folds: int = 5,
+    seed: int = 42,
+    skip_bad: bool = False,
+    layout: str | None = None,
+) -> str:
+    """Discover and check a dataset and write its datalist JSON; return the path written."""
+    datalist = make_datalist(dataset_dir, folds=folds, seed=seed, skip_bad=skip_bad, layout=layout)
+    path = write_json_atomic(datalist, output)
+    logger.info(
+        "%s: %d training and %d testing cases (%s layout) -> %s",
+        dataset_dir,
+        len(datalist["training"]),
+        len(datalist["testing"]),
+        datalist["layout"],
+        path,
+    )
+    return str(path)
+
+
+def load_split(datalist: str | Path | dict[str, Any], fold: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Return the items of one split: ``train`` (not ``fold``), ``val`` (``fold``), ``all`` or ``test``."""
+    data = json.loads(Path(datalist).read_text()) if not isinstance(datalist, dict) else datalist
+    training = data.get("training", [])
+    if split == "test":
+        return list(data.get("testing", []))
+    if split == "all":
+        return list(training)
+    num_folds = int(data.get("num_folds", 1 + max((int(i.get("fold", 0)) for i in training), default=0)))
+    if num_folds < 2:
+        return list(training)  # one fold: train and validate on the same cases, stated in the log
+    if not 0 <= fold < num_folds:
+        raise DataError(f"{datalist}: fold {fold} is outside 0..{num_folds - 1}")
+    if split == "train":
+        return [i for i in training if int(i["fold"]) != fold]
+    if split == "val":
+        return [i for i in training if int(i["fold"]) == fold]
+    raise ValueError(f"unknown split {split!r}; expected train, val, all or test")
+
+
+def resolve_datalist(
+    dataset_dir: str | None,
+    datalist: str | None,
+    output_dir: str,
+    folds: int = 5,
+    seed: int = 42,
+    demo_dir: str | None = None,
+) -> str:
+    """Return the datalist path a workflow should use, creating it if needed.
+
+    ``datalist`` given: used as is. ``dataset_dir`` given: discovered and checked into
+    ``output_dir/datalist.json`` (every case checked before anything trains). Neither: the
+    embedded demo is generated (once, cached) and used.
+    """
+    if datalist:
+        if not Path(datalist).is_file():
+            raise DataError(f"{datalist}: datalist file does not exist")
+        return str(datalist)
+    if not dataset_dir:
+        dataset_dir = str(generate_demo_dataset(demo_dir or str(Path(output_dir).parent / "demo_data")))
+    return prepare(str(dataset_dir), str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
+
+
+# ------------------------------------------------------------------------------------ demo phantoms
+
+DEMO_VERSION = 1
+DEMO_SPACING = (2.4, 2.4, 2.4)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], scale: float) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: trilinear up-sampling of a coarse random grid."""
+    from scipy.ndimage import zoom
+
+    coarse_shape = [max(2, int(round(s / scale))) for s in shape]
+    coarse = rng.uniform(-1.0, 1.0, size=coarse_shape)
+    field_ = zoom(coarse, [s / c for s, c in zip(shape, coarse_shape)], order=1)
+    return field_[: shape[0], : shape[1], : shape[2]]
+
+
+# Tissue intensities per modality (T1, T1ce, T2, FLAIR), shaped after real contrasts:
+# T1 bright WM, T2 bright CSF, FLAIR dark CSF and bright edema, T1ce bright enhancing rim.
+_TISSUE_INTENSITY = {
+    "wm": (0.90, 0.85, 0.40, 0.45),
+    "gm": (0.60, 0.60, 0.60, 0.60),
+    "csf": (0.20, 0.20, 1.00, 0.10),
+    "ed": (0.50, 0.50, 0.90, 1.00),
+    "ncr": (0.30, 0.25, 1.10, 0.55),
+    "et": (0.55, 1.45, 0.70, 0.80),
+}
+_MODALITY_SCALE = (900.0, 1100.0, 1000.0, 800.0)
+
+
+def make_phantom(
+    seed: int, shape: Sequence[int] = (96, 96, 64)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return one synthetic BraTS-like case: image ``(4, *shape)`` int16 and BraTS 2021 labels.
+
+    A brain-shaped head (white matter, cortex, ventricles) on a zero background, per-modality
+    tissue contrasts, a bias field and noise, and one tumour whose necrotic core, enhancing rim
+    and edema come from nested level sets of a distorted ellipsoid; sizes vary from small
+    (a few voxels of ET) to large, some tumours have no necrosis.
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    centre = np.array(shape, dtype=np.float32) / 2 + rng.uniform(-2, 2, 3)
+    radii = np.array(shape, dtype=np.float32) * np.array([0.40, 0.46, 0.42]) * rng.uniform(0.92, 1.05, 3)
+    rel = (grid - centre[:, None, None, None]) / radii[:, None, None, None]
+    head_dist = np.sqrt((rel**2).sum(0)) + 0.05 * _smooth_noise(rng, shape, 12)
+    brain = head_dist < 1.0
+    cortex = brain & (head_dist > 0.80 + 0.06 * _smooth_noise(rng, shape, 6))
+    ventricle_rel = (grid - centre[:, None, None, None]) / (radii[:, None, None, None] * np.array([[[[0.12]]], [[[0.28]]], [[[0.18]]]]))
+    ventricles = brain & (np.sqrt((np.abs(ventricle_rel) ** 2).sum(0)) < 1.0)
+    outer_csf = brain & (head_dist > 0.95)
+
+    tissue = np.full(shape, "", dtype=object)
+    labels = np.zeros(shape, dtype=np.uint8)
+
+    # Tumour: centre inside one hemisphere, away from the edge; size from small to large.
+    small = rng.random() < 0.3
+    tumour_radius = rng.uniform(3.0, 5.0) if small else rng.uniform(7.0, 15.0)
+    hemisphere = rng.choice([-1.0, 1.0])
+    tumour_centre = centre + np.array(
+        [hemisphere * rng.uniform(0.15, 0.45) * radii[0], rng.uniform(-0.4, 0.4) * radii[1], rng.uniform(-0.3, 0.3) * radii[2]]
+    )
+    axes = tumour_radius * rng.uniform(0.75, 1.3, 3)
+    t_rel = (grid - tumour_centre[:, None, None, None]) / axes[:, None, None, None]
+    level = np.sqrt((t_rel**2).sum(0)) + 0.18 * _smooth_noise(rng, shape, 5)
+    edema_extent = rng.uniform(1.5, 2.2)
+    has_necrosis = (not small) and rng.random() < 0.8
+    edema = brain & (level < edema_extent)
+    enhancing = brain & (level < 1.0)
+    necrotic = brain & (level < rng.uniform(0.45, 0.7)) if has_necrosis else np.zeros(shape, bool)
+
+    labels[edema] = 2
+    labels[enhancing] = 4
+    labels[necrotic] = 1
+
+    # Build per-modality images from tissue classes, then smooth for partial volume.
+    image = np.zeros((4, *shape), dtype=np.float32)
+    masks = {
+        "wm": brain & ~cortex & ~ventricles & ~outer_csf,
+        "gm": cortex & ~outer_csf,
+        "csf": ventricles | outer_csf,
+    }
+    for name, mask in masks.items():
+        tissue[mask] = name
+        image[:, mask] = np.array(_TISSUE_INTENSITY[name], dtype=np.float32)[:, None]
+    for name, mask in (("ed", labels == 2), ("et", labels == 4), ("ncr", labels == 1)):
+        image[:, mask] = np.array(_TISSUE_INTENSITY[name], dtype=np.float32)[:, None]
+
+    from scipy.ndimage import gaussian_filter
+
+    bias = 1.0 + 0.12 * _smooth_noise(rng, shape, 24)
+    for c in range(4):
+        channel = gaussian_filter(image[c], sigma=0.7) * bias
+        channel += rng.normal(0.0, 0.03, size=shape).astype(np.float32)
+        channel = np.clip(channel, 0.0, None) * _MODALITY_SCALE[c] * rng.uniform(0.9, 1.1)
+        channel[~brain] = 0.0  # skull-stripped: exact zeros outside the brain, as in BraTS
+        image[c] = channel
+    return np.round(image).astype(np.int16), labels
+
+
+def demo_affine(shape: Sequence[int], spacing: Sequence[float] = DEMO_SPACING) -> np.ndarray:
+    """An LPS affine like BraTS's (x and y flipped), so the demo exercises reorientation."""
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [0.0, spacing[1] * (shape[1] - 1), 0.0]
+    return affine
+
+
+def generate_demo_dataset(
+    output_dir: str | Path,
+    num_cases: int = 16,
+    num_test_cases: int = 1,
+    seed: int = 0,
+    shape: Sequence[int] = (96, 96, 64),
+) -> Path:
+    """Write (once, cached, deterministic by ``seed``) the demo in the BraTS 2021 file layout.
+
+    ``num_cases`` labelled cases plus ``num_test_cases`` cases without a segmentation (the
+    held-out demo case). A ``demo.json`` marker with the generator's parameters makes later
+    calls return at once; other parameters regenerate.
+    """
+    root = Path(output_dir)
+    params = {
+        "version": DEMO_VERSION,
+        "num_cases": num_cases,
+        "num_test_cases": num_test_cases,
+        "seed": seed,
+        "shape": list(shape),
+    }
+    marker = root / "demo.json"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    affine = demo_affine(shape)
+    from tqdm import tqdm
+
+    for index in tqdm(range(num_cases + num_test_cases), desc="demo data", unit="case"):
+        case_id = f"Demo_{index:05d}"
+        case_dir = root / case_id
+        case_dir.mkdir(exist_ok=True)
+        image, labels = make_phantom(seed * 100_003 + index, shape)
+        for channel, modality in enumerate(MODALITIES):
+            nib.save(nib.Nifti1Image(image[channel], affine), case_dir / f"{case_id}_{modality}.nii.gz")
+        if index < num_cases:
+            nib.save(nib.Nifti1Image(labels, affine), case_dir / f"{case_id}_seg.nii.gz")
+        else:
+            # Held-out cases keep their truth outside the case folder, so discovery lists them
+            # as unlabelled test cases while the demo can still compare its prediction.
+            (root / "heldout_truth").mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(labels, affine), root / "heldout_truth" / f"{case_id}_seg.nii.gz")
+    write_json_atomic(params, marker)
+    return root

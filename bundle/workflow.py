@@ -1,0 +1,82 @@
+"""Small helpers the configs call: datasets by cache mode, per-region metric plumbing, resume.
+
+They exist because a YAML config cannot express them in one readable line; each wraps MONAI
+machinery rather than replacing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.handlers import CheckpointLoader, from_engine
+from monai.transforms import Compose
+
+logger = logging.getLogger(__name__)
+
+CACHE_MODES = ("memory", "disk", "none")
+
+
+def make_dataset(
+    data: Sequence[dict[str, Any]],
+    transform: Compose,
+    cache: str = "memory",
+    cache_dir: str | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Dataset:
+    """Return MONAI's ``CacheDataset`` (``memory``), ``PersistentDataset`` (``disk``) or ``Dataset``.
+
+    Both caches store the result of every deterministic transform before the first random one,
+    so loading, reorientation, cropping and normalisation run once per case.
+    """
+    if cache == "memory":
+        return CacheDataset(data, transform, cache_rate=1.0, num_workers=num_workers or None, progress=progress)
+    if cache == "disk":
+        if not cache_dir:
+            raise ValueError("cache='disk' needs a cache_dir")
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(data, transform, cache_dir=cache_dir)
+    if cache == "none":
+        return Dataset(data, transform)
+    raise ValueError(f"unknown cache mode {cache!r}; expected one of {CACHE_MODES}")
+
+
+def from_engine_channel(keys: Sequence[str], channel: int) -> Callable[[Any], tuple[list[torch.Tensor], ...]]:
+    """Like MONAI's ``from_engine`` but keeps one channel of every decollated item.
+
+    Ignite key metrics must be scalars, so a per-region Dice is a ``MeanDice`` on one region
+    channel; this output transform gives it ``([pred_c, ...], [label_c, ...])``.
+    """
+    getter = from_engine(list(keys))
+
+    def _select(output: Any) -> tuple[list[torch.Tensor], ...]:
+        return tuple([item[channel : channel + 1] for item in values] for values in getter(output))
+
+    return _select
+
+
+def latest_checkpoint(directory: str | Path, prefix: str = "checkpoint") -> Path:
+    """Return the newest ``<prefix>_*epoch=N.pt`` written by ``CheckpointSaver`` in ``directory``."""
+    pattern = re.compile(r"epoch=(\d+)\.pt$")
+    found = [(int(m.group(1)), p) for p in Path(directory).glob(f"{prefix}*.pt") if (m := pattern.search(p.name))]
+    if not found:
+        raise FileNotFoundError(f"{directory}: no {prefix}_*epoch=N.pt checkpoint to resume from")
+    return max(found)[1]
+
+
+def resume_training(engine: Any, directory: str | Path, load_dict: dict[str, Any]) -> Path:
+    """Load model, optimizer, scheduler and trainer state from the newest checkpoint.
+
+    Uses MONAI's ``CheckpointLoader`` directly (not as an event handler) so the trainer's epoch
+    count is restored before ``trainer.run()`` starts, and training continues from there.
+    """
+    path = latest_checkpoint(directory)
+    logger.info("resuming from %s", path)
+    CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location="cpu")(engine)
+    return path
