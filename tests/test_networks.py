@@ -1,0 +1,213 @@
+"""Blocks and networks: shapes (train vs eval, with and without deep supervision), gradients, TorchScript, AMP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from bundle.losses import RegionDiceBCELoss, StackedDeepSupervisionLoss
+from bundle.networks import (
+    ContextExtraction,
+    LargeKernelAttention,
+    ModalityAwareStem,
+    ResidualBlock,
+    ResSEBlock,
+    ResSELKAUNet,
+    ResUNet,
+    UpResidualBlock,
+)
+
+LEAKY = ("leakyrelu", {"negative_slope": 0.01})
+
+
+def _input(spatial_dims: int, channels: int = 4, size: int = 16) -> torch.Tensor:
+    batch = 2 if spatial_dims == 2 else 1
+    return torch.randn(batch, channels, *([size] * spatial_dims))
+
+
+def _first_conv(module: nn.Module) -> nn.Module:
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d | nn.Conv3d))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine, OpenMP threads waiting on each other slow tiny ops 100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+BLOCKS: dict[str, tuple[Callable[[int], nn.Module], int, int]] = {
+    # name: (factory(spatial_dims), in_channels, expected out_channels)
+    "residual_identity": (lambda d: ResidualBlock(d, 4, 4), 4, 4),
+    "residual_projection_stride2": (lambda d: ResidualBlock(d, 4, 8, stride=2, norm="instance", act=LEAKY), 4, 8),
+    "resse": (lambda d: ResSEBlock(d, 4, 8, se_reduction=4), 4, 8),
+    "lka": (lambda d: LargeKernelAttention(d, 4), 4, 4),
+    "context_extraction": (lambda d: ContextExtraction(d, 4, 6), 4, 6),
+    "modality_stem": (lambda d: ModalityAwareStem(d, 4, 8, features_per_modality=2, fusion_blocks=2), 4, 8),
+}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_shape_gradient_and_script(name: str, spatial_dims: int) -> None:
+    factory, in_channels, out_channels = BLOCKS[name]
+    block = factory(spatial_dims)
+    x = _input(spatial_dims, in_channels, size=8)
+    y = block(x)
+    stride = 2 if "stride2" in name else 1
+    assert y.shape == (x.shape[0], out_channels, *[s // stride for s in x.shape[2:]])
+    y.square().mean().backward()
+    assert _first_conv(block).weight.grad.abs().sum() > 0
+    block.eval()
+    torch.testing.assert_close(torch.jit.script(block)(x), block(x))
+
+
+def test_residual_block_shortcut_kinds() -> None:
+    assert isinstance(ResidualBlock(2, 4, 4).shortcut, nn.Identity)
+    assert not isinstance(ResidualBlock(2, 4, 8).shortcut, nn.Identity)
+    assert not isinstance(ResidualBlock(2, 4, 4, stride=2).shortcut, nn.Identity)
+
+
+def test_residual_block_adds_identity() -> None:
+    """With the residual branch zeroed (last norm's scale 0) and ReLU, the block returns relu(x)."""
+    block = ResidualBlock(2, 4, 4).eval()
+    nn.init.zeros_(block.norm2.weight)
+    nn.init.zeros_(block.norm2.bias)
+    x = _input(2)
+    torch.testing.assert_close(block(x), torch.relu(x))
+
+
+def test_lka_only_rescales_input() -> None:
+    lka = LargeKernelAttention(2, 4).eval()
+    x = _input(2)
+    y = lka(x)
+    ratio = y / x
+    assert torch.all((ratio > 0) & (ratio < 1))  # sigmoid attention in (0, 1)
+
+
+def test_context_extraction_global_branch_sees_whole_image() -> None:
+    """Changing a far-away pixel changes every output position through the global-pool branch."""
+    ce = ContextExtraction(2, 4, 4, act=LEAKY).eval()  # LeakyReLU: no output is clipped to a constant
+    x = _input(2)
+    x2 = x.clone()
+    x2[:, :, -1, -1] += 10.0
+    changed = (ce(x2) - ce(x)).abs()[:, :, 0, 0]  # far from the perturbed corner (beyond the 3x3 reach)
+    assert changed.min() > 0
+
+
+def test_modality_stem_keeps_modalities_apart_before_fusion() -> None:
+    stem = ModalityAwareStem(2, 4, 8, features_per_modality=3).eval()
+    x = _input(2)
+    x2 = x.clone()
+    x2[:, 1] += 5.0  # perturb modality 1 only
+    diff = (stem.per_modality(x2) - stem.per_modality(x)).abs().flatten(2).amax(dim=(0, 2))
+    assert torch.all(diff[3:6] > 0)
+    assert torch.all(diff[:3] == 0) and torch.all(diff[6:] == 0)
+    assert (stem(x2) - stem(x)).abs().amax(dim=(0, 2, 3)).min() > 0  # fusion mixes it into every channel
+
+
+def test_up_residual_block_shape() -> None:
+    up = UpResidualBlock(3, 8, 4, 4, se_reduction=2)
+    y = up(torch.randn(1, 8, 4, 4, 4), torch.randn(1, 4, 8, 8, 8))
+    assert y.shape == (1, 4, 8, 8, 8)
+
+
+NETWORKS: dict[str, tuple[Callable[[], nn.Module], int, int, int]] = {
+    # name: (factory, spatial_dims, out_channels, number of deep-supervision heads)
+    "resunet2d_m1_stem_ds": (
+        lambda: ResUNet(2, 4, 3, (4, 8, 16), deep_supervision=True, deep_supr_num=1, modality_stem=True),
+        2,
+        3,
+        1,
+    ),
+    "resunet2d_m2_pool": (lambda: ResUNet(2, 4, 1, (4, 8, 16), downsample="pool"), 2, 1, 0),
+    "resunet3d_m4_ds": (
+        lambda: ResUNet(3, 4, 3, (4, 8, 8, 16), norm="instance", act=LEAKY, deep_supervision=True, deep_supr_num=2),
+        3,
+        3,
+        2,
+    ),
+    "resselkaunet2d_m3": (lambda: ResSELKAUNet(2, 4, 4, (4, 8, 8, 16, 16), se_reduction=2), 2, 4, 3),
+    "resselkaunet3d": (lambda: ResSELKAUNet(3, 4, 4, (4, 8, 16), deep_supr_num=1, decoder_se=True), 3, 4, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_network_shapes_gradient_and_torchscript(name: str, tmp_path) -> None:
+    factory, spatial_dims, out_channels, n_heads = NETWORKS[name]
+    net = factory()
+    x = _input(spatial_dims, size=32)
+    spatial = tuple(x.shape[2:])
+
+    net.train()
+    train_out = net(x)
+    if n_heads:
+        assert train_out.shape == (x.shape[0], 1 + n_heads, out_channels, *spatial)
+        # head 0 is exactly the main output
+        net.deep_supervision = False
+        torch.testing.assert_close(train_out[:, 0], net(x))
+        net.deep_supervision = True
+        target = (torch.rand(x.shape[0], out_channels, *spatial) > 0.5).float()
+        loss = StackedDeepSupervisionLoss(RegionDiceBCELoss(), weights=[1.0, 0.4, 0.3, 0.2])(train_out, target)
+    else:
+        assert train_out.shape == (x.shape[0], out_channels, *spatial)
+        loss = train_out.square().mean()
+    loss.backward()
+    first_grad = _first_conv(net).weight.grad
+    assert first_grad is not None and first_grad.abs().sum() > 0
+    if n_heads:
+        assert all(head.conv.weight.grad.abs().sum() > 0 for head in net.ds_heads)
+
+    net.eval()
+    with torch.no_grad():
+        eval_out = net(x)
+    assert eval_out.shape == (x.shape[0], out_channels, *spatial)
+
+    path = tmp_path / "model.ts"
+    torch.jit.save(torch.jit.script(net), str(path))
+    loaded = torch.jit.load(str(path))
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), eval_out)
+
+
+@pytest.mark.parametrize("name", ["resunet2d_m1_stem_ds", "resselkaunet2d_m3", "resunet3d_m4_ds"])
+def test_network_runs_under_bfloat16_autocast(name: str) -> None:
+    factory, spatial_dims, out_channels, n_heads = NETWORKS[name]
+    net = factory().train()
+    x = _input(spatial_dims, size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.dtype == torch.bfloat16
+    assert out.shape == (x.shape[0], 1 + n_heads, out_channels, *x.shape[2:])
+    out.float().square().mean().backward()
+    grad = _first_conv(net).weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_deep_m4_setting_with_salient_channel() -> None:
+    """7 levels and 5 input channels (M4's best setting), tiny widths; 2-D at 128^2 keeps it fast and, like
+    128^3 in 3-D, leaves a 2-voxel bottleneck (instance norm in training needs more than one voxel)."""
+    net = ResUNet(2, 5, 3, (2, 4, 4, 4, 4, 4, 4), norm="instance", act=LEAKY, deep_supervision=True)
+    out = net.train()(torch.randn(1, 5, 128, 128))
+    assert out.shape == (1, 3, 3, 128, 128)
+    assert net.size_divisor == 64
+
+
+def test_invalid_configurations_raise() -> None:
+    with pytest.raises(ValueError, match="deep_supr_num"):
+        ResUNet(2, 4, 3, (4, 8, 16), deep_supervision=True, deep_supr_num=2)
+    with pytest.raises(ValueError, match="downsample"):
+        ResUNet(2, 4, 3, (4, 8), downsample="stride")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ResUNet(2, 4, 3, (4, 8, 16)).eval()(torch.randn(1, 4, 18, 18))
