@@ -378,8 +378,10 @@ def _to_float(value: str) -> float | str:
 
 
 def _csv_value(value: object) -> object:
-    if isinstance(value, float):
-        return repr(value)  # round-trips exactly
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))  # shortest text that round-trips exactly
+    if isinstance(value, np.integer):
+        return int(value)
     return value
 
 
