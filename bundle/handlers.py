@@ -1,0 +1,227 @@
+"""Ignite/MONAI pieces for validation that MONAI lacks: per-region metric scalars, the official HD95, a CSV log.
+
+* :class:`BratsHD95Metric` - a MONAI ``CumulativeIterationMetric`` computing the official BraTS HD95 (pooled
+  surface distances, :func:`bundle.metrics.hd95`) per item and channel, with the BraTS empty-mask conventions.
+* :class:`RegionMetric` - wraps *any* MONAI metric run with ``reduction="mean_batch"`` and exposes its
+  per-channel vector as separate scalar metrics (``val_hd95_WT``, ``val_hd95_TC``, ...), which Ignite, the
+  StatsHandler, TensorBoard, early stopping and checkpoint selection can all use.
+* :class:`RegionMetricsCSVHandler` - one CSV row per epoch: epoch, mean training loss and the validation
+  metrics, the input of :func:`bundle.plots.plot_training_curves`.
+
+Config example (``validate#additional_metrics`` of ``configs/train.yaml``)::
+
+    val_hd95:
+      _target_: bundle.handlers.RegionMetric
+      metric_fn: {_target_: bundle.handlers.BratsHD95Metric, reduction: mean_batch}
+      names: $bundle.constants.REGION_NAMES
+      prefix: val_hd95_
+      output_transform: $monai.handlers.from_engine(['pred', 'label'])
+    val_sensitivity:
+      _target_: bundle.handlers.RegionMetric
+      metric_fn: {_target_: ConfusionMatrixMetric, metric_name: sensitivity, reduction: mean_batch}
+      names: $bundle.constants.REGION_NAMES
+      prefix: val_sensitivity_
+      output_transform: $monai.handlers.from_engine(['pred', 'label'])
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import IgniteMetricHandler, from_engine
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.utils import do_metric_reduction
+from monai.utils import MetricReduction
+
+from bundle.constants import REGION_NAMES
+from bundle.evaluation import write_metrics_table
+from bundle.metrics import hd95
+
+
+class BratsHD95Metric(CumulativeIterationMetric):
+    """Official BraTS HD95 (mm) of multi-channel binary predictions, one value per item and channel.
+
+    MONAI's ``HausdorffDistanceMetric(percentile=95)`` takes the larger of the two directed 95th percentiles;
+    the BraTS evaluation pools both directed distance sets first (:func:`bundle.metrics.hd95`), so this
+    metric is computed with that function. Both empty -> 0, one empty -> 374 mm (no NaN), so a missed or
+    hallucinated region is penalised instead of being dropped from the mean as MONAI does.
+
+    Args:
+        include_background: whether to score channel 0 (keep ``True`` for region channels WT, TC, ET).
+        spacing: voxel size in mm (``None``: 1 mm, the BraTS resolution).
+        reduction: a MONAI ``MetricReduction`` (``"mean_batch"`` gives one value per channel).
+        get_not_nans: also return the count of values in the reduction, as MONAI metrics do.
+
+    Inputs ``y_pred`` and ``y`` are ``[B, C, *spatial]`` tensors (values > 0.5 count as foreground).
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        spacing: Sequence[float] | None = None,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ) -> None:
+        super().__init__()
+        self.include_background = include_background
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.reduction = reduction
+        self.get_not_nans = get_not_nans
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if y_pred.shape != y.shape:
+            raise ValueError(f"y_pred {tuple(y_pred.shape)} and y {tuple(y.shape)} must have the same shape")
+        if y_pred.ndim < 3:
+            raise ValueError(f"expected [B, C, *spatial] inputs, got shape {tuple(y_pred.shape)}")
+        pred = (y_pred.detach() > 0.5).cpu().numpy()
+        truth = (y.detach() > 0.5).cpu().numpy()
+        start = 0 if self.include_background else 1
+        out = [[hd95(p[c], t[c], self.spacing) for c in range(start, p.shape[0])] for p, t in zip(pred, truth)]
+        return torch.tensor(out, dtype=torch.float32, device=y_pred.device)
+
+    def aggregate(  # type: ignore[override]
+        self, reduction: MetricReduction | str | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Reduce the buffered ``[N, C]`` values (default: the constructor's ``reduction``)."""
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the data to aggregate must be a PyTorch Tensor")
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        return (f, not_nans) if self.get_not_nans else f
+
+
+class RegionMetric(IgniteMetricHandler):
+    """Expose a per-channel (``reduction="mean_batch"``) MONAI metric as one Ignite scalar per region.
+
+    Ignite key metrics, ``StatsHandler``, ``TensorBoardStatsHandler``, ``EarlyStopHandler`` and
+    ``CheckpointSaver`` all need scalars, while ``HausdorffDistanceMetric``, ``ConfusionMatrixMetric`` or
+    :class:`BratsHD95Metric` with ``mean_batch`` give a vector. MONAI only offers a per-label dict for Dice
+    (``MeanDice(return_with_label=...)``); this handler does the same for any metric, in one pass over the
+    regions (instead of one metric object per channel). ``compute`` returns ``{prefix + name: value}``;
+    Ignite stores each entry as its own metric (``metrics_result_mode="flatten"``), so the name given to
+    ``attach`` is not itself a metric - use this among ``additional_metrics``.
+
+    Args:
+        metric_fn: a MONAI ``CumulativeIterationMetric`` constructed with ``reduction="mean_batch"``.
+        names: channel names in channel order (default ``constants.REGION_NAMES``: WT, TC, ET).
+        prefix: prepended to every name, e.g. ``"val_hd95_"``.
+        output_transform: maps ``engine.state.output`` to ``(y_pred, y)``, e.g. ``from_engine(['pred', 'label'])``.
+        save_details: keep the per-item values in ``engine.state.metric_details`` (as MONAI's handlers do).
+    """
+
+    def __init__(
+        self,
+        metric_fn: CumulativeIterationMetric,
+        names: Sequence[str] = REGION_NAMES,
+        prefix: str = "",
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+        self.names = tuple(names)
+        self.prefix = prefix
+        self._metrics_result_mode = "flatten"  # one scalar per region in engine.state.metrics, no dict entry
+
+    def compute(self) -> dict[str, float]:
+        """Per-region values ``{prefix + name: float}`` of the accumulated epoch."""
+        result = super().compute()
+        values = torch.as_tensor(result, dtype=torch.float64).reshape(-1)
+        if values.numel() != len(self.names):
+            raise ValueError(
+                f"{type(self.metric_fn).__name__} gave {values.numel()} value(s) for {len(self.names)} names "
+                f"{self.names}; construct it with reduction='mean_batch' and check include_background"
+            )
+        return {f"{self.prefix}{name}": float(v) for name, v in zip(self.names, values.tolist(), strict=True)}
+
+
+class RegionMetricsCSVHandler:
+    """Write one CSV row per training epoch: ``epoch``, ``loss`` (mean over the epoch), validation metrics.
+
+    Attach it to the *trainer*. It averages ``loss_transform(engine.state.output)`` over each epoch's
+    iterations and, at the end of the epoch, adds the scalar entries of ``evaluator.state.metrics`` (all of
+    them, or ``metric_names``) if the evaluator ran in this epoch (``ValidationHandler`` runs it every
+    ``val_interval`` epochs; other rows leave the metric cells empty). Register it after the
+    ``ValidationHandler`` so the metrics are fresh. The file is rewritten atomically each epoch; rows of an
+    existing file from epochs before the run's start epoch are kept, so a resumed run continues the log.
+
+    Args:
+        filename: CSV path, e.g. ``$@output_dir + '/metrics_per_epoch.csv'``.
+        evaluator: the validation engine (``None``: loss only).
+        metric_names: metrics to record (default: every scalar metric of the evaluator).
+        loss_transform: maps the trainer's ``state.output`` to the loss (default MONAI's
+            ``from_engine(['loss'], first=True)``).
+    """
+
+    def __init__(
+        self,
+        filename: str | Path,
+        evaluator: Engine | None = None,
+        metric_names: Sequence[str] | None = None,
+        loss_transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.filename = Path(filename)
+        self.evaluator = evaluator
+        self.metric_names = None if metric_names is None else tuple(metric_names)
+        self.loss_transform = loss_transform or from_engine(["loss"], first=True)
+        self.rows: list[dict[str, Any]] = []
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._evaluated_at: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Register on the trainer's STARTED, EPOCH_STARTED, ITERATION_COMPLETED and EPOCH_COMPLETED events."""
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, self._evaluator_completed, engine)
+
+    def _started(self, engine: Engine) -> None:
+        self.rows = []
+        if self.filename.is_file():
+            with self.filename.open(newline="") as handle:
+                kept = [r for r in csv.DictReader(handle) if r.get("epoch") and int(r["epoch"]) <= engine.state.epoch]
+            self.rows = [{k: int(v) if k == "epoch" else _parse(v) for k, v in r.items()} for r in kept]
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._loss_sum, self._loss_count = 0.0, 0
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        loss = self.loss_transform(engine.state.output)
+        if isinstance(loss, (tuple, list)):  # MONAI's from_engine returns a tuple even for one key
+            loss = loss[0]
+        loss = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        self._loss_sum += loss
+        self._loss_count += 1
+
+    def _evaluator_completed(self, evaluator: Engine, trainer: Engine) -> None:
+        self._evaluated_at = trainer.state.epoch
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        row: dict[str, Any] = {"epoch": engine.state.epoch}
+        row["loss"] = self._loss_sum / self._loss_count if self._loss_count else math.nan
+        if self.evaluator is not None and self._evaluated_at == engine.state.epoch:
+            metrics = self.evaluator.state.metrics
+            for name in self.metric_names or sorted(metrics):
+                value = metrics.get(name)
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = value.item()
+                if isinstance(value, (int, float, np.floating, np.integer)):
+                    row[name] = float(value)
+        self.rows.append(row)
+        write_metrics_table(self.rows, self.filename)
+
+
+def _parse(value: str) -> float | str:
+    try:
+        return float(value) if value != "" else ""
+    except ValueError:
+        return value

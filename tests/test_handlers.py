@@ -1,0 +1,123 @@
+"""Ignite handlers: per-region scalar metrics, the official HD95 metric, the per-epoch CSV log."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import StatsHandler, from_engine
+from monai.metrics import ConfusionMatrixMetric, DiceMetric
+
+from bundle.handlers import BratsHD95Metric, RegionMetric, RegionMetricsCSVHandler
+from bundle.metrics import MAX_DISTANCE_MM, hd95
+
+
+def _batch():
+    """Two items, three region channels on an 8x8x8 grid, with hand-countable overlaps."""
+    label = torch.zeros(2, 3, 8, 8, 8)
+    pred = torch.zeros_like(label)
+    label[:, 0, 2:6, 2:6, 2:6] = 1  # 64 voxels
+    pred[:, 0, 2:6, 2:6, 3:7] = 1  # shifted by one: overlap 48 -> Dice 0.75
+    label[:, 1, 3:5, 3:5, 3:5] = 1  # 8 voxels
+    pred[0, 1, 3:5, 3:5, 3:5] = 1  # item 0 exact, item 1 missed
+    pred[0, 2, 1, 1, 1] = 1  # channel 2: truth empty; item 0 one spurious voxel, item 1 both empty
+    return pred, label
+
+
+def _evaluator(batches, metrics):
+    def step(engine, batch):
+        pred, label = batch
+        return [{"pred": p, "label": y} for p, y in zip(pred, label)]  # decollated, as MONAI's evaluators
+
+    engine = Engine(step)
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    engine.run(batches, max_epochs=1)
+    return engine
+
+
+def test_brats_hd95_metric_matches_function_and_conventions():
+    pred, label = _batch()
+    metric = BratsHD95Metric(reduction="none")
+    values = metric(pred, label)
+    assert values.shape == (2, 3)
+    assert values[0, 0].item() == pytest.approx(hd95(pred[0, 0].numpy() > 0, label[0, 0].numpy() > 0))
+    assert values[0, 1].item() == 0.0  # exact
+    assert values[1, 1].item() == MAX_DISTANCE_MM  # missed
+    assert values[0, 2].item() == MAX_DISTANCE_MM and values[1, 2].item() == 0.0  # spurious / both empty
+    metric = BratsHD95Metric(spacing=(1.0, 1.0, 2.0), reduction="mean_batch")
+    metric(pred, label)
+    agg = metric.aggregate()
+    assert agg.shape == (3,)
+    assert agg[1].item() == pytest.approx(MAX_DISTANCE_MM / 2)
+    # shift along the 2 mm axis: distances double compared with 1 mm
+    assert agg[0].item() == pytest.approx(2 * values[:, 0].mean().item())
+
+
+def test_region_metric_exposes_one_scalar_per_region():
+    pred, label = _batch()
+    transform = from_engine(["pred", "label"])
+    engine = _evaluator(
+        [(pred, label)],
+        {
+            "val_dice": RegionMetric(
+                DiceMetric(reduction="mean_batch"), prefix="val_dice_", output_transform=transform
+            ),
+            "val_hd95": RegionMetric(
+                BratsHD95Metric(reduction="mean_batch"), prefix="val_hd95_", output_transform=transform
+            ),
+            "val_sens": RegionMetric(
+                ConfusionMatrixMetric(metric_name="sensitivity", reduction="mean_batch"),
+                prefix="val_sensitivity_",
+                output_transform=transform,
+            ),
+        },
+    )
+    m = engine.state.metrics
+    assert m["val_dice_WT"] == pytest.approx(0.75)
+    assert m["val_dice_TC"] == pytest.approx(0.5)  # (1 + 0) / 2
+    assert m["val_sensitivity_WT"] == pytest.approx(48 / 64)
+    assert m["val_hd95_TC"] == pytest.approx(MAX_DISTANCE_MM / 2)
+    assert m["val_hd95_ET"] == pytest.approx(MAX_DISTANCE_MM / 2)
+    assert all(isinstance(v, float) for v in m.values())
+    assert "val_dice" not in m  # flattened: only the per-region scalars
+    assert engine.state.metric_details["val_dice"].shape == (2, 3)
+
+
+def test_region_metric_rejects_a_non_batch_reduction():
+    pred, label = _batch()
+    with pytest.raises(ValueError, match="mean_batch"):
+        _evaluator(
+            [(pred, label)],
+            {"d": RegionMetric(DiceMetric(reduction="mean"), output_transform=from_engine(["pred", "label"]))},
+        )
+
+
+def test_csv_handler_logs_loss_and_validation_metrics(tmp_path):
+    pred, label = _batch()
+    evaluator = Engine(lambda e, b: [{"pred": p, "label": y} for p, y in zip(*b)])
+    RegionMetric(
+        DiceMetric(reduction="mean_batch"), prefix="val_dice_", output_transform=from_engine(["pred", "label"])
+    ).attach(evaluator, "val_dice")
+    losses = iter([1.0, 0.5, 0.8, 0.4, 0.6, 0.2])
+    trainer = Engine(lambda e, b: {"loss": torch.tensor(next(losses))})
+
+    # validate every second epoch, as ValidationHandler(interval=2) would; registered before the CSV handler
+    @trainer.on(Events.EPOCH_COMPLETED(every=2))
+    def _validate(engine):
+        evaluator.run([(pred, label)])
+
+    path = tmp_path / "log" / "metrics.csv"
+    RegionMetricsCSVHandler(path, evaluator=evaluator).attach(trainer)
+    StatsHandler(iteration_log=False, name="test").attach(evaluator)  # a dict-free metrics table prints fine
+    trainer.run([0, 1], max_epochs=3)
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([0.75, 0.6, 0.4])
+    assert rows[0]["val_dice_WT"] == "" and rows[2]["val_dice_WT"] == ""
+    assert float(rows[1]["val_dice_WT"]) == pytest.approx(0.75)
+    assert np.isclose(float(rows[1]["val_dice_TC"]), 0.5)
