@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.inferers import SliceInferer, SlidingWindowInferer
+from monai.inferers import SimpleInferer, SliceInferer, SlidingWindowInferer
 from monai.transforms import Compose, FlattenSubKeysd
 
 from bundle.constants import BACKGROUND, ED, ET, NCR
@@ -21,6 +21,8 @@ from bundle.inferers import (
     RemoveSmallTumourComponentsd,
     SmallETComponentsToNCRd,
     SmallETVolumeToNCRd,
+    binary_dilation,
+    binary_erosion,
     classes_to_labels,
     close_tumour_regions,
     flip_combinations,
@@ -32,6 +34,15 @@ from bundle.inferers import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (about 20 ms per conv on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,7 +120,7 @@ def test_flip_combinations():
     assert len(flip_combinations((0, 1))) == 4
 
 
-@pytest.mark.parametrize("flip_batch_size", [1, 3, None])
+@pytest.mark.parametrize("flip_batch_size", [1, 3, 8, None])
 def test_identity_network_reproduces_sigmoid_of_input(flip_batch_size):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 13, 11, 9)
@@ -148,7 +159,7 @@ def test_asymmetric_network_each_flip_is_undone_2d_cumsum():
 
 def test_flip_batching_matches_flip_by_flip_with_sliding_windows():
     torch.manual_seed(4)
-    x = torch.randn(1, 2, 14, 12, 10)
+    x = torch.randn(1, 2, 10, 8, 8)
     net = asymmetric_conv(3)
     calls: dict[int | None, list[int]] = {}
 
@@ -157,17 +168,18 @@ def test_flip_batching_matches_flip_by_flip_with_sliding_windows():
         return lambda t: (calls[fbs].append(t.shape[0]), net(t))[1]
 
     outs = [
-        FlipTTAInferer(roi_size=(8, 8, 8), sw_batch_size=2, flip_batch_size=fbs, return_std=True)(x, counted(fbs))
-        for fbs in (1, 3, None)
+        FlipTTAInferer(roi_size=(6, 6, 6), sw_batch_size=2, flip_batch_size=fbs, return_std=True)(x, counted(fbs))
+        for fbs in (1, 3, 8, None)
     ]
     # 3 x 2 x 2 = 12 windows per flip; sw_batch_size is scaled with the flip group (2 per flip per call)
-    assert calls[1] == [2] * 48 and calls[None] == [16] * 6
+    assert calls[1] == [2] * 48 and calls[8] == [16] * 6
+    assert calls[None] == calls[1]  # default on CPU: one flip per pass
     assert sum(calls[3]) == 96 and max(calls[3]) == 6
     for o in outs[1:]:
         torch.testing.assert_close(o["mean"], outs[0]["mean"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(o["std"], outs[0]["std"], atol=1e-5, rtol=1e-5)
     # and it equals the average of MONAI's own sliding window over each flip, done by hand
-    sw = SlidingWindowInferer(roi_size=(8, 8, 8), overlap=0.5, mode="gaussian")
+    sw = SlidingWindowInferer(roi_size=(6, 6, 6), overlap=0.5, mode="gaussian")
     with torch.no_grad():
         per_flip = [
             torch.sigmoid(sw(x.flip([a + 2 for a in c]), net).flip([a + 2 for a in c]) if c else sw(x, net))
@@ -176,7 +188,7 @@ def test_flip_batching_matches_flip_by_flip_with_sliding_windows():
     torch.testing.assert_close(outs[0]["mean"], torch.stack(per_flip).mean(0), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("flip_batch_size, calls", [(1, [1] * 8), (4, [4, 4]), (None, [8])])
+@pytest.mark.parametrize("flip_batch_size, calls", [(1, [1] * 8), (4, [4, 4]), (8, [8]), (None, [1] * 8)])
 def test_exactly_eight_flips_in_3d(flip_batch_size, calls):
     x = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).reshape(1, 2, 4, 5, 6)  # no symmetry: every flip differs
     net = CountingNet(x, (0, 1, 2))
@@ -185,7 +197,7 @@ def test_exactly_eight_flips_in_3d(flip_batch_size, calls):
     assert sorted(net.seen) == sorted(flip_combinations((0, 1, 2)))  # each of the 8 flips exactly once
 
 
-@pytest.mark.parametrize("flip_batch_size, calls", [(1, [1] * 4), (None, [4])])
+@pytest.mark.parametrize("flip_batch_size, calls", [(1, [1] * 4), (4, [4]), (None, [1] * 4)])
 def test_exactly_four_flips_in_2d(flip_batch_size, calls):
     x = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(1, 2, 5, 7)
     net = CountingNet(x, (0, 1))
@@ -259,7 +271,7 @@ def test_softmax_activation_and_deep_supervision_tuple():
 
 def test_amp_path_runs_on_cpu():
     torch.manual_seed(8)
-    x = torch.randn(1, 2, 10, 9, 8)
+    x = torch.randn(1, 2, 8, 7, 6)
     conv = asymmetric_conv(3)
     dtypes = []
 
@@ -289,6 +301,16 @@ def test_metatensor_metadata_kept_and_flattened_for_post_transforms():
     # after decollation, MONAI's FlattenSubKeysd lifts mean/std to top-level keys
     item = FlattenSubKeysd(keys="pred", prefix="pred")({"pred": {"mean": out["mean"][0], "std": out["std"][0]}})
     assert set(item) == {"pred_mean", "pred_std"}
+
+
+def test_input_is_never_modified():
+    x = torch.randn(1, 2, 6, 5, 4)
+    before = x.clone()
+    # SimpleInferer + identity: the network output aliases the input, in-place activation must not touch it
+    for tta in (False, True):
+        out = FlipTTAInferer(base_inferer=SimpleInferer(), tta=tta)(x, lambda t: t)
+        torch.testing.assert_close(out, torch.sigmoid(before))
+        assert torch.equal(x, before)
 
 
 def test_bad_arguments():
@@ -484,6 +506,47 @@ def test_closing_fills_one_voxel_hole(device):
     assert torch.equal(out, expected)
     assert torch.equal(CloseTumourRegionsd("label", enabled=False)({"label": lab})["label"], lab)
     assert torch.equal(CloseTumourRegionsd("label")({"label": lab})["label"], expected)
+
+
+@pytest.mark.parametrize("shape, filter_size", [((9, 8, 7), 3), ((9, 8, 7), 5), ((11, 10), 3), ((11, 10), 5)])
+def test_boolean_morphology_equals_monai(shape, filter_size):
+    from monai.transforms.utils_morphological_ops import dilate, erode
+
+    torch.manual_seed(9)
+    radius = filter_size // 2
+    # sparse masks for dilation, dense ones for erosion: otherwise both saturate and the check is void
+    for density in (0.05, 0.9):
+        mask = torch.rand(2, 1, *shape) < density
+        before = mask.clone()
+        ours_d = binary_dilation(mask, radius, len(shape))
+        ours_e = binary_erosion(mask, radius, len(shape))
+        assert torch.equal(mask, before)  # inputs are not modified in place
+        # MONAI's versions, one channel per item (they sum over channels)
+        assert torch.equal(ours_d, dilate(mask.float(), filter_size) > 0.5)
+        assert torch.equal(ours_e, erode(mask.float(), filter_size) > 0.5)
+        changed = ours_d if density < 0.5 else ~ours_e
+        assert 0 < changed.float().mean() < 1 and not torch.equal(changed, mask if density < 0.5 else ~mask)
+
+
+def test_closing_on_the_bounding_box_equals_closing_on_the_whole_volume():
+    torch.manual_seed(10)
+    lab = torch.zeros(1, 30, 30, 30, dtype=torch.int64)
+    blob = torch.randint(0, 4, (12, 12, 12)) * (torch.rand(12, 12, 12) > 0.3)
+    lab[0, 0:12, 10:22, 17:29] = blob  # touching one border of the volume, close to another
+    out = close_tumour_regions(lab, filter_size=5)
+    # reference: the same rule on the whole volume with MONAI's morphology (no cropping)
+    from monai.transforms.utils_morphological_ops import dilate, erode
+
+    regions = torch.stack([lab[0] != BACKGROUND, (lab[0] == NCR) | (lab[0] == ET), lab[0] == ET])[:, None].float()
+    closed = erode(dilate(regions, 5), 5)[:, 0] > 0.5
+    ref = torch.where(closed[0], ED, BACKGROUND)
+    ref = torch.where(closed[0] & closed[1], NCR, ref)
+    ref = torch.where(closed[0] & closed[1] & closed[2], ET, ref)
+    assert torch.equal(out[0], ref)
+    assert not torch.equal(out, lab)
+    assert ((out != BACKGROUND) | (lab == BACKGROUND)).all()  # closing never removes tumour
+    with pytest.raises(ValueError, match="odd"):
+        close_tumour_regions(lab, filter_size=4)
 
 
 def test_post_processing_keeps_numpy_and_metatensor():
