@@ -1,0 +1,291 @@
+"""Parameter count, FLOPs/MACs and CPU forward+backward time of the bundle's network variants.
+
+Usage::
+
+    python scripts/benchmark_networks.py                 # every variant, markdown table on stdout
+    python scripts/benchmark_networks.py --only m4_resunet_ds,segresnet
+
+Each variant runs in its own child process so its peak memory (max RSS) is its own and an
+out-of-memory kill cannot end the whole run. FLOPs are counted with
+``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device (no computation, so the
+count is exact for the full input size at no cost); MACs = FLOPs / 2 (the counter counts one
+multiply-add as two FLOPs and counts only matmul/convolution-like ops). The time is the mean of
+``--iters`` forward+backward passes (one for 3-D) in training mode (deep-supervision heads
+included) with batch 1, after one warm-up pass. A 3-D variant whose pass would take longer than
+``--max-seconds`` at its size (estimated from its FLOPs and the throughput measured so far, or
+seen in its warm-up) is measured at the fallback size instead, and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LEAKY = ("leakyrelu", {"negative_slope": 0.01})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One network setting to benchmark."""
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    in_channels: int
+    spatial_dims: int
+    size: int
+    fallback_size: int | None = None
+
+
+def _variants() -> list[Variant]:
+    """The bundle's method settings and the MONAI baselines (imports deferred to the child process)."""
+    from monai.networks.nets import AttentionUnet, DynUNet, SegResNet, SwinUNETR, UNet
+
+    from bundle.networks import ResSELKAUNet, ResUNet
+
+    return [
+        Variant(
+            "m1_la_resunet",
+            "ResUNet 2-D, M1: stem, strided conv, BN/ReLU, 32-512, 3 sigmoid regions",
+            lambda: ResUNet(2, 4, 3, (32, 64, 128, 256, 512), modality_stem=True),
+            4,
+            2,
+            240,
+        ),
+        Variant(
+            "m2_resunet_tversky",
+            "ResUNet 2-D, M2: max-pool, BN/ReLU, 32-512, 1 binary channel",
+            lambda: ResUNet(2, 4, 1, (32, 64, 128, 256, 512), downsample="pool"),
+            4,
+            2,
+            256,
+        ),
+        Variant(
+            "m3_resse_lka_unet",
+            "ResSELKAUNet 2-D, M3: 32-512, CE bottleneck, 3 DS heads, 4 classes",
+            lambda: ResSELKAUNet(2, 4, 4, (32, 64, 128, 256, 512)),
+            4,
+            2,
+            128,
+        ),
+        Variant(
+            "m4_resunet_ds",
+            "ResUNet 3-D, M4 default: IN/LeakyReLU, 32-320 (6 levels), 2 DS heads",
+            lambda: ResUNet(3, 4, 3, (32, 64, 128, 256, 320, 320), norm="instance", act=LEAKY, deep_supervision=True),
+            4,
+            3,
+            128,
+            96,
+        ),
+        Variant(
+            "m4_resunet_ds_deep_wide",
+            "ResUNet 3-D, M4 best: 7 levels 64-512, +salient channel (in 5), 2 DS heads",
+            lambda: ResUNet(
+                3,
+                5,
+                3,
+                (64, 128, 256, 512, 512, 512, 512),
+                norm="instance",
+                act=LEAKY,
+                deep_supervision=True,
+            ),
+            5,
+            3,
+            128,
+            96,
+        ),
+        Variant(
+            "unet",
+            "MONAI UNet 3-D: 16-256, strides 2, 2 residual units",
+            lambda: UNet(3, 4, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2),
+            4,
+            3,
+            128,
+            96,
+        ),
+        Variant(
+            "attention_unet",
+            "MONAI AttentionUnet 3-D: 16-256, strides 2",
+            lambda: AttentionUnet(3, 4, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2)),
+            4,
+            3,
+            128,
+            96,
+        ),
+        Variant(
+            "segresnet",
+            "MONAI SegResNet 3-D, zoo: blocks_down 1,2,2,4, blocks_up 1,1,1, init_filters 16, dropout 0.2",
+            lambda: SegResNet(
+                blocks_down=(1, 2, 2, 4),
+                blocks_up=(1, 1, 1),
+                init_filters=16,
+                in_channels=4,
+                out_channels=3,
+                dropout_prob=0.2,
+            ),
+            4,
+            3,
+            128,
+            96,
+        ),
+        Variant(
+            "dynunet",
+            "MONAI DynUNet 3-D, nnU-Net style: 6 levels 32-320, IN/LeakyReLU, 2 DS heads",
+            lambda: DynUNet(
+                3,
+                4,
+                3,
+                kernel_size=[3] * 6,
+                strides=[1, 2, 2, 2, 2, 2],
+                upsample_kernel_size=[2] * 5,
+                filters=(32, 64, 128, 256, 320, 320),
+                norm_name="instance",
+                act_name=LEAKY,
+                deep_supervision=True,
+                deep_supr_num=2,
+            ),
+            4,
+            3,
+            128,
+            96,
+        ),
+        Variant(
+            "swinunetr",
+            "MONAI SwinUNETR 3-D, feature_size 48",
+            lambda: SwinUNETR(in_channels=4, out_channels=3, feature_size=48),
+            4,
+            3,
+            128,
+            96,
+        ),
+    ]
+
+
+def count_flops(variant: Variant, size: int) -> int:
+    """Forward FLOPs for one input of batch 1: on the meta device, or on the CPU if the net needs real values."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                net = variant.build().eval()
+                x = torch.zeros(1, variant.in_channels, *([size] * variant.spatial_dims))
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                net(x)
+            return int(counter.get_total_flops())
+        except (RuntimeError, NotImplementedError):
+            if device == "cpu":
+                raise
+    raise AssertionError("unreachable")
+
+
+def time_forward_backward(net: nn.Module, x: torch.Tensor, iters: int) -> float:
+    """Mean seconds of a training forward + backward over ``iters`` passes."""
+    total = 0.0
+    for _ in range(iters):
+        net.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        net(x).float().square().mean().backward()
+        total += time.perf_counter() - start
+    return total / iters
+
+
+def run_one(variant: Variant, size: int, iters: int, max_seconds: float) -> dict:
+    """Benchmark one variant at one size in this process."""
+    torch.manual_seed(0)
+    net = variant.build().train()
+    x = torch.randn(1, variant.in_channels, *([size] * variant.spatial_dims))
+    params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    warmup = time_forward_backward(net, x, 1)
+    result = {"name": variant.name, "size": size, "params": params, "warmup_s": round(warmup, 3)}
+    if warmup > max_seconds:
+        result["too_slow"] = True
+        return result
+    result["seconds"] = round(time_forward_backward(net, x, iters), 3)
+    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return result
+
+
+def _child(name: str, size: int, iters: int, max_seconds: float, threads: int) -> None:
+    torch.set_num_threads(threads)
+    variant = next(v for v in _variants() if v.name == name)
+    print(json.dumps(run_one(variant, size, iters, max_seconds)))
+
+
+def _spawn(name: str, size: int, iters: int, max_seconds: float, threads: int) -> dict:
+    command = [sys.executable, __file__, "--child", name, "--size", str(size), "--iters", str(iters)]
+    command += ["--max-seconds", str(max_seconds), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {
+            "name": name,
+            "size": size,
+            "failed": done.stderr.strip().splitlines()[-1:] or [f"rc {done.returncode}"],
+        }
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Benchmark the selected variants and print a markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument("--iters", type=int, default=3, help="timed passes for 2-D variants (3-D: 1)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="time limit per pass before the fallback size")
+    # one thread by default: on a shared, loaded 2-core machine two OpenMP threads ran 3-10x slower than one
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.size, args.iters, args.max_seconds, args.threads)
+        return
+
+    selected = [v for v in _variants() if not args.only or v.name in args.only.split(",")]
+    print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), batch 1, training-mode forward+backward\n")
+    print("| variant | network | input | params (M) | GFLOPs (fwd) | GMACs (fwd) | fwd+bwd (s) | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    measured_flops, measured_seconds = 0.0, 0.0  # running throughput, to skip sizes that would exceed the limit
+    for variant in selected:
+        iters = args.iters if variant.spatial_dims == 2 else 1
+        flops = count_flops(variant, variant.size)
+        size, note = variant.size, ""
+        if variant.fallback_size and measured_seconds > 0:
+            # backward costs about twice the forward
+            estimate = 3 * flops / (measured_flops / measured_seconds)
+            if estimate > args.max_seconds:
+                size = variant.fallback_size
+                note = f" (at {size}^3: {variant.size}^3 estimated {estimate:.0f} s from its FLOPs)"
+        result = _spawn(variant.name, size, iters, args.max_seconds, args.threads)
+        if size == variant.size and (result.get("too_slow") or "failed" in result) and variant.fallback_size:
+            why = f"warm-up {result['warmup_s']} s" if result.get("too_slow") else f"failed: {result['failed']}"
+            size = variant.fallback_size
+            note = f" (at {size}^3: {variant.size}^3 {why})"
+            result = _spawn(variant.name, size, iters, float("inf"), args.threads)
+        if "seconds" in result:
+            measured_flops += 3 * count_flops(variant, size) if size != variant.size else 3 * flops
+            measured_seconds += result["seconds"]
+        shape = "x".join([str(variant.in_channels)] + [str(variant.size)] * variant.spatial_dims)
+        params = f"{result['params'] / 1e6:.2f}" if "params" in result else "?"
+        seconds = f"{result['seconds']:.2f}{note}" if "seconds" in result else f"not measured: {result}"
+        print(
+            f"| {variant.name} | {variant.description} | {shape} | {params} | {flops / 1e9:.1f} | "
+            f"{flops / 2e9:.1f} | {seconds} | {result.get('peak_rss_gb', '?')} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
