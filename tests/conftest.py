@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny fake datasets in each supported layout, and the real samples if present."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bundle.constants import BRATS2021_SUFFIXES, BRATS2023_SUFFIXES, MODALITIES, MSD_CHANNEL_ORDER
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (10, 12, 8)
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def shared_samples_dir() -> Path | None:
+    """The real BraTS 2021 samples beside the repository (``../shared/brats_samples``), if present."""
+    env = os.environ.get("BRATS_SAMPLES_DIR")
+    candidate = Path(env) if env else REPO_ROOT.parent / "shared" / "brats_samples"
+    return candidate if candidate.is_dir() and any(candidate.iterdir()) else None
+
+
+def _labels(values: tuple[int, int, int]) -> np.ndarray:
+    """A label map with an edema shell, a core and an enhancing part using the given values."""
+    ncr, ed, et = values
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[2:8, 3:9, 2:6] = ed
+    label[3:7, 4:8, 3:5] = et
+    label[4:6, 5:7, 3:5] = ncr
+    return label
+
+
+def _image(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(1, 100, size=SHAPE).astype(np.float32)
+    image[0] = 0  # background plane, like skull-stripped data
+    return image
+
+
+def write_brats_case(root: Path, case_id: str, layout: str, with_label: bool = True) -> Path:
+    """Write one tiny case in the BraTS 2021 or 2023 layout and return its folder."""
+    separator, suffixes, values = (
+        ("_", BRATS2021_SUFFIXES, (1, 2, 4)) if layout == "brats2021" else ("-", BRATS2023_SUFFIXES, (1, 2, 3))
+    )
+    case_dir = root / case_id
+    case_dir.mkdir(parents=True)
+    for i, modality in enumerate(MODALITIES):
+        nib.save(nib.Nifti1Image(_image(i) + 10 * i, AFFINE), case_dir / f"{case_id}{separator}{suffixes[modality]}.nii.gz")
+    if with_label:
+        nib.save(nib.Nifti1Image(_labels(values), AFFINE), case_dir / f"{case_id}{separator}seg.nii.gz")
+    return case_dir
+
+
+def write_msd(root: Path, num_train: int = 3, num_test: int = 1) -> Path:
+    """Write a tiny Decathlon Task01 folder (4-D images FLAIR, T1w, T1gd, T2w; labels 1 ED, 2 NET, 3 ET)."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "imagesTs").mkdir()
+    for i in range(num_train + num_test):
+        # channel c of the file holds the constant-offset image of MSD_CHANNEL_ORDER[c]
+        image = np.stack([_image(0) + 1000 * MODALITIES.index(m) for m in MSD_CHANNEL_ORDER], axis=-1)
+        name = f"BRATS_{i:03d}.nii.gz"
+        if i < num_train:
+            nib.save(nib.Nifti1Image(image, AFFINE), root / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(_labels((2, 1, 3)), AFFINE), root / "labelsTr" / name)
+        else:
+            nib.save(nib.Nifti1Image(image, AFFINE), root / "imagesTs" / name)
+    (root / "dataset.json").write_text('{"name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}')
+    return root
+
+
+@pytest.fixture
+def brats2021_dir(tmp_path: Path) -> Path:
+    """Three labelled BraTS 2021 cases and one unlabelled."""
+    root = tmp_path / "brats2021"
+    for i in range(3):
+        write_brats_case(root, f"BraTS2021_{i:05d}", "brats2021")
+    write_brats_case(root, "BraTS2021_09999", "brats2021", with_label=False)
+    return root
+
+
+@pytest.fixture
+def brats2023_dir(tmp_path: Path) -> Path:
+    """Three labelled BraTS 2023 cases."""
+    root = tmp_path / "brats2023"
+    for i in range(3):
+        write_brats_case(root, f"BraTS-GLI-{i:05d}-000", "brats2023")
+    return root
+
+
+@pytest.fixture
+def msd_dir(tmp_path: Path) -> Path:
+    """A tiny MSD Task01 folder."""
+    return write_msd(tmp_path / "Task01_BrainTumour")
+
+
+@pytest.fixture
+def make_brats_case(tmp_path: Path) -> Callable[..., Path]:
+    """Factory writing single BraTS cases under ``tmp_path/cases``."""
+
+    def _make(case_id: str = "Case_0", layout: str = "brats2021", with_label: bool = True) -> Path:
+        return write_brats_case(tmp_path / "cases", case_id, layout, with_label)
+
+    return _make

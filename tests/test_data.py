@@ -1,0 +1,291 @@
+"""Dataset discovery, case checks, folds, label schemes and the demo generator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import AFFINE, SHAPE, shared_samples_dir, write_brats_case
+
+from bundle.constants import LABEL_SCHEMES, MODALITIES
+from bundle.data import (
+    DataError,
+    assign_folds,
+    detect_layout,
+    discover_cases,
+    generate_demo_dataset,
+    load_split,
+    make_datalist,
+    make_phantom,
+    prepare,
+)
+from bundle.transforms import LabelsToRegionsd, ToInternalConventiond, map_label_values
+
+# ------------------------------------------------------------------------------------ discovery
+
+
+def test_discovers_brats2021(brats2021_dir: Path) -> None:
+    assert detect_layout(brats2021_dir) == "brats2021"
+    datalist = make_datalist(brats2021_dir, folds=3, seed=1)
+    assert datalist["layout"] == "brats2021"
+    assert [i["case_id"] for i in datalist["training"]] == [f"BraTS2021_{i:05d}" for i in range(3)]
+    assert [i["case_id"] for i in datalist["testing"]] == ["BraTS2021_09999"]
+    first = datalist["training"][0]
+    # canonical modality order, whatever order the files are listed in
+    assert [Path(p).name for p in first["image"]] == [f"BraTS2021_00000_{m}.nii.gz" for m in MODALITIES]
+    assert Path(first["label"]).name == "BraTS2021_00000_seg.nii.gz"
+    assert sorted(i["fold"] for i in datalist["training"]) == [0, 1, 2]
+
+
+def test_discovers_brats2023(brats2023_dir: Path) -> None:
+    assert detect_layout(brats2023_dir) == "brats2023"
+    datalist = make_datalist(brats2023_dir, folds=2)
+    first = datalist["training"][0]
+    assert [Path(p).name.split("-")[-1] for p in first["image"]] == [
+        "t1n.nii.gz",
+        "t1c.nii.gz",
+        "t2w.nii.gz",
+        "t2f.nii.gz",
+    ]
+    assert first["layout"] == "brats2023"
+
+
+def test_discovers_msd(msd_dir: Path) -> None:
+    assert detect_layout(msd_dir) == "msd"
+    datalist = make_datalist(msd_dir, folds=3)
+    assert len(datalist["training"]) == 3 and len(datalist["testing"]) == 1
+    item = datalist["training"][0]
+    assert isinstance(item["image"], str) and item["image"].endswith("imagesTr/BRATS_000.nii.gz")
+    assert item["label"].endswith("labelsTr/BRATS_000.nii.gz")
+
+
+def test_single_case_folder(make_brats_case) -> None:
+    case_dir = make_brats_case("Single_1", "brats2023", with_label=False)
+    assert detect_layout(case_dir) == "case"
+    cases = discover_cases(case_dir)
+    assert len(cases) == 1 and cases[0].layout == "brats2023" and cases[0].label is None
+
+
+def test_unknown_layout_names_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty_case").mkdir()
+    with pytest.raises(DataError, match=str(tmp_path)):
+        detect_layout(tmp_path)
+
+
+def test_prepare_writes_datalist(brats2021_dir: Path, tmp_path: Path) -> None:
+    out = prepare(str(brats2021_dir), str(tmp_path / "out" / "datalist.json"), folds=3, seed=42)
+    data = json.loads(Path(out).read_text())
+    assert data["num_folds"] == 3 and len(data["training"]) == 3
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    val = load_split(out, fold=1, split="val")
+    train = load_split(out, fold=1, split="train")
+    assert len(val) == 1 and len(train) == 2
+    assert {i["case_id"] for i in val}.isdisjoint(i["case_id"] for i in train)
+    with pytest.raises(DataError, match="fold 5"):
+        load_split(out, fold=5, split="val")
+
+
+def test_folds_are_deterministic_and_balanced() -> None:
+    a = assign_folds(23, 5, seed=42)
+    assert a == assign_folds(23, 5, seed=42)
+    assert a != assign_folds(23, 5, seed=43)
+    counts = np.bincount(a, minlength=5)
+    assert counts.max() - counts.min() <= 1
+
+
+# ------------------------------------------------------------------------------------ bad cases
+
+
+def _case_file(case_dir: Path, suffix: str) -> Path:
+    return next(case_dir.glob(f"*_{suffix}.nii.gz"))
+
+
+def test_missing_modality(brats2021_dir: Path) -> None:
+    missing = _case_file(brats2021_dir / "BraTS2021_00001", "t1ce")
+    missing.unlink()
+    with pytest.raises(DataError, match=r"BraTS2021_00001_t1ce\.nii\.gz: missing modality t1ce"):
+        make_datalist(brats2021_dir)
+
+
+def test_shape_mismatch(brats2021_dir: Path) -> None:
+    path = _case_file(brats2021_dir / "BraTS2021_00002", "t2")
+    nib.save(nib.Nifti1Image(np.zeros((10, 12, 9), np.float32), AFFINE), path)
+    with pytest.raises(DataError, match=r"_t2\.nii\.gz: shape \(10, 12, 9\) differs"):
+        make_datalist(brats2021_dir)
+
+
+def test_affine_mismatch(brats2021_dir: Path) -> None:
+    path = _case_file(brats2021_dir / "BraTS2021_00000", "flair")
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 2.0
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), shifted), path)
+    with pytest.raises(DataError, match=r"_flair\.nii\.gz: affine differs"):
+        make_datalist(brats2021_dir)
+
+
+def test_small_affine_difference_is_tolerated(brats2021_dir: Path) -> None:
+    path = _case_file(brats2021_dir / "BraTS2021_00000", "flair")
+    nudged = AFFINE.copy()
+    nudged[0, 3] = 1e-5  # float noise between modalities written by different tools
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), nudged), path)
+    assert len(make_datalist(brats2021_dir)["training"]) == 3
+
+
+def test_unknown_label_values(brats2021_dir: Path) -> None:
+    path = _case_file(brats2021_dir / "BraTS2021_00001", "seg")
+    label = np.zeros(SHAPE, np.uint8)
+    label[1, 1, 1] = 3  # 3 is not a BraTS 2021 value (ET is 4)
+    nib.save(nib.Nifti1Image(label, AFFINE), path)
+    with pytest.raises(DataError, match=r"_seg\.nii\.gz: unknown label values \[3\] for the brats2021 layout"):
+        make_datalist(brats2021_dir)
+
+
+def test_label_shape_mismatch(brats2021_dir: Path) -> None:
+    path = _case_file(brats2021_dir / "BraTS2021_00001", "seg")
+    nib.save(nib.Nifti1Image(np.zeros((10, 12, 7), np.uint8), AFFINE), path)
+    with pytest.raises(DataError, match=r"_seg\.nii\.gz: label shape"):
+        make_datalist(brats2021_dir)
+
+
+def test_empty_file(brats2021_dir: Path) -> None:
+    path = _case_file(brats2021_dir / "BraTS2021_00002", "t1")
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=r"_t1\.nii\.gz: file is empty"):
+        make_datalist(brats2021_dir)
+
+
+def test_corrupt_file(brats2021_dir: Path) -> None:
+    path = _case_file(brats2021_dir / "BraTS2021_00002", "t1")
+    path.write_bytes(b"this is not a nifti file at all" * 20)
+    with pytest.raises(DataError, match=r"_t1\.nii\.gz: not a readable NIfTI"):
+        make_datalist(brats2021_dir)
+
+
+def test_msd_wrong_channel_count(msd_dir: Path) -> None:
+    path = msd_dir / "imagesTr" / "BRATS_001.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((*SHAPE, 3), np.float32), AFFINE), path)
+    with pytest.raises(DataError, match=r"BRATS_001\.nii\.gz: expected a 4-D image with 4 channels"):
+        make_datalist(msd_dir)
+
+
+def test_msd_missing_label(msd_dir: Path) -> None:
+    (msd_dir / "labelsTr" / "BRATS_002.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"labelsTr/BRATS_002\.nii\.gz: missing label"):
+        make_datalist(msd_dir)
+
+
+def test_skip_bad_cases_with_warning(brats2021_dir: Path) -> None:
+    _case_file(brats2021_dir / "BraTS2021_00001", "t2").unlink()
+    with pytest.warns(UserWarning, match="skipping case BraTS2021_00001"):
+        datalist = make_datalist(brats2021_dir, skip_bad=True)
+    assert [i["case_id"] for i in datalist["training"]] == ["BraTS2021_00000", "BraTS2021_00002"]
+
+
+# ---------------------------------------------------------------------------------- label schemes
+
+
+@pytest.mark.parametrize(
+    ("scheme", "raw", "expected"),
+    [
+        ("brats2021", [0, 1, 2, 4], [0, 1, 2, 3]),
+        ("brats2023", [0, 1, 2, 3], [0, 1, 2, 3]),
+        ("msd", [0, 1, 2, 3], [0, 2, 1, 3]),  # MSD: 1 edema, 2 non-enhancing, 3 enhancing
+    ],
+)
+def test_label_mapping(scheme: str, raw: list[int], expected: list[int]) -> None:
+    label = torch.tensor(raw).view(1, -1, 1, 1)
+    assert map_label_values(label, scheme).flatten().tolist() == expected
+    assert map_label_values(label.numpy(), scheme).flatten().tolist() == expected
+
+
+def test_label_mapping_rejects_unknown_values() -> None:
+    with pytest.raises(ValueError, match=r"unknown label values \[4\] for scheme brats2023"):
+        map_label_values(torch.tensor([0, 4]), "brats2023")
+
+
+def test_every_scheme_covers_the_internal_classes() -> None:
+    for scheme, mapping in LABEL_SCHEMES.items():
+        assert sorted(mapping.values()) == [0, 1, 2, 3], scheme
+
+
+def test_to_internal_convention_reorders_msd_channels() -> None:
+    image = torch.stack([torch.full((2, 2, 2), float(c)) for c in range(4)])  # file order F, T1, T1gd, T2
+    label = torch.tensor([0, 1, 2, 3]).view(1, 4, 1, 1).float()
+    out = ToInternalConventiond()({"image": image, "label": label, "layout": "msd"})
+    # canonical order T1, T1ce, T2, FLAIR = file channels 1, 2, 3, 0
+    assert [int(out["image"][c, 0, 0, 0]) for c in range(4)] == [1, 2, 3, 0]
+    assert out["label"].flatten().tolist() == [0, 2, 1, 3]
+
+
+def test_to_internal_convention_rejects_wrong_channel_count() -> None:
+    with pytest.raises(ValueError, match="expected 4 channels"):
+        ToInternalConventiond()({"image": torch.zeros(3, 2, 2, 2), "layout": "brats2021"})
+
+
+def test_labels_to_regions_are_float_and_nested() -> None:
+    label = torch.tensor([0, 1, 2, 3]).view(1, 4, 1, 1)
+    regions = LabelsToRegionsd(keys="label")({"label": label})["label"]
+    assert regions.dtype == torch.float32 and regions.shape == (3, 4, 1, 1)
+    assert regions[:, :, 0, 0].tolist() == [[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]]  # WT, TC, ET
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+
+def test_demo_generator_is_deterministic(tmp_path: Path) -> None:
+    a = generate_demo_dataset(tmp_path / "a", num_cases=2, num_test_cases=1, seed=3, shape=(32, 32, 24))
+    b = generate_demo_dataset(tmp_path / "b", num_cases=2, num_test_cases=1, seed=3, shape=(32, 32, 24))
+    for file_a in sorted(a.rglob("*.nii.gz")):
+        file_b = b / file_a.relative_to(a)
+        assert np.array_equal(nib.load(file_a).get_fdata(), nib.load(file_b).get_fdata()), file_a.name
+        assert np.allclose(nib.load(file_a).affine, nib.load(file_b).affine)
+    datalist = make_datalist(a)
+    assert len(datalist["training"]) == 2 and len(datalist["testing"]) == 1
+    assert (a / "heldout_truth" / "Demo_00002_seg.nii.gz").is_file()
+    # cached: a second call does not rewrite
+    stamp = (a / "Demo_00000" / "Demo_00000_t1.nii.gz").stat().st_mtime_ns
+    generate_demo_dataset(tmp_path / "a", num_cases=2, num_test_cases=1, seed=3, shape=(32, 32, 24))
+    assert (a / "Demo_00000" / "Demo_00000_t1.nii.gz").stat().st_mtime_ns == stamp
+
+
+def test_phantom_looks_like_brats() -> None:
+    image, labels = make_phantom(seed=4, shape=(64, 64, 48))
+    assert image.shape == (4, 64, 64, 48) and image.dtype == np.int16
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
+    brain = image[0] > 0
+    assert (image[:, ~brain] == 0).all(), "skull-stripped: zeros outside the brain"
+    assert 0.1 < brain.mean() < 0.6
+    # Contrast that real data has: FLAIR edema brighter than white matter; T1ce ET brighter than edema.
+    t1, t1ce, t2, flair = image.astype(float)
+    edema, et = labels == 2, labels == 4
+    healthy = brain & (labels == 0)
+    assert flair[edema].mean() > 1.5 * np.median(flair[healthy])
+    assert t1ce[et].mean() > 1.5 * t1ce[edema].mean()
+    assert t2[edema].mean() > np.median(t2[healthy])
+
+
+def test_phantoms_vary_in_size_and_position() -> None:
+    volumes, centres = [], []
+    for seed in range(8):
+        _, labels = make_phantom(seed, shape=(48, 48, 32))
+        volumes.append(int((labels > 0).sum()))
+        centres.append(np.argwhere(labels > 0).mean(0))
+    assert min(volumes) > 0
+    assert max(volumes) > 5 * min(volumes)
+    assert np.ptp(np.array(centres)[:, 0]) > 5
+
+
+@pytest.mark.skipif(shared_samples_dir() is None, reason="../shared/brats_samples not present")
+def test_real_samples_pass_the_checks() -> None:
+    datalist = make_datalist(shared_samples_dir(), folds=3)
+    assert datalist["layout"] == "brats2021" and len(datalist["training"]) == 3
+
+
+def test_write_brats_case_helper_is_a_valid_case(tmp_path: Path) -> None:
+    # guards the fixtures themselves: a freshly written case passes every check
+    write_brats_case(tmp_path, "X_1", "brats2021")
+    assert len(make_datalist(tmp_path, folds=1)["training"]) == 1
