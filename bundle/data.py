@@ -374,7 +374,12 @@ def resolve_datalist(
         return str(datalist)
     if not dataset_dir:
         dataset_dir = str(generate_demo_dataset(demo_dir or str(Path(output_dir).parent / "demo_data")))
-    return prepare(str(dataset_dir), str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
+    try:
+        return prepare(str(dataset_dir), str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
+    except DataError as err:
+        # MONAI's config parser wraps this in "Failed to evaluate ..."; log the one clear sentence.
+        logger.error("dataset check failed: %s", err)
+        raise
 
 
 # ------------------------------------------------------------------------------------ demo phantoms
