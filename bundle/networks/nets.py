@@ -79,6 +79,7 @@ class _DeepSupervisedUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the main logits, or in training with deep supervision all heads stacked on dim 1."""
         for size in x.shape[2:]:
+            # str() concatenation (not an f-string of a shape) keeps the message scriptable
             if size % self.size_divisor != 0:
                 raise ValueError(
                     "every spatial size of the input must be divisible by "
