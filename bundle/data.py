@@ -392,7 +392,7 @@ def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], scale: float) 
     """Low-frequency noise in [-1, 1]: trilinear up-sampling of a coarse random grid."""
     from scipy.ndimage import zoom
 
-    coarse_shape = [max(2, int(round(s / scale))) for s in shape]
+    coarse_shape = [max(2, round(s / scale)) for s in shape]
     coarse = rng.uniform(-1.0, 1.0, size=coarse_shape)
     field_ = zoom(coarse, [s / c for s, c in zip(shape, coarse_shape)], order=1)
     return field_[: shape[0], : shape[1], : shape[2]]
@@ -411,9 +411,7 @@ _TISSUE_INTENSITY = {
 _MODALITY_SCALE = (900.0, 1100.0, 1000.0, 800.0)
 
 
-def make_phantom(
-    seed: int, shape: Sequence[int] = (96, 96, 64)
-) -> tuple[np.ndarray, np.ndarray]:
+def make_phantom(seed: int, shape: Sequence[int] = (96, 96, 64)) -> tuple[np.ndarray, np.ndarray]:
     """Return one synthetic BraTS-like case: image ``(4, *shape)`` int16 and BraTS 2021 labels.
 
     A brain-shaped head (white matter, cortex, ventricles) on a zero background, per-modality
@@ -429,7 +427,9 @@ def make_phantom(
     head_dist = np.sqrt((rel**2).sum(0)) + 0.05 * _smooth_noise(rng, shape, 12)
     brain = head_dist < 1.0
     cortex = brain & (head_dist > 0.80 + 0.06 * _smooth_noise(rng, shape, 6))
-    ventricle_rel = (grid - centre[:, None, None, None]) / (radii[:, None, None, None] * np.array([[[[0.12]]], [[[0.28]]], [[[0.18]]]]))
+    ventricle_rel = (grid - centre[:, None, None, None]) / (
+        radii[:, None, None, None] * np.array([[[[0.12]]], [[[0.28]]], [[[0.18]]]])
+    )
     ventricles = brain & (np.sqrt((np.abs(ventricle_rel) ** 2).sum(0)) < 1.0)
     outer_csf = brain & (head_dist > 0.95)
 
@@ -441,7 +441,11 @@ def make_phantom(
     tumour_radius = rng.uniform(3.0, 5.0) if small else rng.uniform(7.0, 15.0)
     hemisphere = rng.choice([-1.0, 1.0])
     tumour_centre = centre + np.array(
-        [hemisphere * rng.uniform(0.15, 0.45) * radii[0], rng.uniform(-0.4, 0.4) * radii[1], rng.uniform(-0.3, 0.3) * radii[2]]
+        [
+            hemisphere * rng.uniform(0.15, 0.45) * radii[0],
+            rng.uniform(-0.4, 0.4) * radii[1],
+            rng.uniform(-0.3, 0.3) * radii[2],
+        ]
     )
     axes = tumour_radius * rng.uniform(0.75, 1.3, 3)
     t_rel = (grid - tumour_centre[:, None, None, None]) / axes[:, None, None, None]

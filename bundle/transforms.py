@@ -70,7 +70,9 @@ class ToInternalConventiond(MapTransform):
         image = d[self.image_key]
         if image.shape[0] != len(MODALITIES):
             source = _source_name(image)
-            raise ValueError(f"{source}: expected {len(MODALITIES)} channels ({', '.join(MODALITIES)}), got {image.shape[0]}")
+            raise ValueError(
+                f"{source}: expected {len(MODALITIES)} channels ({', '.join(MODALITIES)}), got {image.shape[0]}"
+            )
         if layout == "msd":
             d[self.image_key] = image[list(MSD_TO_CANONICAL)]
         if self.label_key and self.label_key in d:

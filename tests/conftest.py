@@ -49,7 +49,9 @@ def write_brats_case(root: Path, case_id: str, layout: str, with_label: bool = T
     case_dir = root / case_id
     case_dir.mkdir(parents=True)
     for i, modality in enumerate(MODALITIES):
-        nib.save(nib.Nifti1Image(_image(i) + 10 * i, AFFINE), case_dir / f"{case_id}{separator}{suffixes[modality]}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(_image(i) + 10 * i, AFFINE), case_dir / f"{case_id}{separator}{suffixes[modality]}.nii.gz"
+        )
     if with_label:
         nib.save(nib.Nifti1Image(_labels(values), AFFINE), case_dir / f"{case_id}{separator}seg.nii.gz")
     return case_dir
@@ -69,7 +71,9 @@ def write_msd(root: Path, num_train: int = 3, num_test: int = 1) -> Path:
             nib.save(nib.Nifti1Image(_labels((2, 1, 3)), AFFINE), root / "labelsTr" / name)
         else:
             nib.save(nib.Nifti1Image(image, AFFINE), root / "imagesTs" / name)
-    (root / "dataset.json").write_text('{"name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}')
+    (root / "dataset.json").write_text(
+        '{"name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}'
+    )
     return root
 
 

@@ -260,7 +260,7 @@ def test_phantom_looks_like_brats() -> None:
     assert (image[:, ~brain] == 0).all(), "skull-stripped: zeros outside the brain"
     assert 0.1 < brain.mean() < 0.6
     # Contrast that real data has: FLAIR edema brighter than white matter; T1ce ET brighter than edema.
-    t1, t1ce, t2, flair = image.astype(float)
+    _t1, t1ce, t2, flair = image.astype(float)
     edema, et = labels == 2, labels == 4
     healthy = brain & (labels == 0)
     assert flair[edema].mean() > 1.5 * np.median(flair[healthy])
