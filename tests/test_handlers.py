@@ -121,3 +121,45 @@ def test_csv_handler_logs_loss_and_validation_metrics(tmp_path):
     assert rows[0]["val_dice_WT"] == "" and rows[2]["val_dice_WT"] == ""
     assert float(rows[1]["val_dice_WT"]) == pytest.approx(0.75)
     assert np.isclose(float(rows[1]["val_dice_TC"]), 0.5)
+
+
+def test_region_metrics_in_a_monai_supervised_evaluator(tmp_path):
+    """The handlers inside MONAI's own engines: key metric, additional per-region metrics, CSV log."""
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.handlers import MeanDice, ValidationHandler
+
+    pred, label = _batch()
+    data = [{"image": p, "label": y} for p, y in zip(pred, label)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    identity = torch.nn.Identity()  # the "network" returns the prediction it is given
+    transform = from_engine(["pred", "label"])
+    evaluator = SupervisedEvaluator(
+        torch.device("cpu"),
+        val_data_loader=loader,
+        network=identity,
+        key_val_metric={"val_mean_dice": MeanDice(include_background=True, output_transform=transform)},
+        additional_metrics={
+            "val_hd95": RegionMetric(
+                BratsHD95Metric(reduction="mean_batch"), prefix="val_hd95_", output_transform=transform
+            ),
+        },
+    )
+    net = torch.nn.Conv3d(3, 3, 1)
+    trainer = SupervisedTrainer(
+        torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=loader,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), 0.0),
+        loss_function=torch.nn.MSELoss(),
+        train_handlers=[ValidationHandler(validator=evaluator, interval=1, epoch_level=True)],
+    )
+    RegionMetricsCSVHandler(tmp_path / "log.csv", evaluator=evaluator).attach(trainer)
+    trainer.run()
+    m = evaluator.state.metrics
+    assert m["val_hd95_TC"] == pytest.approx(MAX_DISTANCE_MM / 2)
+    assert evaluator.state.best_metric == pytest.approx(m["val_mean_dice"])
+    with (tmp_path / "log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and float(rows[1]["val_hd95_TC"]) == pytest.approx(MAX_DISTANCE_MM / 2)
+    assert float(rows[0]["loss"]) > 0
