@@ -206,6 +206,19 @@ def test_evaluate_case_regions_and_columns():
         evaluate_case(pred[:-1], truth)
 
 
+def test_evaluate_case_on_2d_slices():
+    truth = np.zeros((20, 20), np.uint8)
+    truth[2:16, 2:16] = 2  # 196 px = 98 mm^2
+    truth[6:10, 6:10] = 3  # 16 px = 8 mm^2
+    pred = np.roll(truth, 3, axis=1)  # 3 columns of 0.5 mm
+    rows = {r["region"]: r for r in evaluate_case(pred, truth, (1.0, 0.5))}
+    assert rows["WT"]["dice"] == pytest.approx(2 * 14 * 11 / 392)
+    assert rows["WT"]["hd95"] == pytest.approx(hd95(pred > 0, truth > 0, (1.0, 0.5)))
+    assert 0 < rows["WT"]["hd95"] <= 1.5 + 1e-9
+    assert rows["ET"]["lesion_tp"] == 0 and rows["ET"]["lesion_dice"] == 1.0  # 16 px * 0.5 mm^2 < 50: ignored
+    assert rows["WT"]["lesion_tp"] == 1 and rows["WT"]["lesion_dice"] == pytest.approx(rows["WT"]["dice"])
+
+
 # ----------------------------------------------------------------------------- agreement with brats-evaluation
 
 
