@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, shared_samples_dir
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
@@ -130,3 +130,18 @@ def test_bad_dataset_stops_before_training(tmp_path: Path, brats2021_dir: Path) 
     assert isinstance(cause, DataError)
     assert str(cause).endswith("BraTS2021_00001_t1ce.nii.gz: missing modality t1ce")
     assert not (tmp_path / "models" / "model.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shared_samples_dir() is None, reason="../shared/brats_samples not present")
+def test_one_epoch_on_real_brats_samples(tmp_path: Path) -> None:
+    """The real-data path (240 x 240 x 155 int16 LPS files, disk cache) trains and checkpoints."""
+    workflow = _workflow(tmp_path, shared_samples_dir(), num_folds=3, roi_size=[64, 64, 64])
+    workflow.initialize()
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert 0.0 <= evaluator.state.metrics["val_mean_dice"] <= 1.0
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert list((tmp_path / "out").glob("checkpoint_*epoch=1.pt"))
+    assert list((tmp_path / "out" / "cache").glob("*.pt")), "real data should use the disk cache by default"
+    workflow.finalize()
