@@ -244,7 +244,7 @@ def _assert_agrees(official, pred, truth, spacing, include_disjoint=True):
         pred.astype(np.uint8), truth.astype(np.uint8), voxelspacing=tuple(spacing), skip_groups=["rc"]
     )  # "rc" (resection cavity, label 4) does not exist in internal labels
     worst = {"dice": 0.0, "hd95": 0.0, "lesion_dice": 0.0, "lesion_hd95": 0.0}
-    compared = 0
+    compared = compared_lesions = 0
     for row in ours:
         res = theirs[_GROUPS[row["region"]]]
         if res.global_bin_volume_pred == 0 or res.global_bin_volume_ref == 0:
@@ -265,11 +265,12 @@ def _assert_agrees(official, pred, truth, spacing, include_disjoint=True):
             worst["hd95"] = max(worst["hd95"], abs(value - res.global_bin_hd95))
         assert row["lesion_f1"] == pytest.approx(res.rq, abs=1e-9), row["region"]
         if res.tp > 0:
+            compared_lesions += 1
             assert row["lesion_dice_matched"] == pytest.approx(res.sq_dsc, abs=1e-3), row["region"]
             assert row["lesion_hd95_matched"] == pytest.approx(res.sq_hd95, abs=0.5), row["region"]
             worst["lesion_dice"] = max(worst["lesion_dice"], abs(row["lesion_dice_matched"] - res.sq_dsc))
             worst["lesion_hd95"] = max(worst["lesion_hd95"], abs(row["lesion_hd95_matched"] - res.sq_hd95))
-    assert compared > 0
+    assert compared > 0 and compared_lesions > 0
     return worst
 
 
