@@ -384,7 +384,7 @@ def evaluate_case(
         true_labels: ground-truth internal label map with the same shape.
         spacing: voxel size in mm per axis (default 1 mm); used by every distance and the lesion volumes.
         regions: name -> internal labels; default the overlapping WT, TC, ET of ``constants.REGIONS``.
-        lesion_wise: also compute the BraTS lesion-wise scores (the slowest part, about 1 s per region).
+        lesion_wise: also compute the BraTS lesion-wise scores (about half of the run time).
         include_disjoint: also score the disjoint classes NCR and ED (named ``NCR``, ``ED``; ET is the same
             set as the ET region and is not repeated).
         case_id: stored in each row's ``case`` column when given.
