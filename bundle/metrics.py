@@ -80,8 +80,9 @@ def overlap_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 def _confusion(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
     """``[C, 4]`` counts (tp, fp, tn, fn) of ``C`` stacked binary masks, computed by MONAI."""
-    y_pred = torch.as_tensor(np.ascontiguousarray(preds), dtype=torch.float32)[None]
-    y = torch.as_tensor(np.ascontiguousarray(truths), dtype=torch.float32)[None]
+    # float64: MONAI sums in the input dtype, and float32 counts are inexact above 2**24 voxels
+    y_pred = torch.as_tensor(np.ascontiguousarray(preds), dtype=torch.float64)[None]
+    y = torch.as_tensor(np.ascontiguousarray(truths), dtype=torch.float64)[None]
     return get_confusion_matrix(y_pred, y, include_background=True)[0].double().numpy()
 
 
@@ -122,6 +123,8 @@ def surface_distances(
     voxel spacing as sampling. Both masks must be non-empty.
     """
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not pred.any() or not truth.any():
+        raise ValueError("surface distances need two non-empty masks (see hd95 for the empty-mask conventions)")
     crop = _crop_to(pred, truth)
     pred, truth = pred[crop], truth[crop]
     spacing = _spacing(spacing, pred.ndim)
