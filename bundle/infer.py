@@ -1,0 +1,312 @@
+"""Inference entry points: input discovery and checks, atomic NIfTI writing, and the ``infer`` CLI function.
+
+``configs/inference.yaml`` is the one inference pipeline; :func:`infer` (exposed as
+``python -m bundle infer``) runs that same config through MONAI's ``ConfigWorkflow``, exactly as
+``python -m monai.bundle run --config_file configs/inference.yaml`` does, only with the command
+line's arguments as overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import Dataset
+from monai.transforms import SaveImaged
+
+from bundle.data import (
+    Case,
+    DataError,
+    _strip_nifti,
+    check_case,
+    discover_cases,
+    generate_demo_dataset,
+)
+
+__all__ = [
+    "AtomicSaveImaged",
+    "InferenceDataset",
+    "check_checkpoint",
+    "infer",
+    "inference_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the repository root (``configs/``, ``models/``), for running the bundle from anywhere
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _case_from_files(files: Sequence[str], layout: str | None) -> Case:
+    """A case from explicit files: four 3-D volumes (T1, T1ce, T2, FLAIR, in that order) or one 4-D image."""
+    paths = [str(Path(f)) for f in files]
+    if len(paths) == 1:
+        # the only 4-D layout the bundle knows is MSD's (FLAIR, T1w, T1gd, T2w); say "brats2021" if
+        # the file's channels are already in the canonical order
+        return Case(_strip_nifti(Path(paths[0]).name), layout or "msd", paths[0])
+    if len(paths) != 4:
+        raise DataError(
+            f"{', '.join(paths)}: expected four files (T1, T1ce, T2, FLAIR) or one 4-D image, got {len(paths)}"
+        )
+    stems = [_strip_nifti(Path(p).name) for p in paths]
+    case_id = os.path.commonprefix(stems).rstrip("_-.") or stems[0]  # noqa: RUF071 - file names, not paths
+    return Case(case_id, layout or "brats2021", paths)
+
+
+def inference_datalist(
+    dataset_dir: str | None = None,
+    files: Sequence[str] | str | None = None,
+    layout: str | None = None,
+    demo_dir: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every case to segment, each checked before any inference starts.
+
+    ``files`` (explicit volumes of one case) win over ``dataset_dir`` (a BraTS 2021 / 2023 or MSD
+    dataset folder, or one case folder); with neither, the demo phantoms are used. Labels are
+    neither needed nor checked. Raises :class:`bundle.data.DataError` with one sentence naming the
+    file (missing modality, unreadable or empty file, shape or affine mismatch between modalities,
+    wrong channel count) or a duplicated case name (two outputs would overwrite each other).
+    """
+    with _logged_data_errors():
+        if files:
+            cases = [_case_from_files([files] if isinstance(files, str) else list(files), layout)]
+        else:
+            if not dataset_dir:
+                dataset_dir = str(generate_demo_dataset(demo_dir or str(BUNDLE_ROOT / "data" / "demo")))
+            cases = discover_cases(dataset_dir, layout)
+        seen: dict[str, Case] = {}
+        items = []
+        for case in cases:
+            check_case(case, check_labels=False)
+            if case.case_id in seen:
+                first = seen[case.case_id].image
+                raise DataError(f"{case.image}: case name {case.case_id} is used twice (also {first})")
+            seen[case.case_id] = case
+            item = case.to_item()
+            item.pop("label", None)  # inference never reads the truth
+            items.append(item)
+    logger.info("%d case(s) to segment", len(items))
+    return items
+
+
+@contextmanager
+def _logged_data_errors():
+    """Log a :class:`DataError` as one ERROR line before it propagates.
+
+    ``monai.bundle run`` wraps errors raised inside config expressions in a ``RuntimeError``
+    ("Failed to evaluate ConfigExpression ..."); the log line keeps the user's sentence on top.
+    """
+    try:
+        yield
+    except DataError as err:
+        logger.error("%s", err)
+        raise
+
+
+class InferenceDataset(Dataset):
+    """MONAI ``Dataset`` whose load errors name the file in one sentence.
+
+    The headers were checked up front (:func:`inference_datalist`); what remains is data that
+    cannot be decompressed or decoded (a truncated ``.nii.gz``). MONAI's transform chain would
+    report it as a nested "applying transform" trace without the file name.
+    """
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            item = self.data[index]
+            with _logged_data_errors():
+                raise DataError(f"{_unreadable_file(item)}: cannot be read ({_root_cause(err)})") from err
+
+
+def _unreadable_file(item: Mapping[str, Any]) -> str:
+    """The first of the item's image files whose voxel data nibabel cannot read (or all of them)."""
+    files = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
+    for path in files:
+        try:
+            np.asarray(nib.load(path).dataobj)
+        except Exception:
+            return str(path)
+    return ", ".join(str(f) for f in files)
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def check_checkpoint(checkpoint: str, network: torch.nn.Module) -> str:
+    """Raise one sentence naming ``checkpoint`` if it is missing, unreadable or does not fit ``network``.
+
+    Accepts what MONAI's ``CheckpointSaver`` writes: ``{"model": state_dict, ...}`` or a bare state
+    dict. MONAI's ``CheckpointLoader`` would fail later, inside the run, with PyTorch's multi-line
+    ``load_state_dict`` report; this check runs in ``initialize``, before any case is loaded.
+    """
+    with _logged_data_errors():
+        return _check_checkpoint(Path(checkpoint), network)
+
+
+def _check_checkpoint(path: Path, network: torch.nn.Module) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint file does not exist (train first, or pass --checkpoint)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable PyTorch checkpoint ({_root_cause(err)})") from err
+    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path}: holds no model state dict (expected {{'model': state_dict}} or a state dict)")
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        first = (missing or unexpected or shapes)[0]
+        raise DataError(
+            f"{path}: checkpoint does not match the network ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(shapes)} differently shaped weights, e.g. {first!r}); was it trained with another config "
+            "(network_def, demo, variant)?"
+        )
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+class AtomicSaveImaged(SaveImaged):
+    """MONAI's ``SaveImaged`` writing ``<output_dir>/<case_id>_<output_postfix><output_ext>`` atomically.
+
+    The image is written to a hidden temporary name in the same folder and renamed when complete
+    (``os.replace`` is atomic on one file system), so an interrupted run or a failure in the
+    writer never leaves a truncated ``*_seg.nii.gz`` that a later step would take for a result.
+    The output name comes from the item's ``name_key`` (the datalist's ``case_id``) rather than the
+    first input file's name (``CASE_t1.nii.gz`` would give ``CASE_t1_seg``). All other
+    arguments are ``SaveImaged``'s.
+    """
+
+    def __init__(self, keys: Any, name_key: str = "case_id", **kwargs: Any) -> None:
+        kwargs.setdefault("resample", False)  # Invertd already restored the input's grid
+        kwargs.setdefault("print_log", False)
+        super().__init__(keys, **kwargs)
+        self.name_key = name_key
+        self.output_dir = Path(kwargs.get("output_dir", "./"))
+        self.output_postfix = kwargs.get("output_postfix", "trans")
+        self.output_ext = kwargs.get("output_ext", ".nii.gz")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Write every key of one item, each through a temporary file."""
+        d = dict(data)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for key in self.key_iterator(d):
+            name = d.get(self.name_key) or _strip_nifti(Path(str(d[key].meta["filename_or_obj"])).name)
+            final = self.output_dir / f"{name}_{self.output_postfix}{self.output_ext}"
+            tmp_stem = self.output_dir / f".{name}_{self.output_postfix}.partial"
+            tmp = Path(f"{tmp_stem}{self.output_ext}")
+            try:
+                self.saver(img=d[key], filename=str(tmp_stem))
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            logger.info("wrote %s", final)
+        return d
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+@contextmanager
+def _working_directory(path: Path):
+    # the configs reference each other by bundle-relative paths (MONAI macros "%configs/...")
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def infer(
+    input: str | Sequence[str],
+    output: str = "runs/inference",
+    checkpoint: str | None = None,
+    tta: bool = True,
+    device: str | None = None,
+    save_probabilities: bool = False,
+    save_uncertainty: bool = False,
+    layout: str | None = None,
+    config_file: str | Sequence[str] | None = None,
+    **overrides: Any,
+) -> list[str]:
+    """Segment a case folder, a dataset folder or explicit files with ``configs/inference.yaml``.
+
+    Args:
+        input: a dataset folder (BraTS 2021 / 2023 / MSD), one case folder, or the files of one case
+            (four volumes T1, T1ce, T2, FLAIR, or one 4-D image).
+        output: folder for ``<case>_seg.nii.gz`` (and ``_prob`` / ``_uncertainty``).
+        checkpoint: model weights, default ``models/model.pt`` of the bundle.
+        tta: 8-flip test-time augmentation (``False``: one pass).
+        device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
+        save_probabilities: also write the averaged probability maps.
+        save_uncertainty: also write the per-voxel std across flips.
+        layout: force a dataset layout (``brats2021``, ``brats2023``, ``msd``).
+        config_file: other/extra config files (e.g. a variant after ``configs/inference.yaml``).
+        overrides: any other top-level config key (``roi_size``, ``output_label_scheme``, ...).
+
+    Returns:
+        The segmentation files written.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    inputs = [input] if isinstance(input, (str, Path)) else [str(i) for i in input]
+    inputs = [str(Path(i).resolve()) for i in inputs]
+    is_folder = len(inputs) == 1 and Path(inputs[0]).is_dir()
+    settings: dict[str, Any] = {
+        "dataset_dir": inputs[0] if is_folder else None,
+        "input_files": None if is_folder else inputs,
+        "output_dir": str(Path(output).resolve()),
+        "tta": bool(tta),
+        "save_probabilities": bool(save_probabilities),
+        "save_uncertainty": bool(save_uncertainty),
+        "layout": layout,
+    }
+    if checkpoint is not None:
+        settings["checkpoint"] = str(Path(checkpoint).resolve())
+    if device is not None:
+        settings["device"] = f"$torch.device({device!r})"
+    settings.update(overrides)
+    configs = ["configs/inference.yaml"] if config_file is None else config_file
+    configs = [configs] if isinstance(configs, str) else list(configs)
+    configs = [str(Path(c).resolve()) if Path(c).exists() else c for c in configs]
+    with _working_directory(BUNDLE_ROOT), _unwrapped_data_errors():
+        workflow = ConfigWorkflow(config_file=configs, workflow_type="inference", **settings)
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        names = [item["case_id"] for item in workflow.parser.get_parsed_content("datalist")]
+    return [str(Path(settings["output_dir"]) / f"{n}_seg.nii.gz") for n in names]
+
+
+@contextmanager
+def _unwrapped_data_errors():
+    """Re-raise the user's :class:`DataError` itself instead of MONAI's "Failed to evaluate" wrapper."""
+    try:
+        yield
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None

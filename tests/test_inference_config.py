@@ -1,0 +1,193 @@
+"""End-to-end tests of configs/inference.yaml (through bundle.infer.infer, i.e. monai.bundle's ConfigWorkflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from bundle.constants import MODALITIES
+from bundle.data import DataError
+from bundle.infer import BUNDLE_ROOT, check_checkpoint, infer, inference_datalist
+
+BRATS_SAMPLES = BUNDLE_ROOT.parent / "shared" / "brats_samples"
+
+# a small network of the same family as train.yaml's, so the tests run in seconds on a CPU
+TINY_NET = {
+    "_target_": "DynUNet",
+    "spatial_dims": 3,
+    "in_channels": 4,
+    "out_channels": 3,
+    "kernel_size": [3, 3, 3],
+    "strides": [1, 2, 2],
+    "upsample_kernel_size": [2, 2],
+    "filters": [4, 8, 16],
+    "norm_name": ["INSTANCE", {"affine": True}],
+    "deep_supervision": True,
+    "deep_supr_num": 1,
+    "res_block": True,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small volumes on a shared 2-core machine: one intra-op thread avoids contention overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _checkpoint(path: Path, net_config: dict, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    net = ConfigParser({"net": net_config}).get_parsed_content("net")
+    torch.save({"model": net.state_dict()}, path)
+    return path
+
+
+def _oblique_lps_affine(spacing=(1.2, 0.9, 2.0)) -> np.ndarray:
+    """LPS-like (x and y flipped) with a rotation about z and an oblique tilt: not a permuted diagonal."""
+    a, b = np.deg2rad(20.0), np.deg2rad(10.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ rz @ rx @ np.diag(spacing)
+    affine[:3, 3] = [12.5, -30.0, 7.25]
+    return affine
+
+
+def _write_case(root: Path, case_id: str, shape=(21, 18, 13), affine=None, separator="_") -> Path:
+    """A BraTS-2021-style case folder with four modalities: a bright blob on a non-zero 'brain'."""
+    rng = np.random.default_rng(0)
+    case_dir = root / case_id
+    case_dir.mkdir(parents=True)
+    affine = _oblique_lps_affine() if affine is None else affine
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    centre = np.array(shape)[:, None, None, None] / 2.0
+    dist = np.sqrt(((grid - centre) ** 2).sum(0))
+    brain = dist < min(shape) * 0.45
+    for i, modality in enumerate(MODALITIES):
+        image = (rng.normal(100.0 + 10 * i, 5.0, size=shape) + 200.0 * (dist < 3)) * brain
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), case_dir / f"{case_id}{separator}{modality}.nii.gz")
+    return case_dir
+
+
+def _run(tmp_path: Path, inputs, **kwargs) -> list[str]:
+    ckpt = _checkpoint(tmp_path / "model.pt", TINY_NET)
+    kwargs.setdefault("roi_size", [16, 16, 16])
+    return infer(inputs, output=str(tmp_path / "out"), checkpoint=str(ckpt), network_def=TINY_NET, **kwargs)
+
+
+def test_oblique_lps_case_keeps_shape_and_affine(tmp_path):
+    case_dir = _write_case(tmp_path / "data", "Case_001")
+    written = _run(tmp_path, str(case_dir), save_probabilities=True, save_uncertainty=True)
+    seg_path = tmp_path / "out" / "Case_001_seg.nii.gz"
+    assert written == [str(seg_path)]
+    src = nib.load(case_dir / "Case_001_t1.nii.gz")
+    seg = nib.load(seg_path)
+    assert seg.shape == src.shape
+    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-5)
+    assert nib.aff2axcodes(seg.affine) == nib.aff2axcodes(src.affine)
+    assert seg.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
+    for postfix in ("prob", "uncertainty"):
+        extra = nib.load(tmp_path / "out" / f"Case_001_{postfix}.nii.gz")
+        assert extra.shape[:3] == src.shape and extra.shape[-1] == 3
+        np.testing.assert_allclose(extra.affine, src.affine, atol=1e-5)
+    prob = np.asarray(nib.load(tmp_path / "out" / "Case_001_prob.nii.gz").dataobj)
+    assert prob.min() >= 0.0 and prob.max() <= 1.0
+    # nothing but the final files: no temporary names left behind
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "Case_001_prob.nii.gz",
+        "Case_001_seg.nii.gz",
+        "Case_001_uncertainty.nii.gz",
+    ]
+
+
+def test_explicit_files_and_tta_off(tmp_path):
+    case_dir = _write_case(tmp_path / "data", "BraTS-GLI-00001-000", shape=(17, 15, 11), separator="-")
+    files = [str(case_dir / f"BraTS-GLI-00001-000-{m}.nii.gz") for m in MODALITIES]
+    written = _run(tmp_path, files, tta=False)
+    assert [Path(w).name for w in written] == ["BraTS-GLI-00001-000_seg.nii.gz"]
+    seg = nib.load(written[0])
+    src = nib.load(files[0])
+    assert seg.shape == src.shape
+    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-5)
+
+
+def test_every_case_of_a_dataset_is_segmented(tmp_path):
+    data = tmp_path / "data"
+    for i, shape in enumerate([(17, 15, 11), (15, 19, 12)]):
+        _write_case(data, f"Case_{i:03d}", shape=shape, affine=np.diag([-1.0, -1.0, 1.0, 1.0]))
+    written = _run(tmp_path, str(data), tta=False)
+    assert sorted(Path(w).name for w in written) == ["Case_000_seg.nii.gz", "Case_001_seg.nii.gz"]
+    assert all(Path(w).is_file() for w in written)
+    assert nib.load(written[1]).shape == (15, 19, 12)
+
+
+def test_bad_inputs_fail_before_inference_with_the_file_named(tmp_path):
+    data = tmp_path / "data"
+    case_dir = _write_case(data, "Case_001")
+    (case_dir / "Case_001_flair.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"Case_001_flair\.nii\.gz: missing modality flair"):
+        inference_datalist(str(data))
+    # wrong channel count: a 3-channel 4-D image given as the single file of a case
+    four_d = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5, 3), np.float32), np.eye(4)), four_d)
+    with pytest.raises(DataError, match=r"x\.nii\.gz: expected a 4-D image with 4 channels"):
+        inference_datalist(files=[str(four_d)])
+    # unreadable file
+    junk = case_dir / "Case_001_flair.nii.gz"
+    junk.write_bytes(b"not a nifti file at all")
+    with pytest.raises(DataError, match=r"Case_001_flair\.nii\.gz: not a readable NIfTI"):
+        inference_datalist(str(data))
+    # and through the whole workflow: nothing written
+    with pytest.raises(DataError, match="Case_001_flair"):
+        _run(tmp_path, str(data))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_checkpoint_that_does_not_match_the_network(tmp_path):
+    net = ConfigParser({"net": TINY_NET}).get_parsed_content("net")
+    other = dict(TINY_NET, filters=[8, 16, 32])
+    bad = _checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(DataError, match=r"other\.pt: checkpoint does not match the network"):
+        check_checkpoint(str(bad), net)
+    with pytest.raises(DataError, match=r"missing\.pt: checkpoint file does not exist"):
+        check_checkpoint(str(tmp_path / "missing.pt"), net)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"junk\.pt: not a readable PyTorch checkpoint"):
+        check_checkpoint(str(tmp_path / "junk.pt"), net)
+    good = _checkpoint(tmp_path / "good.pt", TINY_NET)
+    assert check_checkpoint(str(good), net) == str(good)
+    # through the workflow, before any case is read
+    case_dir = _write_case(tmp_path / "data", "Case_001")
+    with pytest.raises(DataError, match="checkpoint does not match"):
+        infer(str(case_dir), output=str(tmp_path / "out"), checkpoint=str(bad), network_def=TINY_NET)
+
+
+def test_truncated_file_is_named_and_leaves_no_output(tmp_path):
+    case_dir = _write_case(tmp_path / "data", "Case_001")
+    path = case_dir / "Case_001_t2.nii.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # header intact, data truncated
+    with pytest.raises(DataError, match=r"Case_001_t2\.nii\.gz: cannot be read"):
+        _run(tmp_path, str(case_dir))
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BRATS_SAMPLES.is_dir(), reason="no BraTS samples in ../shared/brats_samples")
+def test_real_brats_case_shape_affine_and_labels(tmp_path):
+    case_dir = sorted(p for p in BRATS_SAMPLES.iterdir() if p.is_dir())[0]
+    written = _run(tmp_path, str(case_dir), roi_size=[96, 96, 96], tta=False)
+    seg = nib.load(written[0])
+    src = nib.load(next(case_dir.glob("*_t1.nii.gz")))
+    assert seg.shape == src.shape == (240, 240, 155)
+    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
