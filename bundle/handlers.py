@@ -55,7 +55,8 @@ class BratsHD95Metric(CumulativeIterationMetric):
 
     Args:
         include_background: whether to score channel 0 (keep ``True`` for region channels WT, TC, ET).
-        spacing: voxel size in mm (``None``: 1 mm, the BraTS resolution).
+        spacing: voxel size in mm (``None``: read from ``y``'s affine when it is a MetaTensor, else 1 mm,
+            the BraTS resolution).
         reduction: a MONAI ``MetricReduction`` (``"mean_batch"`` gives one value per channel).
         get_not_nans: also return the count of values in the reduction, as MONAI metrics do.
 
@@ -83,7 +84,8 @@ class BratsHD95Metric(CumulativeIterationMetric):
         pred = (y_pred.detach() > 0.5).cpu().numpy()
         truth = (y.detach() > 0.5).cpu().numpy()
         start = 0 if self.include_background else 1
-        out = [[hd95(p[c], t[c], self.spacing) for c in range(start, p.shape[0])] for p, t in zip(pred, truth)]
+        spacing = self.spacing or _spacing_of(y, y.ndim - 2)
+        out = [[hd95(p[c], t[c], spacing) for c in range(start, p.shape[0])] for p, t in zip(pred, truth)]
         return torch.tensor(out, dtype=torch.float32, device=y_pred.device)
 
     def aggregate(  # type: ignore[override]
@@ -218,6 +220,17 @@ class RegionMetricsCSVHandler:
                     row[name] = float(value)
         self.rows.append(row)
         write_metrics_table(self.rows, self.filename)
+
+
+def _spacing_of(array: torch.Tensor, spatial_dims: int) -> tuple[float, ...] | None:
+    """Voxel size in mm from a MetaTensor's affine (column norms), so HD95 is in mm on any grid."""
+    affine = getattr(array, "affine", None)
+    if affine is None:
+        return None
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    if affine.ndim == 3:  # a batch of one item after MONAI's per-item unsqueeze
+        affine = affine[0]
+    return tuple(float(v) for v in torch.linalg.norm(affine[:spatial_dims, :spatial_dims], dim=0))
 
 
 def _parse(value: str) -> float | str:

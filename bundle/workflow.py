@@ -1,4 +1,4 @@
-"""Small helpers the configs call: datasets by cache mode, per-region metric plumbing, resume.
+"""Small helpers the configs call: datasets by cache mode, checkpoint discovery and resume.
 
 They exist because a YAML config cannot express them in one readable line; each wraps MONAI
 machinery rather than replacing it.
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.handlers import CheckpointLoader, from_engine
+from monai.handlers import CheckpointLoader
 from monai.transforms import Compose
 
 logger = logging.getLogger(__name__)
@@ -45,20 +44,6 @@ def make_dataset(
     if cache == "none":
         return Dataset(data, transform)
     raise ValueError(f"unknown cache mode {cache!r}; expected one of {CACHE_MODES}")
-
-
-def from_engine_channel(keys: Sequence[str], channel: int) -> Callable[[Any], tuple[list[torch.Tensor], ...]]:
-    """Like MONAI's ``from_engine`` but keeps one channel of every decollated item.
-
-    Ignite key metrics must be scalars, so a per-region Dice is a ``MeanDice`` on one region
-    channel; this output transform gives it ``([pred_c, ...], [label_c, ...])``.
-    """
-    getter = from_engine(list(keys))
-
-    def _select(output: Any) -> tuple[list[torch.Tensor], ...]:
-        return tuple([item[channel : channel + 1] for item in values] for values in getter(output))
-
-    return _select
 
 
 def latest_checkpoint(directory: str | Path, prefix: str = "checkpoint") -> Path:

@@ -69,8 +69,12 @@ def test_one_epoch_through_the_bundle_cli(tmp_path: Path, tiny_demo: Path) -> No
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    for name in ("val_mean_dice", "val_dice_WT", "val_dice_TC", "val_dice_ET"):
-        assert name in log, f"{name} not logged"
+    for metric in ("dice", "hd95", "sensitivity", "specificity"):
+        for region in ("WT", "TC", "ET"):
+            assert f"val_{metric}_{region}" in log, f"val_{metric}_{region} not logged"
+    assert "val_mean_dice" in log
+    per_epoch = (tmp_path / "out" / "metrics_per_epoch.csv").read_text().splitlines()
+    assert per_epoch[0].startswith("epoch,loss") and "val_hd95_ET" in per_epoch[0] and len(per_epoch) == 2
     assert (tmp_path / "models" / "model.pt").is_file(), "best checkpoint not written"
     assert list((tmp_path / "out").glob("checkpoint_*epoch=1.pt")), "last checkpoint not written"
     assert (tmp_path / "out" / "datalist.json").is_file()
