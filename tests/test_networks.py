@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +212,48 @@ def test_invalid_configurations_raise() -> None:
         ResUNet(2, 4, 3, (4, 8), downsample="stride")
     with pytest.raises(ValueError, match="divisible by 4"):
         ResUNet(2, 4, 3, (4, 8, 16)).eval()(torch.randn(1, 4, 18, 18))
+
+
+VARIANTS = {
+    # variant file: (network class name, spatial dims of the training input)
+    "m1_la_resunet": ("ResUNet", 2),
+    "m2_resunet_tversky": ("ResUNet", 2),
+    "m3_resse_lka_unet": ("ResSELKAUNet", 2),
+    "m4_resunet_ds": ("ResUNet", 3),
+    "unet": ("UNet", 3),
+    "attention_unet": ("AttentionUnet", 3),
+    "segresnet": ("SegResNet", 3),
+    "dynunet": ("DynUNet", 3),
+    "swinunetr": ("SwinUNETR", 3),
+}
+
+
+def test_train_config_item_that_variants_replace_is_the_label_transform() -> None:
+    """m2/m3 override ``deterministic_transforms#7``; it must still be the region conversion in train.yaml."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("configs/train.yaml")
+    assert parser["deterministic_transforms"][7]["_target_"] == "bundle.transforms.LabelsToRegionsd"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_config_builds_its_network_and_loss(variant: str) -> None:
+    from monai.bundle import ConfigParser
+
+    network_class, spatial_dims = VARIANTS[variant]
+    files = ["configs/train.yaml", f"configs/variants/{variant}.yaml"]
+    if spatial_dims == 2:  # 2-D variants are merged over the 2-D training defaults
+        if not Path("configs/train_2d.yaml").exists():
+            pytest.skip("configs/train_2d.yaml (2-D training defaults) is not in this checkout")
+        files.insert(1, "configs/train_2d.yaml")
+    parser = ConfigParser()
+    parser.read_config(files)
+    # meta device: build without allocating or initialising weights (SwinUNETR's init needs real values)
+    with torch.device("cpu" if variant == "swinunetr" else "meta"):
+        network = parser.get_parsed_content("network_def")
+    assert type(network).__name__ == network_class
+    assert callable(parser.get_parsed_content("loss"))
+    assert len(parser.get_parsed_content("roi_size")) == spatial_dims
+    if variant == "dynunet":
+        assert parser["network_def"]["res_block"] is False
