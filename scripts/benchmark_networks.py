@@ -106,8 +106,9 @@ def _variants() -> list[Variant]:
             3,
             128,
             skip_reason=(
-                "sizes must be divisible by 64 (no 96^3), at 64^3 the 1-voxel bottleneck breaks instance norm "
-                "in training, and 128^3 needs ~12 TFLOPs per pass and far more memory than a shared 23 GB machine"
+                "sizes must be divisible by 64 (no 96^3); at 64^3 the 1-voxel bottleneck breaks instance norm in "
+                "training; 128^3 needs ~12 TFLOPs and an estimated ~16 GB per pass (activations scaled from "
+                "m4_resunet_ds at 96^3: 2x channels, 2.4x voxels), most of this shared 23 GB machine"
             ),
         ),
         Variant(
