@@ -182,6 +182,16 @@ def test_network_shapes_gradient_and_torchscript(name: str, tmp_path) -> None:
         torch.testing.assert_close(loaded(x), eval_out)
 
 
+def test_auxiliary_heads_are_ordered_finest_first() -> None:
+    """Output index 1 comes from the finest auxiliary decoder level (the one M3 weights 0.4)."""
+    net = ResUNet(2, 4, 3, (4, 8, 16, 32), deep_supervision=True, deep_supr_num=2).train()
+    assert [head.conv.in_channels for head in net.ds_heads] == [8, 16]
+    nn.init.zeros_(net.ds_heads[0].conv.weight)
+    nn.init.zeros_(net.ds_heads[0].conv.bias)
+    out = net(_input(2))
+    assert torch.all(out[:, 1] == 0) and out[:, 2].abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", ["resunet2d_m1_stem_ds", "resselkaunet2d_m3", "resunet3d_m4_ds"])
 def test_network_runs_under_bfloat16_autocast(name: str) -> None:
     factory, spatial_dims, out_channels, n_heads = NETWORKS[name]
