@@ -406,19 +406,134 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+# ------------------------------------------------------------------ entry points of `evaluate` and evaluate.yaml
+
+
+def save_evaluation(rows: Sequence[dict], output_dir: str | Path | None, verbose: bool = True) -> dict:
+    """Write ``metrics.csv`` and ``summary.json`` for per-case rows (atomically) and print the summary table.
+
+    The same outputs as :func:`evaluate_folder`, for rows scored elsewhere (a datalist, a cross-validation
+    fold). Returns the summary.
+    """
+    summary = summarize(rows)
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics_csv(rows, output_dir / "metrics.csv")
+        _atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    if verbose:
+        print(format_summary(summary))
+    return summary
+
+
+def check_predictions_exist(pred_dir: str | Path, truth_dir: str | Path) -> None:
+    """Raise ``FileNotFoundError`` naming the ground-truth file of the first case without a prediction.
+
+    :func:`evaluate_folder` reports missing cases by id; on the command line the file the user has to look
+    at is more useful, so ``python -m bundle evaluate`` runs this check first.
+    """
+    preds, truths = find_segmentations(pred_dir), find_segmentations(truth_dir)
+    missing = sorted(set(truths) - set(preds))
+    if missing:
+        more = f" (and {len(missing) - 1} more case(s): {', '.join(missing[1:6])})" if len(missing) > 1 else ""
+        raise FileNotFoundError(
+            f"{truths[missing[0]]}: no prediction for case {missing[0]!r} in {pred_dir} "
+            f"(expected e.g. {Path(pred_dir) / (missing[0] + '_seg.nii.gz')}){more}"
+        )
+
+
+def labelled_cases(
+    dataset_dir: str | None = None,
+    datalist: str | None = None,
+    fold: int | None = None,
+    demo_dir: str | None = None,
+) -> list[dict]:
+    """Datalist items with a ground truth, for evaluating a checkpoint (``configs/evaluate.yaml``).
+
+    ``datalist`` (a JSON from ``python -m bundle prepare``) wins over ``dataset_dir`` (discovered and
+    checked, labels included); with neither, the demo phantoms. With ``fold`` and a datalist only that
+    fold's validation cases are taken (the cases its model did not train on). Cases without a
+    segmentation are left out (logged); none at all is a :class:`bundle.data.DataError`.
+    """
+    import logging
+
+    from bundle.data import DataError, generate_demo_dataset, load_split, make_datalist
+
+    if datalist:
+        if not Path(datalist).is_file():
+            raise DataError(f"{datalist}: datalist file does not exist")
+        items = load_split(datalist, fold, "val") if fold is not None else load_split(datalist, 0, "all")
+        source = str(datalist)
+    else:
+        if not dataset_dir:
+            dataset_dir = str(generate_demo_dataset(demo_dir or "data/demo"))
+        made = make_datalist(dataset_dir, folds=1, check_labels=True)
+        items = made["training"]
+        if made["testing"]:
+            logging.getLogger(__name__).info(
+                "%s: %d case(s) without a segmentation are not evaluated", dataset_dir, len(made["testing"])
+            )
+        source = str(dataset_dir)
+    items = [dict(i) for i in items if i.get("label")]
+    if not items:
+        raise DataError(f"{source}: no case with a ground-truth segmentation to evaluate")
+    return items
+
+
+def evaluate_datalist(
+    pred_dir: str | Path,
+    items: Sequence[dict],
+    output_dir: str | Path | None = None,
+    pred_label_scheme: str = "brats2021",
+    pred_postfix: str = "_seg",
+    lesion_wise: bool = True,
+    include_disjoint: bool = False,
+    verbose: bool = True,
+) -> list[dict]:
+    """Score ``<pred_dir>/<case_id><pred_postfix>.nii.gz`` against each labelled datalist item's ``label``.
+
+    The truth's label scheme is the item's ``layout`` (BraTS 2021 / 2023 / MSD datalists mix nothing, but
+    each item says its own); ``pred_label_scheme`` is the one the predictions were written with
+    (``internal`` reads as ``brats2023``: the same values 0-3). Every prediction is checked to exist before
+    any scoring (a ``FileNotFoundError`` names the first missing file). Writes ``metrics.csv`` and
+    ``summary.json`` to ``output_dir`` and prints the summary table (:func:`save_evaluation`).
+    """
+    from bundle.constants import scheme_for_layout
+
+    pred_scheme = "brats2023" if pred_label_scheme == "internal" else pred_label_scheme
+    pairs = []
+    for item in items:
+        case = str(item.get("case_id") or case_id_from_path(item["label"]))
+        pred = Path(pred_dir) / f"{case}{pred_postfix}.nii.gz"
+        if not pred.is_file():
+            raise FileNotFoundError(f"{pred}: no prediction for case {case!r} (ground truth {item['label']})")
+        pairs.append((case, pred, item["label"], scheme_for_layout(item.get("layout", "brats2021"))))
+    rows: list[dict] = []
+    for case, pred, truth, scheme in pairs:
+        rows += evaluate_files(
+            pred, truth, scheme, pred_scheme, lesion_wise=lesion_wise, include_disjoint=include_disjoint, case_id=case
+        )
+    save_evaluation(rows, output_dir, verbose=verbose)
+    return rows
+
+
 __all__ = [
     "LESION_METRICS",
     "LOWER_IS_BETTER",
     "SUMMARY_METRICS",
     "case_id_from_path",
+    "check_predictions_exist",
     "compare",
+    "evaluate_datalist",
     "evaluate_files",
     "evaluate_folder",
     "find_segmentations",
     "format_comparison",
     "format_summary",
+    "labelled_cases",
     "load_label_map",
     "read_metrics_csv",
+    "save_evaluation",
     "summarize",
     "write_metrics_csv",
 ]
