@@ -82,7 +82,16 @@ def _resolve_configs(config_file: str | list[str] | tuple[str, ...]) -> list[str
     return [str(f if Path(f).is_absolute() or Path(f).exists() else BUNDLE_ROOT / f) for f in files]
 
 
-COMMANDS = {"prepare": prepare, "train": train, "demo": demo}
+def label_serve(
+    studies: str, checkpoint: str | None = None, app_dir: str = "runs/label/app", port: int = 8000, **overrides: Any
+) -> int:
+    """Serve the bundle with MONAI Label on 127.0.0.1 (needs the ``label`` extra; see docs/ecosystem.md)."""
+    from bundle.label import label_serve as _label_serve
+
+    return _label_serve(studies, checkpoint=checkpoint, app_dir=app_dir, port=port, overrides=overrides or None)
+
+
+COMMANDS = {"prepare": prepare, "train": train, "demo": demo, "label_serve": label_serve}
 
 
 def main() -> None:
