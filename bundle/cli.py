@@ -91,7 +91,14 @@ def label_serve(
     return _label_serve(studies, checkpoint=checkpoint, app_dir=app_dir, port=port, overrides=overrides or None)
 
 
-COMMANDS = {"prepare": prepare, "train": train, "demo": demo, "label_serve": label_serve}
+def export(output: str, zip: bool = False, checkpoint: str | None = None, url_base: str | None = None) -> str:
+    """Assemble a self-contained model-zoo bundle in ``output`` (see bundle/export.py)."""
+    from bundle.export import export as _export
+
+    return _export(output, zip=zip, checkpoint=checkpoint, url_base=url_base)
+
+
+COMMANDS = {"prepare": prepare, "train": train, "demo": demo, "label_serve": label_serve, "export": export}
 
 
 def main() -> None:
