@@ -98,7 +98,28 @@ def export(output: str, zip: bool = False, checkpoint: str | None = None, url_ba
     return _export(output, zip=zip, checkpoint=checkpoint, url_base=url_base)
 
 
-COMMANDS = {"prepare": prepare, "train": train, "demo": demo, "label_serve": label_serve, "export": export}
+def infer(
+    input: str | list[str],
+    output: str = "runs/inference",
+    checkpoint: str | None = None,
+    tta: bool = True,
+    device: str | None = None,
+    **overrides: Any,
+) -> list[str]:
+    """Segment a dataset folder, a case folder or one case's files with configs/inference.yaml (bundle.infer.infer)."""
+    from bundle.infer import infer as _infer
+
+    return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, **overrides)
+
+
+COMMANDS = {
+    "prepare": prepare,
+    "train": train,
+    "demo": demo,
+    "label_serve": label_serve,
+    "export": export,
+    "infer": infer,
+}
 
 
 def main() -> None:
