@@ -1,0 +1,332 @@
+"""K-fold cross-validation in one command: ``python -m bundle cv --folds 5 [--fold_ids 0,2] ...``.
+
+:func:`run_cv` prepares *one* datalist with the requested number of folds (so every fold sees the same
+split), trains each chosen fold through MONAI's ``ConfigWorkflow`` on the training config with
+``fold=k``, ``output_dir=<out>/fold_k`` and ``ckpt_dir=<out>/fold_k/models``, then scores that fold's
+validation cases with its best checkpoint: the validation pipeline of the same workflow (its dataloader,
+sliding-window inferer and post-processing, so any variant config is evaluated as it validates) runs in
+a MONAI ``SupervisedEvaluator`` whose :class:`CaseMetricsCollector` turns every case into per-region rows
+of :func:`bundle.metrics.evaluate_case`. Outputs in ``<out>``:
+
+* ``fold_k/metrics.csv`` + ``fold_k/summary.json`` - one fold, the same files as ``python -m bundle evaluate``;
+* ``cv_metrics.csv`` - every validation case of every fold once, with a ``fold`` column;
+* ``cv_summary.json`` - per-fold means, the fold summary (mean +- std of the per-fold means, as papers
+  report cross-validation) and the pooled per-case summary; the fold summary is printed as a table.
+
+Scores are on the validation grid (RAS, cropped to the brain), without test-time augmentation or
+post-processing: the network's own validation predictions, like nnU-Net's fold validation. Overlap and
+distance metrics are unaffected by the crop; specificity and accuracy count only voxels inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from bundle.constants import REGION_NAMES
+from bundle.evaluation import (
+    SUMMARY_METRICS,
+    _atomic_write_text,
+    case_id_from_path,
+    save_evaluation,
+    summarize,
+    write_metrics_csv,
+)
+from bundle.metrics import evaluate_case
+
+logger = logging.getLogger(__name__)
+
+#: the repository root (``configs/``), so the command works from any directory
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["CaseMetricsCollector", "format_cv_summary", "parse_fold_ids", "run_cv", "summarize_folds"]
+
+
+class CaseMetricsCollector:
+    """Ignite handler: per-case, per-region metric rows from an evaluator's ``pred`` and ``label`` channels.
+
+    MONAI's ``MetricsSaver`` writes one file per metric with one column per channel; the bundle's
+    evaluation tables have one row per case and region with every metric (:mod:`bundle.evaluation`), so
+    this handler scores each decollated item with :func:`bundle.metrics.evaluate_case` (official HD95 in
+    mm from the label's affine, lesion-wise scores) and keeps the rows in ``self.rows``.
+
+    The channels are binary region masks (WT, TC, ET after validation's post-processing). They are packed
+    into one label map with bit ``i`` for channel ``i`` and scored with matching regions, which is exact
+    even where a prediction's regions are not nested (ET outside TC).
+
+    Args:
+        names: channel names (default ``WT, TC, ET``; one channel alone is called ``WT``).
+        lesion_wise: also compute the BraTS lesion-wise scores.
+        extra: constant columns added to every row, e.g. ``{"fold": 2}``.
+        pred_key, label_key: keys of the items in ``engine.state.output``.
+        name_key: key of the case id in ``engine.state.batch`` items (fallback: the label's file name).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str] | None = None,
+        lesion_wise: bool = True,
+        extra: dict[str, Any] | None = None,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        name_key: str = "case_id",
+    ) -> None:
+        self.names = None if names is None else tuple(names)
+        self.lesion_wise = lesion_wise
+        self.extra = dict(extra or {})
+        self.pred_key, self.label_key, self.name_key = pred_key, label_key, name_key
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Collect after every iteration; start empty on every run."""
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Score every item of the current (decollated) batch."""
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(outputs)
+        for output, item in zip(outputs, batch, strict=True):
+            self.rows += self.score(output[self.pred_key], output[self.label_key], self._case_id(item, output))
+
+    def score(self, pred: torch.Tensor, label: torch.Tensor, case_id: str) -> list[dict]:
+        """Rows of one case from ``[C, *spatial]`` binary region channels (values > 0.5 are foreground)."""
+        if pred.shape != label.shape:
+            raise ValueError(f"case {case_id}: pred {tuple(pred.shape)} and label {tuple(label.shape)} differ")
+        channels = pred.shape[0]
+        names = self.names or (REGION_NAMES if channels == len(REGION_NAMES) else REGION_NAMES[:1])
+        if len(names) != channels:
+            raise ValueError(f"case {case_id}: {channels} channel(s) but region names {names}; pass names=")
+        weights = (2 ** np.arange(channels)).reshape(-1, *[1] * (pred.ndim - 1))
+        packed_pred = ((_numpy(pred) > 0.5) * weights).sum(0)
+        packed_true = ((_numpy(label) > 0.5) * weights).sum(0)
+        regions = {n: tuple(v for v in range(1, 2**channels) if v >> i & 1) for i, n in enumerate(names)}
+        rows = evaluate_case(
+            packed_pred, packed_true, _spacing(label), regions=regions, lesion_wise=self.lesion_wise, case_id=case_id
+        )
+        return [{"case": r["case"], "region": r["region"], **self.extra, **r} for r in rows]
+
+    def _case_id(self, item: dict, output: dict) -> str:
+        if isinstance(item, dict) and item.get(self.name_key):
+            return str(item[self.name_key])
+        meta = getattr(output[self.label_key], "meta", {})
+        return case_id_from_path(str(meta.get("filename_or_obj", "case")))
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _spacing(label: torch.Tensor) -> tuple[float, ...] | None:
+    """Voxel size in mm from a MetaTensor's affine (column norms); ``None`` (1 mm) without one."""
+    affine = getattr(label, "affine", None)
+    if affine is None:
+        logger.warning("label without an affine (not a MetaTensor): distances and volumes in voxels")
+        return None
+    spatial = label.ndim - 1
+    affine = torch.as_tensor(affine, dtype=torch.float64).reshape(-1, spatial + 1, spatial + 1)[0]
+    return tuple(float(v) for v in torch.linalg.norm(affine[:spatial, :spatial], dim=0))
+
+
+def parse_fold_ids(fold_ids: int | str | Sequence[int] | None, folds: int) -> list[int]:
+    """Folds to run: all by default, else ``0,2`` / ``[0, 2]`` / ``2`` (fire gives ints or tuples)."""
+    if fold_ids is None or fold_ids == "":
+        chosen = list(range(folds))
+    elif isinstance(fold_ids, int):
+        chosen = [fold_ids]
+    elif isinstance(fold_ids, str):
+        chosen = [int(v) for v in fold_ids.replace("[", "").replace("]", "").split(",") if v.strip()]
+    else:
+        chosen = [int(v) for v in fold_ids]
+    bad = [k for k in chosen if not 0 <= k < folds]
+    if bad:
+        raise ValueError(f"fold_ids {bad} outside 0..{folds - 1} (--folds {folds})")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"fold_ids {chosen} name a fold twice")
+    return chosen
+
+
+def summarize_folds(rows: Sequence[dict], metrics: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per-fold means and the fold summary of per-case rows carrying a ``fold`` column.
+
+    ``across_folds[region][metric]`` holds ``n_folds``, ``mean`` (mean of the per-fold means), ``std``
+    (sample std of the per-fold means, 0 for one fold) and ``fold_means``; ``per_fold[k]`` is
+    :func:`bundle.evaluation.summarize` of fold ``k``; ``pooled`` summarises all cases together.
+    """
+    folds = sorted({int(r["fold"]) for r in rows})
+    per_fold = {str(k): summarize([r for r in rows if int(r["fold"]) == k], metrics) for k in folds}
+    across: dict[str, dict[str, dict[str, Any]]] = {}
+    for region in dict.fromkeys(r["region"] for r in rows):
+        across[region] = {}
+        for metric in [m for m in (metrics or SUMMARY_METRICS) if any(m in r for r in rows)]:
+            means = [per_fold[str(k)][region][metric]["mean"] for k in folds if metric in per_fold[str(k)][region]]
+            if not means:
+                continue
+            across[region][metric] = {
+                "n_folds": len(means),
+                "mean": float(np.mean(means)),
+                "std": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
+                "fold_means": [float(m) for m in means],
+            }
+    cases = {str(k): sorted({r["case"] for r in rows if int(r["fold"]) == k}) for k in folds}
+    return {
+        "folds": folds,
+        "cases_per_fold": {k: len(v) for k, v in cases.items()},
+        "across_folds": across,
+        "per_fold": per_fold,
+        "pooled": summarize(rows, metrics),
+    }
+
+
+def format_cv_summary(summary: dict[str, Any]) -> str:
+    """Table of the fold summary: one line per metric, ``mean +- std`` across folds per region."""
+    across = summary["across_folds"]
+    regions = list(across)
+    metrics = list(dict.fromkeys(m for r in regions for m in across[r]))
+    width = max([len(m) for m in metrics] + [6])
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{r:>20}" for r in regions)]
+    for metric in metrics:
+        cells = []
+        for region in regions:
+            s = across[region].get(metric)
+            cells.append(f"{s['mean']:.4f} +- {s['std']:.4f}" if s else "-")
+        lines.append(f"{metric:<{width}}  " + "  ".join(f"{c:>20}" for c in cells))
+    folds = ", ".join(f"{k} ({n} cases)" for k, n in summary["cases_per_fold"].items())
+    lines.append(f"folds {folds}; mean +- std of the per-fold means")
+    return "\n".join(lines)
+
+
+def run_cv(
+    config_file: str | Sequence[str] = "configs/train.yaml",
+    folds: int = 5,
+    fold_ids: int | str | Sequence[int] | None = None,
+    dataset_dir: str | None = None,
+    datalist: str | None = None,
+    output_dir: str = "runs/cv",
+    seed: int = 42,
+    lesion_wise: bool = True,
+    verbose: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train and evaluate the chosen folds of a ``folds``-fold cross-validation; return the CV summary.
+
+    Args:
+        config_file: training config(s), e.g. ``configs/train.yaml`` or a list ending in a variant.
+        folds: number of folds of the datalist prepared in ``output_dir/datalist.json``.
+        fold_ids: folds to run (default all), e.g. ``"0,2"``.
+        dataset_dir: a BraTS 2021 / 2023 / MSD folder; with neither it nor ``datalist``, the demo phantoms.
+        datalist: an existing datalist JSON (from ``python -m bundle prepare --folds N``) with ``folds`` folds.
+        output_dir: ``fold_k/`` (checkpoints, logs, per-fold metrics), ``cv_metrics.csv``, ``cv_summary.json``.
+        seed: seed of the fold assignment and of training.
+        lesion_wise: also compute the lesion-wise scores per case.
+        verbose: print the fold summary table.
+        overrides: any top-level key of the training config (``epochs``, ``roi_size``, ``network_def#filters``...).
+    """
+    from monai.bundle import ConfigWorkflow
+
+    from bundle.data import DataError, resolve_datalist
+
+    out = Path(output_dir).resolve()
+    configs = _resolve_configs(config_file)
+    chosen = parse_fold_ids(fold_ids, folds)
+    # one datalist for every fold: folds trained in separate calls still share the split
+    datalist_file = resolve_datalist(
+        dataset_dir, datalist, str(out), folds=folds, seed=seed, demo_dir=str(BUNDLE_ROOT / "data" / "demo")
+    )
+    declared = json.loads(Path(datalist_file).read_text()).get("num_folds")
+    if declared is not None and int(declared) != folds:
+        raise DataError(f"{datalist_file}: the datalist has {declared} folds, not --folds {folds}")
+    # train.yaml derives `demo` from dataset_dir/datalist; the fold workflows get a datalist either way
+    demo = dataset_dir is None and datalist is None
+    rows: list[dict] = []
+    for k in chosen:
+        fold_dir = out / f"fold_{k}"
+        settings = {
+            "bundle_root": str(BUNDLE_ROOT),
+            "dataset_dir": None,
+            "datalist": datalist_file,
+            "demo": demo,
+            "num_folds": folds,
+            "seed": seed,
+            "fold": k,
+            "output_dir": str(fold_dir),
+            "ckpt_dir": str(fold_dir / "models"),
+            **overrides,
+        }
+        logger.info("cross-validation: fold %d of %s -> %s", k, chosen, fold_dir)
+        workflow = ConfigWorkflow(
+            config_file=configs,
+            logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"),
+            workflow_type="train",
+            run_id="training",
+            **settings,
+        )
+        workflow.initialize()
+        workflow.run()
+        fold_rows = _evaluate_fold(workflow, Path(settings["ckpt_dir"]) / "model.pt", k, lesion_wise)
+        workflow.finalize()
+        save_evaluation(fold_rows, fold_dir, verbose=False)
+        rows += fold_rows
+    write_metrics_csv(rows, out / "cv_metrics.csv")
+    summary = {"num_folds": folds, "datalist": datalist_file, **summarize_folds(rows)}
+    _atomic_write_text(out / "cv_summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    if verbose:
+        print(format_cv_summary(summary))
+    return summary
+
+
+def _evaluate_fold(workflow: Any, best: Path, fold: int, lesion_wise: bool) -> list[dict]:
+    """Per-case rows of one fold's validation cases, predicted by its best checkpoint.
+
+    A fresh ``SupervisedEvaluator`` on the workflow's own validation parts rather than re-running
+    ``validate#evaluator`` itself: that one carries training handlers (early stopping, LR schedule,
+    best-model saver, TensorBoard) that must not act again after training. The cases are read through
+    an uncached ``Dataset`` with ``validate#preprocessing``: MONAI's ``PersistentDataset`` (the disk
+    cache of real data) stores plain tensors, and the affine, hence the voxel size in mm for HD95 and
+    volumes, would be lost; one pass per fold gains nothing from a cache anyway.
+    """
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import CheckpointLoader
+
+    if not best.is_file():
+        raise FileNotFoundError(
+            f"{best}: fold {fold} saved no best checkpoint (validation never ran: is epochs >= val_interval?)"
+        )
+    parser = workflow.parser
+    network = parser.get_parsed_content("network")
+    device = parser.get_parsed_content("device")
+    collector = CaseMetricsCollector(lesion_wise=lesion_wise, extra={"fold": fold})
+    evaluator = SupervisedEvaluator(
+        device=device,
+        val_data_loader=DataLoader(
+            Dataset(parser.get_parsed_content("val_datalist"), parser.get_parsed_content("validate#preprocessing")),
+            batch_size=1,
+            shuffle=False,
+            num_workers=int(parser.get_parsed_content("num_workers")),
+        ),
+        network=network,
+        inferer=parser.get_parsed_content("validate#inferer"),
+        postprocessing=parser.get_parsed_content("validate#postprocessing"),
+        val_handlers=[CheckpointLoader(load_path=str(best), load_dict={"model": network}, map_location=device)],
+        amp=bool(parser.get_parsed_content("amp")),
+    )
+    collector.attach(evaluator)
+    evaluator.run()
+    if not collector.rows:
+        raise RuntimeError(f"fold {fold}: no validation case was evaluated")
+    dice = {g: s["dice"]["mean"] for g, s in summarize(collector.rows, ["dice"]).items() if "dice" in s}
+    logger.info("fold %d: %d case(s), mean Dice %s", fold, len({r["case"] for r in collector.rows}), dice)
+    return collector.rows
+
+
+def _resolve_configs(config_file: str | Sequence[str]) -> list[str]:
+    files = [config_file] if isinstance(config_file, str) else list(config_file)
+    return [str(Path(f).resolve() if Path(f).exists() else BUNDLE_ROOT / f) for f in files]
