@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,134 @@ def infer(
     return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, **overrides)
 
 
+def evaluate(
+    pred: str,
+    truth: str,
+    label_scheme: str = "brats2021",
+    output_dir: str | None = None,
+    pred_label_scheme: str | None = None,
+    lesion_wise: bool = True,
+    include_disjoint: bool = False,
+    plots: bool = False,
+    overlays: int = 5,
+) -> str:
+    """Score a folder of predicted label maps against the ground truth (bundle.evaluation.evaluate_folder).
+
+    Writes ``metrics.csv`` and ``summary.json`` to ``output_dir`` (default ``<pred>/evaluation``) and prints
+    the summary table; ``--plots`` adds the Dice box plot and overlays of the ``overlays`` worst cases.
+    Returns the output folder.
+    """
+    from bundle.evaluation import check_predictions_exist, evaluate_folder, evaluation_plots
+
+    out = Path(output_dir) if output_dir else Path(pred) / "evaluation"
+    lesion_wise, include_disjoint = _as_bool(lesion_wise), _as_bool(include_disjoint)
+    with _user_errors():
+        check_predictions_exist(pred, truth)
+        evaluate_folder(pred, truth, label_scheme, out, pred_label_scheme, lesion_wise, include_disjoint)
+        if _as_bool(plots):
+            evaluation_plots(out / "metrics.csv", out, pred, truth, label_scheme, pred_label_scheme, overlays)
+    return str(out)
+
+
+def compare(
+    run_a: str,
+    run_b: str,
+    metrics: str | list[str] | None = None,
+    output: str | None = None,
+    n_bootstrap: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> None:
+    """Paired comparison of two runs, B minus A (bundle.evaluation.compare): prints the table.
+
+    ``run_a`` / ``run_b``: a ``metrics.csv`` (or ``cv_metrics.csv``) or a folder holding one;
+    ``--metrics dice,hd95`` restricts the metrics; ``--output FILE.csv`` also writes the table.
+    """
+    from bundle.evaluation import compare as _compare
+
+    names = metrics.split(",") if isinstance(metrics, str) else metrics
+    with _user_errors():
+        _compare(_metrics_csv(run_a), _metrics_csv(run_b), names, n_bootstrap, seed, alpha, output, verbose=True)
+
+
+def cv(
+    config_file: str | list[str] = "configs/train.yaml",
+    folds: int = 5,
+    fold_ids: str | int | list[int] | None = None,
+    dataset_dir: str | None = None,
+    datalist: str | None = None,
+    output_dir: str = "runs/cv",
+    seed: int = 42,
+    **overrides: Any,
+) -> str:
+    """K-fold cross-validation (bundle.cv.run_cv): train each fold, score its validation cases, pool them.
+
+    Any other ``--key value`` overrides the training config. Writes ``cv_metrics.csv`` and
+    ``cv_summary.json`` in ``output_dir`` and prints the fold summary; returns the summary's path.
+    """
+    from bundle.cv import run_cv
+
+    with _user_errors():
+        run_cv(config_file, folds, fold_ids, dataset_dir, datalist, output_dir, seed, **overrides)
+    return str(Path(output_dir) / "cv_summary.json")
+
+
+def plots(path: str, output_dir: str | None = None, metric: str = "dice") -> list[str]:
+    """Training curves from a run's ``metrics_per_epoch.csv`` and/or a box plot from its ``metrics.csv``.
+
+    ``path``: a run folder (both pictures, whichever CSVs it holds) or one of the CSV files. Pictures go
+    to ``output_dir`` (default: the CSV's folder). Returns the written files.
+    """
+    from bundle.evaluation import evaluation_plots
+    from bundle.plots import plot_training_curves
+
+    source = Path(path)
+    if source.is_dir():
+        candidates = [source / "metrics_per_epoch.csv", source / "metrics.csv", source / "cv_metrics.csv"]
+        csvs = [c for c in candidates if c.is_file()]
+    else:
+        csvs = [source]
+    with _user_errors():
+        if not csvs or not csvs[0].is_file():
+            raise FileNotFoundError(f"{source}: no metrics_per_epoch.csv, metrics.csv or cv_metrics.csv")
+        written: list[str] = []
+        for csv_file in csvs:
+            out = Path(output_dir) if output_dir else csv_file.parent
+            if csv_file.read_text().split(",", 1)[0].strip() == "epoch":
+                plot_training_curves(csv_file, out / "training_curves.png")
+                written.append(str(out / "training_curves.png"))
+            else:
+                written += [str(p) for p in evaluation_plots(csv_file, out, metric=metric)]
+    return written
+
+
+def _metrics_csv(run: str) -> Path:
+    """A run's per-case table: the file itself, or ``metrics.csv`` / ``cv_metrics.csv`` in a run folder."""
+    path = Path(run)
+    if path.is_dir():
+        for name in ("metrics.csv", "cv_metrics.csv", "evaluation/metrics.csv"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: no metrics.csv or cv_metrics.csv in this folder")
+    return path
+
+
+def _as_bool(value: bool | str) -> bool:
+    """Fire passes ``--flag false`` as the string "false"; read the usual spellings as booleans."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Stop with the one-sentence message of a user's bad input instead of a traceback (exit status 1)."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+
+
 COMMANDS = {
     "prepare": prepare,
     "train": train,
@@ -163,6 +293,10 @@ COMMANDS = {
     "label_serve": label_serve,
     "export": export,
     "infer": infer,
+    "evaluate": evaluate,
+    "compare": compare,
+    "cv": cv,
+    "plots": plots,
 }
 
 

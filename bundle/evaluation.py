@@ -517,6 +517,56 @@ def evaluate_datalist(
     return rows
 
 
+def evaluation_plots(
+    metrics_csv: str | Path,
+    output_dir: str | Path,
+    pred_dir: str | Path | None = None,
+    truth_dir: str | Path | None = None,
+    label_scheme: str = "brats2021",
+    pred_label_scheme: str | None = None,
+    overlays: int = 5,
+    metric: str = "dice",
+) -> list[Path]:
+    """Pictures of an evaluation: the per-region box plot of ``metric`` and overlays of the worst cases.
+
+    Overlays (:func:`bundle.plots.plot_case_overlays`) are drawn for the ``overlays`` cases with the lowest
+    mean ``metric`` over the regions - the ones worth looking at - when the FLAIR image is found next to
+    each ground truth; without images only the box plot is written (logged). Returns the written files.
+    """
+    import logging
+
+    from bundle.plots import find_image, plot_case_overlays, plot_metric_boxplot
+
+    output_dir = Path(output_dir)
+    box = output_dir / f"boxplot_{metric}.png"
+    plot_metric_boxplot(metrics_csv, box, metric=metric)
+    written = [box]
+    if pred_dir is None or truth_dir is None or overlays <= 0:
+        return written
+    rows = read_metrics_csv(metrics_csv)
+    by_case: dict[str, list[float]] = {}
+    for row in rows:
+        if isinstance(row.get(metric), float):
+            by_case.setdefault(row["case"], []).append(row[metric])
+    worst = sorted(by_case, key=lambda c: (float(np.mean(by_case[c])), c))[:overlays]
+    truths = find_segmentations(truth_dir)
+    try:
+        for case in worst:
+            find_image(truths[case])
+    except (FileNotFoundError, KeyError) as err:
+        logging.getLogger(__name__).warning("no overlays: %s", err)
+        return written
+    written += plot_case_overlays(
+        pred_dir,
+        truth_dir,
+        output_dir / "overlays",
+        worst,
+        label_scheme=label_scheme,
+        pred_label_scheme=pred_label_scheme,
+    )
+    return written
+
+
 __all__ = [
     "LESION_METRICS",
     "LOWER_IS_BETTER",
@@ -527,6 +577,7 @@ __all__ = [
     "evaluate_datalist",
     "evaluate_files",
     "evaluate_folder",
+    "evaluation_plots",
     "find_segmentations",
     "format_comparison",
     "format_summary",
