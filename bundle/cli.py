@@ -82,6 +82,9 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
     demo_dir = Path(workflow.parser.get_parsed_content("demo_dir"))
     held_out = load_split(workflow.parser.get_parsed_content("datalist_file"), split="test")
+    # inference.yaml picks the demo network width and window only without a dataset_dir; the
+    # held-out case is given explicitly, so say "demo" and use the validation window.
+    window = list(workflow.parser.get_parsed_content("val_roi_size"))
     train_seconds = time.perf_counter() - start
     workflow.finalize()
     if not held_out:
@@ -91,7 +94,11 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
     log.info("segmenting the held-out demo case %s", case)
     infer_start = time.perf_counter()
     (segmentation,) = infer(
-        str(demo_dir / case), output=str(out / "inference"), checkpoint=str(out / "models" / "model.pt")
+        str(demo_dir / case),
+        output=str(out / "inference"),
+        checkpoint=str(out / "models" / "model.pt"),
+        demo=True,
+        roi_size=window,
     )
     infer_seconds = time.perf_counter() - infer_start
 
