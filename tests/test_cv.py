@@ -1,0 +1,140 @@
+"""Cross-validation (bundle.cv, ``python -m bundle cv``): two folds end to end on tiny demo data, the fold summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from bundle.cli import COMMANDS
+from bundle.cv import CaseMetricsCollector, parse_fold_ids, run_cv, summarize_folds
+from bundle.data import DataError, generate_demo_dataset, prepare
+
+# the tiny network and schedule of tests/test_training.py, as command-line flags
+TINY_FLAGS = [
+    "--roi_size",
+    "[32,32,32]",
+    "--network_def#filters",
+    "[4,8,16,32,64]",
+    "--epochs",
+    "1",
+    "--val_interval",
+    "1",
+    "--num_workers",
+    "0",
+    "--learning_rate",
+    "0.001",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small volumes on a shared 2-core machine: one intra-op thread avoids contention overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four labelled 32 x 32 x 24 demo phantoms in the BraTS 2021 layout."""
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cv_two_folds_end_to_end_through_the_cli(tmp_path: Path, tiny_demo: Path, capsys) -> None:
+    out = tmp_path / "cv"
+    command = ["cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out), *TINY_FLAGS]
+    fire.Fire(COMMANDS, command=command)
+    printed = capsys.readouterr().out
+    assert "mean +- std of the per-fold means" in printed and "dice" in printed
+
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert datalist["num_folds"] == 2
+    fold_of = {item["case_id"]: item["fold"] for item in datalist["training"]}
+    rows = _read_csv(out / "cv_metrics.csv")
+    assert list(rows[0])[:3] == ["case", "region", "fold"]
+    # every case of the dataset exactly once per region, in the fold it was held out in
+    pairs = [(r["case"], r["region"]) for r in rows]
+    assert sorted(pairs) == sorted((c, g) for c in fold_of for g in ("WT", "TC", "ET"))
+    assert all(int(r["fold"]) == fold_of[r["case"]] for r in rows)
+    for k in (0, 1):
+        assert (out / f"fold_{k}" / "models" / "model.pt").is_file()
+        assert len(_read_csv(out / f"fold_{k}" / "metrics.csv")) == 3 * sum(f == k for f in fold_of.values())
+
+    # distances and volumes in mm (2.4 mm demo voxels): the WT volume is the label's voxel count x 2.4^3
+    case = rows[0]["case"]
+    truth = np.asarray(nib.load(tiny_demo / case / f"{case}_seg.nii.gz").dataobj)
+    wt = next(r for r in rows if r["case"] == case and r["region"] == "WT")
+    assert float(wt["volume_true"]) == pytest.approx((truth > 0).sum() * 2.4**3, rel=1e-5)
+
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["folds"] == [0, 1]
+    for region in ("WT", "TC", "ET"):
+        for metric in ("dice", "hd95"):
+            fold_means = [
+                np.mean([float(r[metric]) for r in rows if r["region"] == region and int(r["fold"]) == k])
+                for k in (0, 1)
+            ]
+            entry = summary["across_folds"][region][metric]
+            assert entry["fold_means"] == pytest.approx(fold_means)
+            assert entry["mean"] == pytest.approx(np.mean(fold_means))
+            assert entry["std"] == pytest.approx(np.std(fold_means, ddof=1))
+            for k in (0, 1):
+                assert summary["per_fold"][str(k)][region][metric]["mean"] == pytest.approx(fold_means[k])
+
+
+def test_a_datalist_with_other_folds_stops_before_training(tmp_path: Path, tiny_demo: Path) -> None:
+    datalist = prepare(str(tiny_demo), str(tmp_path / "datalist.json"), folds=3)
+    with pytest.raises(DataError, match="3 folds, not --folds 2"):
+        run_cv(folds=2, datalist=datalist, output_dir=str(tmp_path / "cv"))
+    assert not (tmp_path / "cv" / "fold_0").exists()
+
+
+def test_parse_fold_ids() -> None:
+    assert parse_fold_ids(None, 3) == [0, 1, 2]
+    assert parse_fold_ids("0,2", 5) == [0, 2]
+    assert parse_fold_ids((0, 2), 5) == [0, 2]  # what fire makes of --fold_ids 0,2
+    assert parse_fold_ids(1, 5) == [1]
+    with pytest.raises(ValueError, match=r"outside 0\.\.4"):
+        parse_fold_ids("0,5", 5)
+    with pytest.raises(ValueError, match="twice"):
+        parse_fold_ids("1,1", 5)
+
+
+def test_collector_scores_each_channel_exactly_even_when_regions_are_not_nested() -> None:
+    rng = np.random.default_rng(0)
+    pred = rng.random((3, 12, 10, 8)) > 0.6  # ET, TC, WT channels independent: not nested
+    label = rng.random((3, 12, 10, 8)) > 0.5
+    affine = torch.diag(torch.tensor([2.0, 1.0, 1.5, 1.0], dtype=torch.float64))
+    rows = CaseMetricsCollector(lesion_wise=False, extra={"fold": 3}).score(
+        torch.as_tensor(pred, dtype=torch.float32), MetaTensor(torch.as_tensor(label, dtype=torch.float32), affine), "c"
+    )
+    assert [r["region"] for r in rows] == ["WT", "TC", "ET"] and all(r["fold"] == 3 for r in rows)
+    for channel, row in enumerate(rows):
+        p, t = pred[channel], label[channel]
+        assert row["dice"] == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()))
+        assert row["volume_pred"] == pytest.approx(p.sum() * 3.0)  # 2 x 1 x 1.5 mm voxels
+
+
+def test_summarize_folds_averages_fold_means_not_cases() -> None:
+    # fold 0: three cases at 0.9; fold 1: one case at 0.5 -> fold mean 0.7, pooled case mean 0.8
+    rows = [{"case": f"a{i}", "region": "WT", "fold": 0, "dice": 0.9} for i in range(3)]
+    rows.append({"case": "b0", "region": "WT", "fold": 1, "dice": 0.5})
+    summary = summarize_folds(rows, ["dice"])
+    assert summary["across_folds"]["WT"]["dice"]["mean"] == pytest.approx(0.7)
+    assert summary["across_folds"]["WT"]["dice"]["std"] == pytest.approx(np.std([0.9, 0.5], ddof=1))
+    assert summary["pooled"]["WT"]["dice"]["mean"] == pytest.approx(0.8)
+    assert summary["cases_per_fold"] == {"0": 3, "1": 1}
