@@ -1,0 +1,207 @@
+"""``python -m bundle evaluate / compare / plots`` and configs/evaluate.yaml (checkpoint + labelled data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+from monai.bundle import ConfigParser
+
+from bundle.cli import COMMANDS
+from bundle.data import generate_demo_dataset
+from bundle.evaluation import evaluate_folder
+
+SHAPE = (16, 14, 10)
+SPACING = (1.0, 1.0, 2.0)
+AFFINE = np.diag([*SPACING, 1.0])
+
+
+def _truth_labels() -> np.ndarray:
+    """BraTS 2021 values: an edema block around a core with NCR (1) and ET (4)."""
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[3:13, 3:11, 2:8] = 2
+    labels[5:11, 5:9, 3:7] = 4
+    labels[7:9, 6:8, 4:6] = 1
+    return labels
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Ground truth as BraTS case folders (seg + FLAIR) and predictions: exact, ET eroded, shifted."""
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    pred_dir.mkdir()
+    truth = _truth_labels()
+    eroded = truth.copy()
+    eroded[5, 5:9, 3:7] = 2  # 16 ET voxels become edema
+    shifted = np.roll(truth, 2, axis=0)
+    for case, pred in (("Case_0", truth), ("Case_1", eroded), ("Case_2", shifted)):
+        (truth_dir / case).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(truth, AFFINE), truth_dir / case / f"{case}_seg.nii.gz")
+        flair = np.where(truth > 0, 200.0, 100.0).astype(np.float32)
+        nib.save(nib.Nifti1Image(flair, AFFINE), truth_dir / case / f"{case}_flair.nii.gz")
+        nib.save(nib.Nifti1Image(pred, AFFINE), pred_dir / f"{case}.nii.gz")
+    return pred_dir, truth_dir
+
+
+def _cli(*args: str) -> object:
+    return fire.Fire(COMMANDS, command=list(args))
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_evaluate_predictions_on_disk(folders: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    pred_dir, truth_dir = folders
+    out = tmp_path / "eval"
+    _cli("evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--output_dir", str(out))
+    printed = capsys.readouterr().out
+    assert "3 case(s); mean +- std (median)" in printed and "hd95" in printed
+
+    rows = _rows(out / "metrics.csv")
+    assert [(r["case"], r["region"]) for r in rows] == [(f"Case_{i}", g) for i in range(3) for g in ("WT", "TC", "ET")]
+    value = {(r["case"], r["region"]): r for r in rows}
+    assert float(value[("Case_0", "ET")]["dice"]) == 1.0 and float(value[("Case_0", "WT")]["hd95"]) == 0.0
+    # Case_1, ET: 88 true voxels (6x4x4 minus the 2x2x2 NCR), 16 of them predicted as edema -> 72 predicted
+    et_true = int((_truth_labels() == 4).sum())
+    assert et_true == 88
+    assert float(value[("Case_1", "ET")]["dice"]) == pytest.approx(2 * 72 / (72 + 88))
+    assert float(value[("Case_1", "WT")]["dice"]) == 1.0  # edema is still tumour
+    assert float(value[("Case_2", "WT")]["dice"]) < 1.0
+
+    summary = json.loads((out / "summary.json").read_text())
+    et_dice = [float(value[(f"Case_{i}", "ET")]["dice"]) for i in range(3)]
+    assert summary["ET"]["dice"]["mean"] == pytest.approx(np.mean(et_dice))
+    assert summary["ET"]["dice"]["std"] == pytest.approx(np.std(et_dice, ddof=1))
+    assert summary["ET"]["dice"]["median"] == pytest.approx(np.median(et_dice))
+    assert summary["ET"]["dice"]["p25"] == pytest.approx(np.percentile(et_dice, 25))
+
+
+def test_evaluate_plots_and_no_lesion_scores(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    pred_dir, truth_dir = folders
+    out = tmp_path / "eval"
+    args = ["--output_dir", str(out), "--plots", "--overlays", "1", "--lesion_wise", "false"]
+    _cli("evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), *args)
+    assert (out / "boxplot_dice.png").stat().st_size > 0
+    # the one overlay is the worst case: the shifted prediction
+    assert [p.name for p in (out / "overlays").iterdir()] == ["Case_2_overlay.png"]
+    assert "lesion_dice" not in _rows(out / "metrics.csv")[0]
+
+
+def test_missing_prediction_names_the_file(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    pred_dir, truth_dir = folders
+    (pred_dir / "Case_1.nii.gz").unlink()
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as info:
+        _cli("evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--output_dir", str(out))
+    message = str(info.value)
+    assert str(truth_dir / "Case_1" / "Case_1_seg.nii.gz") in message and "no prediction" in message
+    assert len(message.splitlines()) == 1
+    assert not out.exists(), "nothing may be written when a prediction is missing"
+
+
+def _write_table(path: Path, dice: np.ndarray, hd95: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "region", "dice", "hd95"])
+        for i, (d, h) in enumerate(zip(dice, hd95, strict=True)):
+            writer.writerow([f"c{i:02d}", "WT", repr(float(d)), repr(float(h))])
+
+
+def test_compare_finds_a_known_shift_and_none_between_identical_runs(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    dice, hd95 = rng.uniform(0.6, 0.9, 20), rng.uniform(2.0, 10.0, 20)
+    _write_table(tmp_path / "a" / "metrics.csv", dice, hd95)
+    # B: Dice higher by 0.05 (+ small noise), HD95 unchanged
+    _write_table(tmp_path / "b" / "metrics.csv", dice + 0.05 + rng.normal(0, 0.005, 20), hd95)
+    out = tmp_path / "cmp.csv"
+    _cli("compare", str(tmp_path / "a"), str(tmp_path / "b" / "metrics.csv"), "--output", str(out))
+    result = {r["metric"]: r for r in _rows(out)}
+    assert float(result["dice"]["mean_diff"]) == pytest.approx(0.05, abs=0.005)
+    assert result["dice"]["verdict"].startswith("B better than A")
+    assert float(result["dice"]["ci_low"]) > 0
+    assert result["hd95"]["verdict"] == "no significant difference"
+
+    _cli("compare", str(tmp_path / "a"), str(tmp_path / "a"), "--output", str(out))
+    for row in _rows(out):
+        assert float(row["mean_diff"]) == 0.0 and row["verdict"] == "no significant difference"
+
+
+def test_compare_without_a_table_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"no metrics\.csv or cv_metrics\.csv"):
+        _cli("compare", str(tmp_path), str(tmp_path))
+
+
+def test_plots_of_a_run_folder(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics_per_epoch.csv").write_text("epoch,loss,val_dice_WT,val_mean_dice\n1,0.9,0.5,0.4\n2,0.7,0.6,0.5\n")
+    _write_table(run / "metrics.csv", np.array([0.7, 0.8, 0.9]), np.array([3.0, 4.0, 5.0]))
+    written = _cli("plots", str(run))
+    assert sorted(Path(p).name for p in written) == ["boxplot_dice.png", "training_curves.png"]
+    assert all(Path(p).stat().st_size > 0 for p in written)
+
+
+TINY_NET = """\
+network_def:
+  _target_: DynUNet
+  spatial_dims: 3
+  in_channels: 4
+  out_channels: 3
+  kernel_size: [3, 3, 3]
+  strides: [1, 2, 2]
+  upsample_kernel_size: [2, 2]
+  filters: [4, 8, 16]
+  norm_name: [INSTANCE, {affine: true}]
+  deep_supervision: true
+  deep_supr_num: 1
+  res_block: true
+roi_size: [32, 32, 32]
+"""
+
+
+def test_evaluate_config_from_a_checkpoint(tmp_path: Path) -> None:
+    """inference.yaml + evaluate.yaml through `python -m monai.bundle run`: predictions, then their metrics."""
+    data = generate_demo_dataset(tmp_path / "data", num_cases=2, num_test_cases=1, shape=(32, 32, 24))
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(TINY_NET)
+    parser = ConfigParser()
+    parser.read_config(str(tiny))
+    torch.manual_seed(0)
+    torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    out = tmp_path / "out"
+    configs = f"['configs/inference.yaml','configs/evaluate.yaml','{tiny}']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--dataset_dir", str(data)]
+    cmd += ["--checkpoint", str(tmp_path / "model.pt"), "--output_dir", str(out), "--tta", "False"]
+    cmd += ["--lesion_wise", "False"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 case(s); mean +- std (median)" in result.stdout
+
+    rows = _rows(out / "metrics.csv")
+    # the labelled cases only (the held-out demo case has no segmentation in its folder)
+    assert [(r["case"], r["region"]) for r in rows] == [
+        (c, g) for c in ("Demo_00000", "Demo_00001") for g in ["WT", "TC", "ET"]
+    ]
+    assert (out / "summary.json").is_file()
+    # the numbers are those of scoring the written predictions against the truth files
+    truth = tmp_path / "truth"
+    for case in ("Demo_00000", "Demo_00001"):
+        (truth / case).mkdir(parents=True)
+        (truth / case / f"{case}_seg.nii.gz").symlink_to(data / case / f"{case}_seg.nii.gz")
+    expected = evaluate_folder(out, truth, lesion_wise=False, verbose=False)
+    for row, want in zip(rows, expected, strict=True):
+        assert float(row["dice"]) == pytest.approx(want["dice"]) and float(row["hd95"]) == pytest.approx(want["hd95"])
