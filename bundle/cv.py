@@ -274,6 +274,8 @@ def run_cv(
         workflow.finalize()
         save_evaluation(fold_rows, fold_dir, verbose=False)
         rows += fold_rows
+    rows += _earlier_folds(out, datalist_file, folds, skip=chosen)
+    rows.sort(key=lambda r: int(r["fold"]))
     write_metrics_csv(rows, out / "cv_metrics.csv")
     summary = {"num_folds": folds, "datalist": datalist_file, **summarize_folds(rows)}
     _atomic_write_text(out / "cv_summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
@@ -325,6 +327,30 @@ def _evaluate_fold(workflow: Any, best: Path, fold: int, lesion_wise: bool) -> l
     dice = {g: s["dice"]["mean"] for g, s in summarize(collector.rows, ["dice"]).items() if "dice" in s}
     logger.info("fold %d: %d case(s), mean Dice %s", fold, len({r["case"] for r in collector.rows}), dice)
     return collector.rows
+
+
+def _earlier_folds(out: Path, datalist_file: str, folds: int, skip: Sequence[int]) -> list[dict]:
+    """Rows of folds evaluated by earlier calls (``--fold_ids 0,2`` now, ``1,3,4`` later) into the same ``out``.
+
+    A fold's ``metrics.csv`` is taken only if it holds exactly the cases the current datalist puts in that
+    fold, so results of another split (other ``--folds`` or data) are never pooled.
+    """
+    from bundle.data import load_split
+    from bundle.evaluation import read_metrics_csv
+
+    rows: list[dict] = []
+    for k in range(folds):
+        path = out / f"fold_{k}" / "metrics.csv"
+        if k in skip or not path.is_file():
+            continue
+        fold_rows = read_metrics_csv(path)
+        expected = {str(i["case_id"]) for i in load_split(datalist_file, k, "val")}
+        if {r["case"] for r in fold_rows} != expected or any(r.get("fold") != k for r in fold_rows):
+            logger.warning("%s: not fold %d of %s; left out of the pooled table", path, k, datalist_file)
+            continue
+        logger.info("pooling fold %d from an earlier call (%s)", k, path)
+        rows += [{**r, "fold": k} for r in fold_rows]
+    return rows
 
 
 def _resolve_configs(config_file: str | Sequence[str]) -> list[str]:

@@ -138,3 +138,22 @@ def test_summarize_folds_averages_fold_means_not_cases() -> None:
     assert summary["across_folds"]["WT"]["dice"]["std"] == pytest.approx(np.std([0.9, 0.5], ddof=1))
     assert summary["pooled"]["WT"]["dice"]["mean"] == pytest.approx(0.8)
     assert summary["cases_per_fold"] == {"0": 3, "1": 1}
+
+
+def test_fold_ids_runs_a_subset_and_pools_earlier_folds(tmp_path: Path, tiny_demo: Path) -> None:
+    out = tmp_path / "cv"
+    base = ["cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out), *TINY_FLAGS]
+    fire.Fire(COMMANDS, command=[*base, "--fold_ids", "0"])
+    assert not (out / "fold_1").exists(), "--fold_ids 0 must train fold 0 only"
+    first = _read_csv(out / "cv_metrics.csv")
+    assert {r["fold"] for r in first} == {"0"}
+    best_0 = (out / "fold_0" / "models" / "model.pt").stat().st_mtime_ns
+
+    fire.Fire(COMMANDS, command=[*base, "--fold_ids", "1"])
+    assert (out / "fold_0" / "models" / "model.pt").stat().st_mtime_ns == best_0, "fold 0 was retrained"
+    pooled = _read_csv(out / "cv_metrics.csv")
+    assert {r["fold"] for r in pooled} == {"0", "1"}
+    assert len({(r["case"], r["region"]) for r in pooled}) == len(pooled) == 4 * 3
+    fold_0 = [{k: v for k, v in r.items() if k != "fold"} for r in pooled if r["fold"] == "0"]
+    assert [r["dice"] for r in fold_0] == [r["dice"] for r in first]
+    assert json.loads((out / "cv_summary.json").read_text())["folds"] == [0, 1]
