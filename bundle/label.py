@@ -97,6 +97,19 @@ def expand_config(bundle_dir: Path, config: str, overrides: Mapping[str, Any]) -
     return parser.get()
 
 
+def app_inference_config(bundle_dir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """inference.yaml as the app serves it: macros expanded, MSD convention, label map in ``pred``."""
+    config = expand_config(bundle_dir, "inference.yaml", {**APP_OVERRIDES, **overrides, **APP_INFER_OVERRIDES})
+    for transform in config["preprocessing"]["transforms"]:
+        # MONAI Label wraps LoadImaged in its LoadImageTensord, which ignores allow_missing_keys:
+        # inference requests carry no label, so the loader gets the image key only.
+        if isinstance(transform, dict) and transform.get("_target_") in ("LoadImaged", "monai.transforms.LoadImaged"):
+            transform["keys"] = ["@image_key"]
+    # MONAI Label takes the label map from "pred"; inference.yaml leaves it in "pred_label".
+    config["postprocessing"]["transforms"].append({"_target_": "CopyItemsd", "keys": "pred_label", "names": PRED_KEY})
+    return config
+
+
 def _network_fits(bundle_dir: Path, overrides: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> bool:
     config = expand_config(bundle_dir, "train.yaml", overrides)
     parser = ConfigParser(config)
@@ -152,9 +165,7 @@ def assemble_app(
     common = {**APP_OVERRIDES, **(overrides or {})}
     common["demo"] = checkpoint_demo_flag(target, target / "models" / "model.pt", common)
     train = expand_config(target, "train.yaml", common)
-    infer = expand_config(target, "inference.yaml", {**common, **APP_INFER_OVERRIDES})
-    # MONAI Label takes the label map from "pred"; inference.yaml leaves it in "pred_label".
-    infer["postprocessing"]["transforms"].append({"_target_": "CopyItemsd", "keys": "pred_label", "names": PRED_KEY})
+    infer = app_inference_config(target, common)
     ConfigParser.export_config_file(train, str(target / "configs" / "train.json"), indent=2)
     ConfigParser.export_config_file(infer, str(target / "configs" / "inference.json"), indent=2)
 

@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_CHANNEL_ORDER
 from bundle.data import generate_demo_dataset, make_datalist, make_phantom
-from bundle.label import APP_INFER_OVERRIDES, APP_OVERRIDES, MODEL_NAME, PRED_KEY, expand_config, label_channel_def
+from bundle.label import MODEL_NAME, PRED_KEY, app_inference_config, expand_config, label_channel_def
 
 # A tiny network and patch so CPU inference and one training epoch take seconds.
 TINY = {"network_def#filters": [4, 8, 16, 32, 64], "roi_size": [32, 32, 32], "num_workers": 0, "tta": False}
@@ -74,9 +74,7 @@ def test_label_names_follow_the_msd_scheme() -> None:
 def test_app_inference_config_runs_monai_labels_pipeline_on_a_4d_lps_case(tmp_path: Path) -> None:
     """inference.yaml as the app writes it, driven the way MONAI Label's BundleInferTask drives it."""
     case = write_msd_case(tmp_path, "case", seed=3, with_label=False)
-    config = expand_config(REPO_ROOT, "inference.yaml", {**APP_OVERRIDES, **APP_INFER_OVERRIDES, **TINY, "demo": True})
-    config["postprocessing"]["transforms"].append({"_target_": "CopyItemsd", "keys": "pred_label", "names": PRED_KEY})
-    parser = ConfigParser(config)
+    parser = ConfigParser(app_inference_config(REPO_ROOT, {**TINY, "demo": True}))
     data = parser.get_parsed_content("preprocessing")({"image": str(case)})
     assert data["image"].shape[0] == 4
     network = parser.get_parsed_content("network_def").eval()
