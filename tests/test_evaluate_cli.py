@@ -205,3 +205,34 @@ def test_evaluate_config_from_a_checkpoint(tmp_path: Path) -> None:
     expected = evaluate_folder(out, truth, lesion_wise=False, verbose=False)
     for row, want in zip(rows, expected, strict=True):
         assert float(row["dice"]) == pytest.approx(want["dice"]) and float(row["hd95"]) == pytest.approx(want["hd95"])
+
+
+def test_labelled_cases_of_a_fold_and_a_missing_prediction(tmp_path: Path) -> None:
+    """evaluate.yaml's data: a datalist fold's validation cases; each prediction must exist before scoring."""
+    from bundle.data import DataError, prepare
+    from bundle.evaluation import evaluate_datalist, labelled_cases
+
+    data = generate_demo_dataset(tmp_path / "data", num_cases=4, num_test_cases=1, shape=(16, 16, 12))
+    assert [i["case_id"] for i in labelled_cases(str(data))] == [f"Demo_{i:05d}" for i in range(4)]
+    datalist = prepare(str(data), str(tmp_path / "datalist.json"), folds=2)
+    fold_1 = labelled_cases(None, datalist, 1)
+    folds = {i["case_id"]: i["fold"] for i in json.loads(Path(datalist).read_text())["training"]}
+    assert sorted(i["case_id"] for i in fold_1) == sorted(c for c, f in folds.items() if f == 1)
+
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    first, second = fold_1[0], fold_1[1]
+    (pred_dir / f"{first['case_id']}_seg.nii.gz").symlink_to(first["label"])
+    with pytest.raises(FileNotFoundError, match=f"{second['case_id']}_seg.nii.gz: no prediction"):
+        evaluate_datalist(pred_dir, fold_1, tmp_path / "eval", verbose=False)
+    assert not (tmp_path / "eval").exists()
+    rows = evaluate_datalist(pred_dir, fold_1[:1], tmp_path / "eval", lesion_wise=False, verbose=False)
+    assert [r["dice"] for r in rows] == [1.0, 1.0, 1.0]  # the truth as its own prediction
+    with pytest.raises(DataError, match="no case with a ground-truth"):
+        labelled_cases(None, str(_datalist_without_labels(tmp_path)))
+
+
+def _datalist_without_labels(tmp_path: Path) -> Path:
+    path = tmp_path / "unlabelled.json"
+    path.write_text(json.dumps({"training": [], "testing": [{"case_id": "x", "image": "x.nii.gz"}]}))
+    return path
