@@ -166,8 +166,8 @@ def infer(
 
 
 def evaluate(
-    pred: str,
-    truth: str,
+    pred: str | None = None,
+    truth: str | None = None,
     label_scheme: str = "brats2021",
     output_dir: str | None = None,
     pred_label_scheme: str | None = None,
@@ -175,17 +175,45 @@ def evaluate(
     include_disjoint: bool = False,
     plots: bool = False,
     overlays: int = 5,
+    checkpoint: str | None = None,
+    tta: bool = True,
+    config_file: str | list[str] | None = None,
+    **overrides: Any,
 ) -> str:
     """Score a folder of predicted label maps against the ground truth (bundle.evaluation.evaluate_folder).
 
     Writes ``metrics.csv`` and ``summary.json`` to ``output_dir`` (default ``<pred>/evaluation``) and prints
     the summary table; ``--plots`` adds the Dice box plot and overlays of the ``overlays`` worst cases.
-    Returns the output folder.
+    With ``--checkpoint`` instead of ``--pred``, the labelled cases of the dataset ``--truth`` are first
+    segmented by configs/evaluate.yaml over configs/inference.yaml (predictions and tables in
+    ``output_dir``, default ``runs/evaluate``); ``--config_file`` adds configs after those two (a variant)
+    and other ``--key value`` pairs are their keys. Returns the output folder.
     """
     from bundle.evaluation import check_predictions_exist, evaluate_folder, evaluation_plots
 
-    out = Path(output_dir) if output_dir else Path(pred) / "evaluation"
     lesion_wise, include_disjoint = _as_bool(lesion_wise), _as_bool(include_disjoint)
+    if (pred is None) == (checkpoint is None) or truth is None:
+        raise SystemExit("error: give --truth and either --pred (predictions on disk) or --checkpoint")
+    if checkpoint is not None:
+        from bundle.infer import infer
+
+        out = Path(output_dir or "runs/evaluate").resolve()
+        extra = [] if config_file is None else [config_file] if isinstance(config_file, str) else list(config_file)
+        with _user_errors():
+            infer(
+                truth,
+                output=str(out),
+                checkpoint=checkpoint,
+                tta=_as_bool(tta),
+                config_file=["configs/inference.yaml", "configs/evaluate.yaml", *extra],
+                lesion_wise=lesion_wise,
+                include_disjoint=include_disjoint,
+                **overrides,
+            )
+            if _as_bool(plots):
+                evaluation_plots(out / "metrics.csv", out, out, truth, label_scheme, pred_label_scheme, overlays)
+        return str(out)
+    out = Path(output_dir) if output_dir else Path(pred) / "evaluation"
     with _user_errors():
         check_predictions_exist(pred, truth)
         evaluate_folder(pred, truth, label_scheme, out, pred_label_scheme, lesion_wise, include_disjoint)

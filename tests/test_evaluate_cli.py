@@ -236,3 +236,23 @@ def _datalist_without_labels(tmp_path: Path) -> Path:
     path = tmp_path / "unlabelled.json"
     path.write_text(json.dumps({"training": [], "testing": [{"case_id": "x", "image": "x.nii.gz"}]}))
     return path
+
+
+def test_evaluate_command_from_a_checkpoint(tmp_path: Path) -> None:
+    """`python -m bundle evaluate --checkpoint ... --truth DATASET`: the same config run in-process, with plots."""
+    data = generate_demo_dataset(tmp_path / "data", num_cases=2, num_test_cases=0, shape=(32, 32, 24))
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(TINY_NET)
+    parser = ConfigParser()
+    parser.read_config(str(tiny))
+    torch.manual_seed(0)
+    torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    out = tmp_path / "out"
+    args = ["--truth", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--config_file", str(tiny)]
+    _cli("evaluate", *args, "--output_dir", str(out), "--tta", "false", "--lesion_wise", "false", "--plots")
+    rows = _rows(out / "metrics.csv")
+    assert {r["case"] for r in rows} == {"Demo_00000", "Demo_00001"} and len(rows) == 6
+    assert "lesion_dice" not in rows[0]
+    assert (out / "Demo_00000_seg.nii.gz").is_file() and (out / "boxplot_dice.png").is_file()
+    with pytest.raises(SystemExit, match="either --pred"):
+        _cli("evaluate", "--truth", str(data), "--pred", str(out), "--checkpoint", str(tmp_path / "model.pt"))
