@@ -313,6 +313,21 @@ def test_input_is_never_modified():
         assert torch.equal(x, before)
 
 
+def test_devices_pass_through_to_the_sliding_window():
+    inferer = FlipTTAInferer(roi_size=(4, 4, 4), sw_batch_size=3, sw_device="cpu", device="cpu", overlap=0.25)
+    base = inferer.base_inferer
+    assert isinstance(base, SlidingWindowInferer)
+    assert (base.sw_device, base.device, base.sw_batch_size, base.overlap, base.mode) == (
+        "cpu",
+        "cpu",
+        3,
+        0.25,
+        "gaussian",
+    )
+    out = inferer(torch.randn(1, 1, 6, 5, 4), lambda t: t)
+    assert out.device.type == "cpu"
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="roi_size"):
         FlipTTAInferer()
