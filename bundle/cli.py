@@ -195,11 +195,12 @@ def evaluate(
     if (pred is None) == (checkpoint is None) or truth is None:
         raise SystemExit("error: give --truth and either --pred (predictions on disk) or --checkpoint")
     if checkpoint is not None:
+        from bundle.data import DataError
         from bundle.infer import infer
 
         out = Path(output_dir or "runs/evaluate").resolve()
         extra = [] if config_file is None else [config_file] if isinstance(config_file, str) else list(config_file)
-        with _user_errors():
+        with _user_errors(DataError, FileNotFoundError):
             infer(
                 truth,
                 output=str(out),
@@ -258,9 +259,12 @@ def cv(
     Any other ``--key value`` overrides the training config. Writes ``cv_metrics.csv`` and
     ``cv_summary.json`` in ``output_dir`` and prints the fold summary; returns the summary's path.
     """
-    from bundle.cv import run_cv
+    from bundle.cv import parse_fold_ids, run_cv
+    from bundle.data import DataError
 
     with _user_errors():
+        parse_fold_ids(fold_ids, folds)
+    with _user_errors(DataError):
         run_cv(config_file, folds, fold_ids, dataset_dir, datalist, output_dir, seed, **overrides)
     return str(Path(output_dir) / "cv_summary.json")
 
@@ -313,11 +317,16 @@ def _as_bool(value: bool | str) -> bool:
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
-    """Stop with the one-sentence message of a user's bad input instead of a traceback (exit status 1)."""
+def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Stop with the one-sentence message of a user's bad input instead of a traceback (exit status 1).
+
+    ``kinds`` default to ``FileNotFoundError`` and ``ValueError`` (what bundle.evaluation raises for bad
+    input); around training or inference only the bundle's ``DataError`` is, so real bugs keep their traceback.
+    """
+    caught = kinds or (FileNotFoundError, ValueError)
     try:
         yield
-    except (FileNotFoundError, ValueError) as err:
+    except caught as err:
         raise SystemExit(f"error: {err}") from err
 
 
