@@ -124,7 +124,7 @@ class FlipTTAInferer(Inferer):
         flip_batch_size: how many flipped copies share one sliding-window pass (``None``: all on
             CUDA, 1 on CPU).
         amp: use ``torch.autocast``. On CUDA it defaults to float16. On CPU it is used only if
-            ``amp_dtype`` is given (bfloat16), because CPU float16/bfloat16 convolutions are usually
+            ``amp_dtype`` is given (bfloat16), because CPU float16/bfloat16 convolutions are often
             slower than float32; either way the same code path runs.
         amp_dtype: autocast dtype (``torch.float16``, ``torch.bfloat16`` or their names).
         return_std: also return the per-voxel standard deviation across flips (population std over
