@@ -15,14 +15,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from bundle.slices import ResizedSliceInferer
+from bundle.slices import ResizedSliceInferer, training_config
 
-__all__ = ["GatedSliceInferer", "tumour_present"]
+__all__ = ["GatedSliceInferer", "load_gate", "tumour_present"]
 
 
 def tumour_present(label: torch.Tensor) -> torch.Tensor:
     """Slice label for the gate: ``1.0`` if any voxel of the channel-first mask is tumour (non-zero), shape ``(1,)``."""
     return torch.as_tensor(label).ne(0).any().float().reshape(1)
+
+
+def load_gate(
+    config_files: Sequence[str] | str, checkpoint: str, device: torch.device | str = "cpu", **overrides: Any
+) -> nn.Module:
+    """The gate classifier of a training config stack, with the weights of ``checkpoint``, in eval mode.
+
+    ``checkpoint`` is what ``CheckpointSaver`` wrote (``{"model": state_dict}`` or a bare state dict);
+    ``overrides`` (e.g. ``demo``) are set on the training config before the network is built.
+    """
+    network = training_config(config_files, **overrides).get_parsed_content("network_def")
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    return network.to(device).eval()
 
 
 class GatedSliceInferer(ResizedSliceInferer):

@@ -1,0 +1,344 @@
+"""2-D pipeline: slice sampling, M3 preprocessing/augmentations, gated slice inference, 2-D training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.data import set_track_meta
+from monai.transforms import Compose
+from torch import nn
+
+from bundle.data import generate_demo_dataset
+from bundle.gate import GatedSliceInferer, tumour_present
+from bundle.slices import ResizedSliceInferer, SliceSamplingWeightsd
+from bundle.transforms_2d import (
+    CLAHEd,
+    ClipNonzeroPercentilesd,
+    RandChannelGammad,
+    RandGaussianShiftIntensityd,
+    clahe_slices,
+    opencv_to_skimage_clip_limit,
+)
+
+CONFIGS = REPO_ROOT / "configs"
+VARIANTS = {
+    "m1": "m1_la_resunet.yaml",
+    "m2": "m2_resunet_tversky.yaml",
+    "m3": "m3_resse_lka_unet.yaml",
+}
+
+
+def _stack(*names: str) -> list[str]:
+    return [str(CONFIGS / "train.yaml"), str(CONFIGS / "train_2d.yaml")] + [
+        str(CONFIGS / "variants" / n) for n in names
+    ]
+
+
+def _parser(*names: str, **overrides: Any) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(_stack(*names))
+    parser["bundle_root"] = str(REPO_ROOT)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def _volume(depth: int = 40, tumour: range = range(10, 14), empty: range = range(30, 40)) -> dict[str, torch.Tensor]:
+    """A 4 x 24 x 20 x depth volume; tumour in the ``tumour`` slices, no brain in the ``empty`` ones."""
+    rng = np.random.default_rng(0)
+    image = torch.as_tensor(rng.uniform(1, 2, size=(4, 24, 20, depth)), dtype=torch.float32)
+    image[..., list(empty)] = 0
+    label = torch.zeros(3, 24, 20, depth)
+    label[:, 8:12, 6:10, list(tumour)] = 1
+    return {"image": image, "label": label}
+
+
+# ------------------------------------------------------------------------------------ slice sampling
+
+
+@pytest.fixture
+def no_meta() -> Any:
+    """Plain tensors instead of MetaTensors (6x faster per sample; sampling statistics need thousands)."""
+    set_track_meta(False)
+    yield
+    set_track_meta(True)
+
+
+def _tumour_slice_fraction(ratio: float | None, skip_empty: bool, n: int = 2000) -> tuple[float, float]:
+    parser = _parser(tumour_slice_ratio=ratio, skip_empty_slices=skip_empty, num_samples=n, slice_size=[16, 16])
+    sampler = Compose(parser.get_parsed_content("train#slice_transforms"))
+    sampler.set_random_state(seed=123)
+    samples = sampler(_volume())
+    assert len(samples) == n
+    tumour = np.mean([float(s["label"].sum() > 0) for s in samples])
+    empty = np.mean([float(s["image"].abs().sum() == 0) for s in samples])
+    assert all(tuple(s["image"].shape) == (4, 16, 16) and "slice_weight" not in s for s in samples)
+    return tumour, empty
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8])
+def test_slice_sampling_ratio_holds(ratio: float, no_meta: None) -> None:
+    tumour, empty = _tumour_slice_fraction(ratio, skip_empty=True)
+    # binomial standard error at n=2000 is < 0.0112; 4 sigma
+    assert abs(tumour - ratio) < 0.045
+    assert empty == 0.0
+
+
+def test_slice_sampling_natural_frequency_and_kept_empty_slices(no_meta: None) -> None:
+    # ratio None: every kept slice equally likely; empty slices kept: 4 tumour slices of 40
+    tumour, empty = _tumour_slice_fraction(None, skip_empty=False)
+    assert abs(tumour - 4 / 40) < 0.027
+    assert abs(empty - 10 / 40) < 0.039
+
+
+def test_slice_weights_case_without_tumour_slices() -> None:
+    data = _volume()
+    data["label"].zero_()
+    weights = SliceSamplingWeightsd("label", tumour_ratio=0.5)(data)["slice_weight"]
+    per_slice = weights[0, 0, 0]  # every voxel of a slice holds that slice's probability
+    assert torch.allclose(per_slice[:30], torch.full((30,), 1 / 30))
+    assert per_slice[30:].sum() == 0
+    # the weight map is a broadcast view of one value per slice, not a volume
+    assert weights.stride()[1:3] == (0, 0)
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+
+
+def test_percentile_clip_matches_numpy() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.gamma(2.0, 50.0, size=(4, 20, 20, 10)).astype(np.float32)
+    image[:, :5] = 0
+    out = ClipNonzeroPercentilesd("image", 0.5, 99.5)({"image": torch.as_tensor(image)})["image"]
+    assert out.dtype == torch.float32 and out.shape == image.shape
+    for c in range(4):
+        values = image[c][image[c] != 0]
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        expected = np.where(image[c] != 0, np.clip(image[c], lo, hi), 0)
+        np.testing.assert_allclose(out[c].numpy(), expected, rtol=1e-6)
+    assert (out[:, :5] == 0).all()  # background not lifted to the lower percentile
+
+
+def test_clahe_shapes_dtype_background_and_clip_limit_mapping() -> None:
+    assert opencv_to_skimage_clip_limit(2.0) == pytest.approx(2.0 / 256)
+    rng = np.random.default_rng(2)
+    image = torch.as_tensor(rng.normal(100, 10, size=(2, 32, 32, 3)), dtype=torch.float32)
+    image[:, :4] = 0
+    out = CLAHEd("image")({"image": image})["image"]
+    assert out.shape == image.shape and out.dtype == torch.float32
+    assert (out[:, :4] == 0).all()
+    brain = image[:, 4:]
+    # each slice keeps its intensity range, and the contrast is actually changed
+    assert torch.allclose(out[:, 4:].amin(dim=(1, 2)), brain.amin(dim=(1, 2)), atol=1e-3)
+    assert torch.allclose(out[:, 4:].amax(dim=(1, 2)), brain.amax(dim=(1, 2)), atol=1e-3)
+    assert not torch.allclose(out, image)
+    # deterministic, and per slice: a 2-D input gives the same as that slice of the volume
+    np.testing.assert_allclose(clahe_slices(image[..., 1]).numpy(), out[..., 1].numpy(), atol=1e-6)
+
+
+def test_gamma_keeps_each_channels_mean_and_std() -> None:
+    gamma = RandChannelGammad("image", gamma=(0.7, 1.5), prob=1.0)
+    gamma.set_random_state(seed=3)
+    image = torch.randn(4, 32, 32) * torch.tensor([1.0, 2.0, 0.5, 3.0])[:, None, None] + 1.0
+    out = gamma({"image": image})["image"]
+    assert len(set(np.round(gamma.gammas, 6))) == 4  # one gamma per channel
+    assert not torch.allclose(out, image)
+    torch.testing.assert_close(out.mean(dim=(1, 2)), image.mean(dim=(1, 2)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(dim=(1, 2)), image.std(dim=(1, 2)), atol=1e-4, rtol=1e-4)
+
+
+def test_brightness_is_one_gaussian_offset_per_channel() -> None:
+    shift = RandGaussianShiftIntensityd("image", std=0.3, prob=1.0)
+    shift.set_random_state(seed=4)
+    image = torch.zeros(4, 8, 8)
+    offsets = [shift({"image": image})["image"][:, 0, 0] for _ in range(500)]
+    offsets_t = torch.stack(offsets)
+    out = shift({"image": image})["image"]
+    torch.testing.assert_close(out, torch.as_tensor(shift.offsets, dtype=torch.float32)[:, None, None].expand_as(out))
+    assert abs(float(offsets_t.std()) - 0.3) < 0.03 and abs(float(offsets_t.mean())) < 0.03
+    assert offsets_t.std(dim=1).min() > 0  # channels differ
+
+
+def _slice_sample(size: int = 64) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(5)
+    image = torch.as_tensor(rng.normal(size=(4, size, size)), dtype=torch.float32)
+    label = torch.zeros(3, size, size)
+    label[:, 20:40, 25:45] = 1
+    return {"image": image, "label": label}
+
+
+@pytest.mark.parametrize("variant", ["m1", "m2", "m3"])
+def test_augmentations_keep_shape_dtype_and_are_reproducible(variant: str) -> None:
+    parser = _parser(VARIANTS[variant], slice_size=[64, 64])
+    augment = Compose(parser.get_parsed_content("train#augmentations"))
+    outputs = []
+    for _ in range(2):
+        augment.set_random_state(seed=7)
+        outputs.append([augment(_slice_sample()) for _ in range(4)])
+    for first, second in zip(*outputs):
+        for key in ("image", "label"):
+            assert tuple(first[key].shape) == tuple(_slice_sample()[key].shape)
+            assert first[key].dtype == torch.float32
+            torch.testing.assert_close(first[key].as_tensor(), second[key].as_tensor())
+    # and the augmentations do something
+    assert any(not torch.equal(o["image"].as_tensor(), _slice_sample()["image"]) for o in outputs[0])
+
+
+def test_m3_augmentation_numbers() -> None:
+    parser = _parser(VARIANTS["m3"], demo=False)
+    transforms = {type(t).__name__: t for t in parser.get_parsed_content("train#augmentations")}
+    assert transforms["SpatialPadd"].padder.spatial_size == [160, 160]
+    assert set(transforms["SpatialPadd"].mode) == {"reflect"}
+    assert transforms["RandSpatialCropd"].cropper.roi_size == [128, 128]
+    assert transforms["RandGaussianNoised"].rand_gaussian_noise.std == 0.1
+    assert transforms["RandGaussianShiftIntensityd"].std == 0.3
+    assert transforms["RandChannelGammad"].gamma == (0.7, 1.5)
+    affine = transforms["RandAffined"].rand_affine.rand_affine_grid
+    assert affine.rotate_range[0] == pytest.approx(np.deg2rad(15), abs=1e-4)
+    # MONAI draws each scale factor as 1 + uniform(-0.15, 0.15)
+    assert tuple(affine.scale_range) == pytest.approx((0.15, 0.15))
+
+
+# ------------------------------------------------------------------------------------ inference
+
+
+class _CountingSegmenter(nn.Module):
+    """Logit = 10 * (channel 1 - 0.5): tumour where channel 1 is bright; counts the slices it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.slices_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.slices_seen += x.shape[0]
+        return self.scale * (x[:, 1:2] - 0.5)
+
+
+class _BrightnessGate(nn.Module):
+    """A stand-in gate: 'tumour' if the slice's mean of channel 0 exceeds 0.5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 20.0 * (x[:, 0].mean(dim=(1, 2)) - 0.5)[:, None]
+
+
+def test_resized_slice_inferer_round_trip() -> None:
+    x = torch.linspace(0, 1, 30)[None, None, :, None, None].expand(1, 2, 30, 26, 5).clone()
+    out = ResizedSliceInferer(model_size=(64, 64), sw_batch_size=4)(x, lambda s: s * 2)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, 2 * x, atol=0.02, rtol=0)  # smooth input survives up/down sampling
+
+
+def test_gated_inference_skips_tumour_free_slices_and_writes_oriented_nifti(tmp_path: Path) -> None:
+    shape, depth = (24, 20), 16
+    affine = np.diag([-2.0, -2.0, 2.0, 1.0])
+    affine[:3, 3] = [10.0, -5.0, 3.0]
+    case = tmp_path / "cases" / "Case_0"
+    case.mkdir(parents=True)
+    rng = np.random.default_rng(6)
+    for i, modality in enumerate(("t1", "t1ce", "t2", "flair")):
+        vol = rng.uniform(0.9, 1.1, size=(*shape, depth)).astype(np.float32)
+        if i == 0:
+            vol[..., depth // 2 :] += 2.0  # the upper half is "tumour-bearing" for the stand-in gate
+        if i == 1:
+            vol[:8, :, :] += 2.0  # the segmenter's tumour: low file x only
+        nib.save(nib.Nifti1Image(vol, affine), case / f"Case_0_{modality}.nii.gz")
+    segmenter = _CountingSegmenter()
+    torch.save(segmenter.state_dict(), tmp_path / "model.pt")
+    gated = GatedSliceInferer(
+        gate=_BrightnessGate(), model_size=(32, 32), out_channels=1, spatial_dim=2, sw_batch_size=4
+    )
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / "inference.yaml"), str(CONFIGS / "inference_2d.yaml")],
+        workflow_type="infer",
+        bundle_root=str(REPO_ROOT),
+        train_config=_stack(VARIANTS["m2"]),
+        dataset_dir=str(case),
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(tmp_path / "model.pt"),
+        network=segmenter,
+        slice_inferer=gated,
+        remove_small_components=False,
+        tta=True,
+        num_workers=0,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    flips = 4
+    assert gated.slices_total == flips * depth
+    assert gated.slices_segmented == flips * depth // 2
+    assert segmenter.slices_seen == flips * depth // 2  # the segmenter never saw a gated-out slice
+    written = nib.load(tmp_path / "out" / "Case_0_seg.nii.gz")
+    assert written.shape == (*shape, depth)
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    mask = np.asarray(written.dataobj)
+    expected = np.zeros_like(mask)
+    expected[:8, :, depth // 2 :] = 1
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_gate_slice_label() -> None:
+    label = torch.zeros(3, 8, 8)
+    assert tumour_present(label).tolist() == [0.0]
+    label[1, 2, 3] = 1
+    assert tumour_present(label).tolist() == [1.0]
+
+
+# ------------------------------------------------------------------------------------ training
+
+TINY_2D = {
+    "num_folds": 2,
+    "slice_size": [32, 32],
+    "network_def#channels": [4, 8, 16, 32, 64],
+    "epochs": 1,
+    "val_interval": 1,
+    "num_workers": 0,
+    "batch_size": 2,
+    "num_samples": 2,
+    "learning_rate": 1e-3,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four labelled 32 x 32 x 24 demo phantoms."""
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo2d"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
+
+
+@pytest.mark.parametrize("variant", ["m1", "m2", "m3"])
+def test_one_2d_epoch_through_the_bundle(variant: str, tmp_path: Path, tiny_demo: Path) -> None:
+    workflow = ConfigWorkflow(
+        config_file=_stack(VARIANTS[variant]),
+        workflow_type="train",
+        run_id="training",
+        bundle_root=str(REPO_ROOT),
+        dataset_dir=str(tiny_demo),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        **TINY_2D,
+        **({"warmup_epochs": 1} if variant == "m3" else {}),
+    )
+    workflow.initialize()
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    workflow.finalize()
+    assert trainer.state.epoch == 1 and np.isfinite(float(trainer.state.output[0]["loss"]))
+    metrics = evaluator.state.metrics
+    regions = ["WT"] if variant == "m2" else ["WT", "TC", "ET"]
+    for region in regions:
+        assert 0.0 <= metrics[f"val_dice_{region}"] <= 1.0
+    if variant == "m2":
+        assert "val_dice_TC" not in metrics
+    assert (tmp_path / "models" / "model.pt").is_file()
+    # the network saw 2-D slices of the configured size
+    network = workflow.parser.get_parsed_content("network")
+    assert next(network.parameters()).ndim == 4  # 2-D convolutions
