@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import json_hashing
 from monai.handlers import CheckpointLoader
 from monai.transforms import Compose
 
@@ -40,7 +41,14 @@ def make_dataset(
         if not cache_dir:
             raise ValueError("cache='disk' needs a cache_dir")
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(data, transform, cache_dir=cache_dir)
+        # track_meta keeps affines on the cached tensors (without it, from the second epoch on,
+        # HD95 and volumes would be in voxels and Invertd would have nothing to invert);
+        # hash_transform keys the cache by the transforms too, so runs with other preprocessing
+        # (variants, 2-D configs) sharing a cache_dir never read each other's items. The files are
+        # this workflow's own, hence weights_only=False to load MetaTensors.
+        return PersistentDataset(
+            data, transform, cache_dir=cache_dir, hash_transform=json_hashing, track_meta=True, weights_only=False
+        )
     if cache == "none":
         return Dataset(data, transform)
     raise ValueError(f"unknown cache mode {cache!r}; expected one of {CACHE_MODES}")

@@ -149,3 +149,21 @@ def test_one_epoch_on_real_brats_samples(tmp_path: Path) -> None:
     assert list((tmp_path / "out").glob("checkpoint_*epoch=1.pt"))
     assert list((tmp_path / "out" / "cache").glob("*.pt")), "real data should use the disk cache by default"
     workflow.finalize()
+
+
+def test_disk_cache_keeps_affines_and_is_keyed_by_transforms(tmp_path: Path, tiny_demo: Path) -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityd
+
+    from bundle.data import make_datalist
+    from bundle.workflow import make_dataset
+
+    items = make_datalist(tiny_demo, folds=1)["training"][:1]
+    load = [LoadImaged(keys="label", image_only=True), EnsureChannelFirstd(keys="label")]
+    first = make_dataset(items, Compose(load), cache="disk", cache_dir=str(tmp_path / "c"))[0]
+    again = make_dataset(items, Compose(load), cache="disk", cache_dir=str(tmp_path / "c"))[0]  # from disk
+    assert isinstance(again["label"], MetaTensor)
+    assert torch.allclose(again["label"].affine, first["label"].affine)
+    other = Compose([*load, ScaleIntensityd(keys="label")])
+    make_dataset(items, other, cache="disk", cache_dir=str(tmp_path / "c"))[0]
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 2, "different transforms must not share cache entries"
