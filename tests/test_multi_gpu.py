@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from test_training import TINY
 
 from bundle.data import generate_demo_dataset
@@ -25,6 +25,23 @@ def _scalar(log_dir: Path, tag: str) -> list[float]:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return [event.value for event in events.Scalars(tag)]
+
+
+# Handlers every rank must run, so that all ranks take the same decisions; all others write.
+RANK_INDEPENDENT = {"ValidationHandler", "EarlyStopHandler", "LrScheduleHandler"}
+
+
+def test_only_decision_handlers_run_on_every_rank() -> None:
+    """Every writing handler of train.yaml is disabled on ranks > 0 (fails when one is added there)."""
+    merged = ConfigParser.load_config_files(CONFIGS)
+    for section in ("train", "validate"):
+        for index, handler in enumerate(merged[section]["handlers"]):
+            target = handler["_target_"].split(".")[-1]
+            disabled = handler.get("_disabled_")
+            if target in RANK_INDEPENDENT:
+                assert disabled is None, f"{section}#handlers#{index} ({target}) must run on every rank"
+            else:
+                assert disabled == "$@rank > 0", f"{section}#handlers#{index} ({target}) must be rank 0 only"
 
 
 @pytest.mark.slow
@@ -67,6 +84,8 @@ def test_two_process_cpu_training_matches_single_process_evaluation(tmp_path: Pa
     writers = {path.name.split(".")[-2] for path in out.glob("events.out.tfevents.*")}
     assert len(writers) == 1, f"TensorBoard files written by processes {writers}"
     assert result.stdout.count("val_mean_dice") + result.stderr.count("val_mean_dice") >= 1
+    rows = (out / "metrics_per_epoch.csv").read_text().strip().splitlines()
+    assert len(rows) == 2, f"one header and one epoch row expected, got {rows}"
     ddp_dice = _scalar(out, "val_mean_dice")
     assert len(ddp_dice) == 1, "one validation after one epoch"
 
