@@ -42,6 +42,15 @@ GATE = "m2_gate_classifier.yaml"
 def workflow(variant: str, out: Path, args: argparse.Namespace, **extra: Any) -> ConfigWorkflow:
     """An initialised training workflow of ``train.yaml + train_2d.yaml + variant`` with the shared budget."""
     name = Path(variant).stem
+    # one caching thread: with make_dataset's default (a thread per CPU) a demo case intermittently
+    # loads as one channel on this machine (not yet understood; see docs/pipeline_2d.md)
+    extra["train#dataset#num_workers"] = 1
+    if variant == GATE:
+        extra["validate#dataset#data"] = (
+            "$bundle.workflow.make_dataset(@val_datalist, @validate#preprocessing, @cache, @cache_dir, num_workers=1)"
+        )
+    else:
+        extra["validate#dataset#num_workers"] = 1
     wf = ConfigWorkflow(
         config_file=[str(ROOT / f) for f in [*BASE, f"configs/variants/{variant}"]],
         workflow_type="train",
