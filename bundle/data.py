@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -516,14 +518,18 @@ def generate_demo_dataset(
     marker = root / "demo.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
-    root.mkdir(parents=True, exist_ok=True)
+    # Written into a temporary sibling folder and moved into place when complete, so an
+    # interrupted run never leaves a half-written demo and a concurrent run never reads one.
+    staging = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     affine = demo_affine(shape)
     from tqdm import tqdm
 
     for index in tqdm(range(num_cases + num_test_cases), desc="demo data", unit="case"):
         case_id = f"Demo_{index:05d}"
-        case_dir = root / case_id
-        case_dir.mkdir(exist_ok=True)
+        case_dir = staging / case_id
+        case_dir.mkdir()
         image, labels = make_phantom(seed * 100_003 + index, shape)
         for channel, modality in enumerate(MODALITIES):
             nib.save(nib.Nifti1Image(image[channel], affine), case_dir / f"{case_id}_{modality}.nii.gz")
@@ -532,7 +538,13 @@ def generate_demo_dataset(
         else:
             # Held-out cases keep their truth outside the case folder, so discovery lists them
             # as unlabelled test cases while the demo can still compare its prediction.
-            (root / "heldout_truth").mkdir(exist_ok=True)
-            nib.save(nib.Nifti1Image(labels, affine), root / "heldout_truth" / f"{case_id}_seg.nii.gz")
-    write_json_atomic(params, marker)
+            (staging / "heldout_truth").mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(labels, affine), staging / "heldout_truth" / f"{case_id}_seg.nii.gz")
+    write_json_atomic(params, staging / "demo.json")
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        shutil.rmtree(staging)  # another process finished the same demo first
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    staging.rename(root)
     return root

@@ -289,3 +289,12 @@ def test_write_brats_case_helper_is_a_valid_case(tmp_path: Path) -> None:
     # guards the fixtures themselves: a freshly written case passes every check
     write_brats_case(tmp_path, "X_1", "brats2021")
     assert len(make_datalist(tmp_path, folds=1)["training"]) == 1
+
+
+def test_demo_replaces_a_partial_folder_in_one_move(tmp_path: Path) -> None:
+    partial = tmp_path / "demo"
+    (partial / "Demo_00000").mkdir(parents=True)
+    (partial / "Demo_00000" / "Demo_00000_t1.nii.gz").write_bytes(b"half-written")
+    root = generate_demo_dataset(partial, num_cases=1, num_test_cases=0, shape=(24, 24, 16))
+    assert nib.load(root / "Demo_00000" / "Demo_00000_t1.nii.gz").shape == (24, 24, 16)
+    assert not list(tmp_path.glob(".demo.tmp-*")), "no staging folder left behind"
