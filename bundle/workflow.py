@@ -27,7 +27,7 @@ def make_dataset(
     transform: Compose,
     cache: str = "memory",
     cache_dir: str | None = None,
-    num_workers: int = 0,
+    num_workers: int = 1,
     progress: bool = True,
 ) -> Dataset:
     """Return MONAI's ``CacheDataset`` (``memory``), ``PersistentDataset`` (``disk``) or ``Dataset``.
@@ -36,7 +36,10 @@ def make_dataset(
     so loading, reorientation, cropping and normalisation run once per case.
     """
     if cache == "memory":
-        return CacheDataset(data, transform, cache_rate=1.0, num_workers=num_workers or None, progress=progress)
+        # One caching thread by default: the threads of CacheDataset share one LoadImaged (and its
+        # readers), and with several threads a four-file image was seen here to load, now and then,
+        # with a single channel. Caching the demo takes a few seconds either way.
+        return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, num_workers), progress=progress)
     if cache == "disk":
         if not cache_dir:
             raise ValueError("cache='disk' needs a cache_dir")
