@@ -10,10 +10,12 @@ validation every 5, early stopping); only the config stack differs:
 For each run the report holds the best validation mean Dice, the per-region Dice (WT, TC, ET) of the
 validation at which it was reached, the epochs trained, the wall time and the CPU time (this
 process, all threads, plus DataLoader worker processes once they have exited). A JSON file and a
-markdown table are written to ``--work_dir`` and printed; a partial JSON is rewritten after every
-validation, so an interrupted comparison still shows how far each run got.
+markdown table (plus one of the Dice at every validation, the runs side by side) are written to
+``--work_dir`` and printed; ``partial.json`` is rewritten after every validation, so an interrupted
+comparison still shows how far each run got.
 
     OMP_NUM_THREADS=1 python scripts/compare_m4_variant.py            # runs/compare_m4/
+    python scripts/compare_m4_variant.py --report runs/compare_m4/partial.json   # tables so far
 """
 
 from __future__ import annotations
@@ -158,12 +160,40 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def validation_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of val_mean_dice (WT / TC / ET) per validation epoch, the runs side by side."""
+    names = list(results)
+    by_epoch: dict[int, dict[str, dict[str, Any]]] = {}
+    for name in names:
+        for row in results[name].get("validations", []):
+            by_epoch.setdefault(row["epoch"], {})[name] = row
+    lines = ["| epoch | " + " | ".join(f"{n}: mean (WT / TC / ET)" for n in names) + " |"]
+    lines.append("|---:|" + "---|" * len(names))
+    for epoch in sorted(by_epoch):
+        cells = []
+        for name in names:
+            row = by_epoch[epoch].get(name)
+            cells.append(
+                "-"
+                if row is None
+                else f"{row['val_mean_dice']} ({row['val_dice_WT']} / {row['val_dice_TC']} / {row['val_dice_ET']})"
+            )
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Run the default and the M4-variant demo trainings and write ``comparison.json`` / ``comparison.md``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default="runs/compare_m4")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs, in order")
+    parser.add_argument("--report", default=None, help="only print the tables of an existing partial.json")
     args = parser.parse_args()
+
+    if args.report:  # e.g. a comparison that was interrupted
+        partial_results = json.loads(Path(args.report).read_text())
+        print(validation_table(partial_results))
+        return
 
     work_dir = Path(args.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +211,7 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(),
         "runs": results,
     }
-    table = markdown_table(results)
+    table = markdown_table(results) + "\n\n" + validation_table(results)
     (work_dir / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
     (work_dir / "comparison.md").write_text(table + "\n")
     print(json.dumps(report, indent=2))
