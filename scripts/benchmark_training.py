@@ -101,7 +101,7 @@ def main() -> None:
     # Epoch 1 (warm-up: worker start, allocator, oneDNN kernel selection).
     trainer.state.max_epochs = 1
     trainer.run()
-    batches = [(b["image"].as_tensor().clone(), b["label"].as_tensor().clone()) for b in loader]
+    batches = [(torch.Tensor(b["image"]).clone(), torch.Tensor(b["label"]).clone()) for b in loader]
     bare_steps: list[float] = []
     for r in range(args.rounds):
         trainer.state.max_epochs = 2 + r
