@@ -170,14 +170,7 @@ def evaluate_folder(
             include_disjoint=include_disjoint,
             case_id=case,
         )
-    summary = summarize(rows)
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_metrics_csv(rows, output_dir / "metrics.csv")
-        _atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    if verbose:
-        print(format_summary(summary))
+    save_evaluation(rows, output_dir, verbose=verbose)
     return rows
 
 
