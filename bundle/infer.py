@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -227,8 +227,9 @@ class AtomicSaveImaged(SaveImaged):
 
 
 @contextmanager
-def _working_directory(path: Path):
-    # the configs reference each other by bundle-relative paths (MONAI macros "%configs/...")
+def working_directory(path: Path) -> Iterator[None]:
+    """Run the block in ``path``: the configs reference each other by bundle-relative paths
+    (MONAI macros ``%configs/...``), so workflows are parsed from the bundle root."""
     previous = Path.cwd()
     os.chdir(path)
     try:
@@ -289,7 +290,7 @@ def infer(
     configs = ["configs/inference.yaml"] if config_file is None else config_file
     configs = [configs] if isinstance(configs, str) else list(configs)
     configs = [str(Path(c).resolve()) if Path(c).exists() else c for c in configs]
-    with _working_directory(BUNDLE_ROOT), _unwrapped_data_errors():
+    with working_directory(BUNDLE_ROOT), _unwrapped_data_errors():
         workflow = ConfigWorkflow(config_file=configs, workflow_type="inference", **settings)
         workflow.initialize()
         workflow.run()

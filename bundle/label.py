@@ -26,7 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES
+from bundle.infer import working_directory
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +73,6 @@ def label_channel_def(scheme: str = APP_LAYOUT) -> dict[str, str]:
     return {str(value): CLASS_NAMES[internal] for value, internal in sorted(LABEL_SCHEMES[scheme].items())}
 
 
-@contextlib.contextmanager
-def _working_directory(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def expand_config(bundle_dir: Path, config: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Read ``bundle_dir/configs/<config>``, expand its ``%file::id`` macros and apply ``overrides``.
 
@@ -89,7 +80,7 @@ def expand_config(bundle_dir: Path, config: str, overrides: Mapping[str, Any]) -
     ``monai.bundle run`` resolves them when started from the bundle root.
     """
     parser = ConfigParser()
-    with _working_directory(bundle_dir):
+    with working_directory(bundle_dir):
         parser.read_config(str(bundle_dir / "configs" / config))
         parser.resolve_macro_and_relative_ids()
     for key, value in overrides.items():
