@@ -35,6 +35,7 @@ from bundle.evaluation import (
     SUMMARY_METRICS,
     _atomic_write_text,
     case_id_from_path,
+    metric_table,
     save_evaluation,
     summarize,
     write_metrics_csv,
@@ -187,17 +188,7 @@ def summarize_folds(rows: Sequence[dict], metrics: Sequence[str] | None = None) 
 
 def format_cv_summary(summary: dict[str, Any]) -> str:
     """Table of the fold summary: one line per metric, ``mean +- std`` across folds per region."""
-    across = summary["across_folds"]
-    regions = list(across)
-    metrics = list(dict.fromkeys(m for r in regions for m in across[r]))
-    width = max([len(m) for m in metrics] + [6])
-    lines = [f"{'metric':<{width}}  " + "  ".join(f"{r:>20}" for r in regions)]
-    for metric in metrics:
-        cells = []
-        for region in regions:
-            s = across[region].get(metric)
-            cells.append(f"{s['mean']:.4f} +- {s['std']:.4f}" if s else "-")
-        lines.append(f"{metric:<{width}}  " + "  ".join(f"{c:>20}" for c in cells))
+    lines = metric_table(summary["across_folds"], lambda s: f"{s['mean']:.4f} +- {s['std']:.4f}", 20)
     folds = ", ".join(f"{k} ({n} cases)" for k, n in summary["cases_per_fold"].items())
     lines.append(f"folds {folds}; mean +- std of the per-fold means")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -202,18 +202,24 @@ def summarize(rows: Iterable[dict], metrics: Sequence[str] | None = None) -> dic
     return out
 
 
+def metric_table(
+    stats: dict[str, dict[str, dict[str, float]]], cell: Callable[[dict[str, float]], str], column_width: int
+) -> list[str]:
+    """Lines of a region x metric table: a header, then one line per metric with ``cell(stats)`` per region."""
+    regions = list(stats)
+    metrics = list(dict.fromkeys(m for r in regions for m in stats[r]))
+    width = max([len(m) for m in metrics] + [6])
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{r:>{column_width}}" for r in regions)]
+    for metric in metrics:
+        cells = [cell(s) if (s := stats[region].get(metric)) else "-" for region in regions]
+        lines.append(f"{metric:<{width}}  " + "  ".join(f"{c:>{column_width}}" for c in cells))
+    return lines
+
+
 def format_summary(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     """Human-readable table: one line per metric, one ``mean +- std (median)`` column per region."""
     regions = list(summary)
-    metrics = list(dict.fromkeys(m for r in regions for m in summary[r]))
-    width = max([len(m) for m in metrics] + [6])
-    lines = [f"{'metric':<{width}}  " + "  ".join(f"{r:>24}" for r in regions)]
-    for metric in metrics:
-        cells = []
-        for region in regions:
-            s = summary[region].get(metric)
-            cells.append(f"{s['mean']:.4f} +- {s['std']:.4f} ({s['median']:.4f})" if s else "-")
-        lines.append(f"{metric:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
+    lines = metric_table(summary, lambda s: f"{s['mean']:.4f} +- {s['std']:.4f} ({s['median']:.4f})", 24)
     n = max((s["n"] for r in regions for s in summary[r].values()), default=0)
     lines.append(f"{n} case(s); mean +- std (median)")
     return "\n".join(lines)
