@@ -31,6 +31,8 @@ TINY = {"network_def#filters": [4, 8, 16, 32, 64], "roi_size": [32, 32, 32], "nu
 SHAPE = (40, 36, 30)
 MSD_VALUE = {internal: value for value, internal in LABEL_SCHEMES["msd"].items()}
 BRATS2021_INTERNAL = LABEL_SCHEMES["brats2021"]
+# monailabel.utils.async_tasks.task: a task is SUBMITTED, then RUNNING, then one of these.
+TASK_FINAL_STATES = ("DONE", "ERROR", "STOPPED")
 
 
 def lps_affine() -> np.ndarray:
@@ -197,9 +199,10 @@ def test_server_trains_from_final_labels(server: dict[str, Any]) -> None:
     client.train_start(MODEL_NAME, {"max_epochs": 1, "val_split": 0.5, "multi_gpu": False, "device": "cpu"})
     deadline = time.monotonic() + 900
     status: dict[str, Any] = {}
+    # A task goes SUBMITTED -> RUNNING -> DONE | ERROR | STOPPED; poll until it leaves the first two.
     while time.monotonic() < deadline:
         status = client.train_status()
-        if status.get("status") not in ("RUNNING", "QUEUED", None):
+        if status.get("status") in TASK_FINAL_STATES:
             break
         time.sleep(5)
     assert status.get("status") == "DONE", f"{status}\n{server['log'].read_text()[-4000:]}"
