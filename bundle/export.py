@@ -4,7 +4,7 @@
 
     DIR/configs/      metadata.json, train/inference/evaluate/multi_gpu_train YAML, logging.conf, variants
     DIR/models/       model.pt (state dict), model.ts (TorchScript, MONAI's ckpt_export)
-    DIR/docs/         README.md (model card), data_license.txt
+    DIR/docs/         README.md (model card), methods.md, data_license.txt
     DIR/bundle/       this package, vendored so `_target_: bundle....` resolves from DIR alone
     DIR/schemas/      meta_schema.json for `monai.bundle verify_metadata` offline
     DIR/LICENSE, DIR/large_files.yml (md5 of the model files)
@@ -59,7 +59,7 @@ def _copy_tree(out: Path) -> None:
     for folder in ("configs", "bundle", "schemas"):
         shutil.copytree(REPO_ROOT / folder, out / folder, ignore=_IGNORE)
     (out / "docs").mkdir()
-    for name in ("README.md", "data_license.txt"):
+    for name in ("README.md", "methods.md", "data_license.txt"):  # configs cite docs/methods.md
         shutil.copy2(REPO_ROOT / "docs" / name, out / "docs" / name)
     shutil.copy2(REPO_ROOT / "LICENSE", out / "LICENSE")
 

@@ -78,6 +78,7 @@ def test_layout_hashes_and_sizes(exported: Path) -> None:
         "models/model.pt",
         "models/model.ts",
         "docs/README.md",
+        "docs/methods.md",
         "docs/data_license.txt",
         "LICENSE",
         "large_files.yml",
