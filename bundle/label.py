@@ -49,6 +49,8 @@ APP_OVERRIDES: dict[str, Any] = {"label_layout": APP_LAYOUT}
 APP_INFER_OVERRIDES: dict[str, Any] = {"output_label_scheme": APP_LAYOUT}
 #: MONAI Label takes the label map from this key (after its own filtering of SaveImaged).
 PRED_KEY = "pred"
+#: Config targets that load the image (MONAI Label wraps any LoadImaged in its LoadImageTensord).
+LOADERS = ("LoadImaged", "monai.transforms.LoadImaged", "bundle.transforms.ThreadUnsafeLoadImaged")
 
 
 def sample_app_dir() -> Path:
@@ -94,7 +96,7 @@ def app_inference_config(bundle_dir: Path, overrides: Mapping[str, Any]) -> dict
     for transform in config["preprocessing"]["transforms"]:
         # MONAI Label wraps LoadImaged in its LoadImageTensord, which ignores allow_missing_keys:
         # inference requests carry no label, so the loader gets the image key only.
-        if isinstance(transform, dict) and transform.get("_target_") in ("LoadImaged", "monai.transforms.LoadImaged"):
+        if isinstance(transform, dict) and transform.get("_target_") in LOADERS:
             transform["keys"] = ["@image_key"]
     # MONAI Label takes the label map from "pred"; inference.yaml leaves it in "pred_label".
     config["postprocessing"]["transforms"].append({"_target_": "CopyItemsd", "keys": "pred_label", "names": PRED_KEY})

@@ -6,6 +6,8 @@
 * :class:`LabelsToRegionsd` - internal labels to float WT/TC/ET channels. MONAI's
   ``ConvertToMultiChannelBasedOnBratsClassesd`` hard-codes ET = 4 (BraTS 2021 values) and
   yields boolean channels that break ``DiceLoss(squared_pred=True)`` on monai 1.6.1.
+* :class:`ThreadUnsafeLoadImaged` - MONAI's ``LoadImaged`` declared ``ThreadUnsafe``, so the
+  threads of ``CacheDataset`` each get their own copy (see its docstring).
 """
 
 from __future__ import annotations
@@ -17,11 +19,25 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, Transform
+from monai.transforms.traits import ThreadUnsafe
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS
 
-__all__ = ["LabelsToRegions", "LabelsToRegionsd", "ToInternalConventiond", "map_label_values"]
+__all__ = ["LabelsToRegions", "LabelsToRegionsd", "ThreadUnsafeLoadImaged", "ToInternalConventiond", "map_label_values"]
+
+
+class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
+    """MONAI's ``LoadImaged``, unchanged except that it is declared ``ThreadUnsafe``.
+
+    On monai 1.6.1 ``NibabelReader.read`` keeps the file names on the reader (``self.filenames``)
+    and ``get_data`` zips the loaded images with them. ``CacheDataset(num_workers > 1)`` runs one
+    ``LoadImaged`` in several threads, so a thread that loads the one-file label between another
+    thread's ``read`` and ``get_data`` of the four modality files truncates that image to one
+    channel. MONAI's ``Compose`` deep-copies ``ThreadUnsafe`` transforms when it runs threaded
+    (``CacheDataset`` filling its cache), which gives every thread its own readers. MONAI Label
+    still recognises it as a ``LoadImaged``.
+    """
 
 
 def map_label_values(label: torch.Tensor | np.ndarray, scheme: str) -> torch.Tensor | np.ndarray:

@@ -33,12 +33,12 @@ def make_dataset(
     """Return MONAI's ``CacheDataset`` (``memory``), ``PersistentDataset`` (``disk``) or ``Dataset``.
 
     Both caches store the result of every deterministic transform before the first random one,
-    so loading, reorientation, cropping and normalisation run once per case.
+    so loading, reorientation, cropping and normalisation run once per case. ``num_workers`` is
+    the number of threads that fill the in-memory cache.
     """
     if cache == "memory":
-        # One caching thread by default: the threads of CacheDataset share one LoadImaged (and its
-        # readers), and with several threads a four-file image was seen here to load, now and then,
-        # with a single channel. Caching the demo takes a few seconds either way.
+        # Several caching threads need the loader declared ThreadUnsafe (train.yaml's
+        # bundle.transforms.ThreadUnsafeLoadImaged): a shared LoadImaged truncates images.
         return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, num_workers), progress=progress)
     if cache == "disk":
         if not cache_dir:

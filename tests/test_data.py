@@ -298,3 +298,64 @@ def test_demo_replaces_a_partial_folder_in_one_move(tmp_path: Path) -> None:
     root = generate_demo_dataset(partial, num_cases=1, num_test_cases=0, shape=(24, 24, 16))
     assert nib.load(root / "Demo_00000" / "Demo_00000_t1.nii.gz").shape == (24, 24, 16)
     assert not list(tmp_path.glob(".demo.tmp-*")), "no staging folder left behind"
+
+
+def _case_files(case_dir: Path) -> tuple[list[str], str]:
+    return [str(_case_file(case_dir, m)) for m in MODALITIES], str(_case_file(case_dir, "seg"))
+
+
+def test_monai_nibabel_reader_shares_file_names_between_reads(brats2021_dir: Path) -> None:
+    """The MONAI behaviour ThreadUnsafeLoadImaged guards against: a read in between truncates an image.
+
+    If this starts failing, MONAI's reader no longer keeps per-read state and the subclass is moot.
+    """
+    from monai.data import NibabelReader
+
+    images, label = _case_files(brats2021_dir / "BraTS2021_00000")
+    reader = NibabelReader()
+    four = reader.read(images)
+    assert reader.get_data(four)[0].shape == (len(MODALITIES), *SHAPE)
+    four = reader.read(images)
+    reader.read(label)  # what another caching thread does meanwhile
+    assert reader.get_data(four)[0].shape == SHAPE  # one modality, not four
+
+
+def test_thread_unsafe_loader_gets_a_copy_per_threaded_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MONAI's Compose deep-copies it when run threaded (as CacheDataset does), not otherwise."""
+    from monai.transforms import Compose, LoadImaged
+
+    from bundle.transforms import ThreadUnsafeLoadImaged
+
+    loader = ThreadUnsafeLoadImaged(keys="image")
+    assert isinstance(loader, LoadImaged)  # MONAI Label wraps it like MONAI's own
+    called_on: list[object] = []
+
+    def record_instance(self: ThreadUnsafeLoadImaged, data: dict) -> dict:
+        called_on.append(self)
+        return dict(data)
+
+    monkeypatch.setattr(ThreadUnsafeLoadImaged, "__call__", record_instance)
+    pipeline = Compose([loader])
+    pipeline({"image": "unused"}, threading=True)
+    pipeline({"image": "unused"})
+    assert called_on[0] is not loader and called_on[1] is loader
+
+
+def test_cache_dataset_threads_load_every_channel(tmp_path: Path) -> None:
+    """train.yaml's preprocessing cached by four threads: every case keeps its four channels."""
+    from monai.bundle import ConfigParser
+
+    from bundle.workflow import make_dataset
+
+    root = tmp_path / "cases"
+    for i in range(12):
+        write_brats_case(root, f"BraTS2021_{i:05d}", "brats2021")
+    items = make_datalist(root, folds=2, seed=0)["training"]
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml"))
+    parser["dataset_dir"] = str(root)
+    parser["output_dir"] = str(tmp_path / "run")
+    transform = parser.get_parsed_content("validate#preprocessing")
+    for _ in range(3):
+        dataset = make_dataset(items, transform, cache="memory", num_workers=4, progress=False)
+        assert [dataset[i]["image"].shape[0] for i in range(len(dataset))] == [len(MODALITIES)] * len(items)
