@@ -18,6 +18,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.data import Dataset
 from monai.transforms import SaveImaged
 
@@ -174,12 +175,34 @@ def _check_checkpoint(path: Path, network: torch.nn.Module) -> str:
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
         first = (missing or unexpected or shapes)[0]
+        demo = default_network_demo_flag(state)
+        hint = (
+            f"it fits configs/train.yaml's {'demo' if demo else 'full-size'} network: add --demo {str(demo).lower()}"
+            if demo is not None
+            else "was it trained with another config (network_def, demo, variant)?"
+        )
         raise DataError(
             f"{path}: checkpoint does not match the network ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(shapes)} differently shaped weights, e.g. {first!r}); was it trained with another config "
-            "(network_def, demo, variant)?"
+            f"{len(shapes)} differently shaped weights, e.g. {first!r}); {hint}"
         )
     return str(path)
+
+
+def default_network_demo_flag(state: Mapping[str, torch.Tensor]) -> bool | None:
+    """The ``demo`` value for which configs/train.yaml's own ``network_def`` takes ``state``, else None.
+
+    train.yaml sizes its network by ``demo`` (true when no dataset is given), so weights from the
+    demo do not fit the full-size network that a run on real data builds: the commonest mismatch.
+    """
+    for demo in (True, False):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE_ROOT / "configs" / "train.yaml"))
+        parser["demo"] = demo
+        network = parser.get_parsed_content("network_def")
+        expected = network.state_dict()
+        if expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in expected):
+            return demo
+    return None
 
 
 # ----------------------------------------------------------------------------------------- outputs

@@ -170,6 +170,18 @@ def test_checkpoint_that_does_not_match_the_network(tmp_path):
         infer(str(case_dir), output=str(tmp_path / "out"), checkpoint=str(bad), network_def=TINY_NET)
 
 
+def test_demo_checkpoint_on_the_full_size_network_says_add_demo_true(tmp_path):
+    parser = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "train.yaml"))
+    demo_net = ConfigParser({**parser, "demo": True}).get_parsed_content("network_def")
+    full_net = ConfigParser({**parser, "demo": False}).get_parsed_content("network_def")
+    torch.save({"model": demo_net.state_dict()}, tmp_path / "demo.pt")
+    with pytest.raises(DataError, match=r"demo\.pt: checkpoint does not match .* demo network: add --demo true"):
+        check_checkpoint(str(tmp_path / "demo.pt"), full_net)
+    torch.save({"model": full_net.state_dict()}, tmp_path / "full.pt")
+    with pytest.raises(DataError, match=r"full\.pt: .* full-size network: add --demo false"):
+        check_checkpoint(str(tmp_path / "full.pt"), demo_net)
+
+
 def test_truncated_file_is_named_and_leaves_no_output(tmp_path):
     case_dir = _write_case(tmp_path / "data", "Case_001")
     path = case_dir / "Case_001_t2.nii.gz"
