@@ -7,11 +7,15 @@ command's optional dependencies never slow down or break another.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the commands import their modules lazily, so `python -m bundle --help` stays fast
+    from bundle.data import DataError
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -345,7 +349,27 @@ COMMANDS = {
 
 
 def main() -> None:
-    """Entry point of ``python -m bundle``."""
+    """Entry point of ``python -m bundle``: a dataset problem ends with its one sentence, exit code 1."""
     import fire
 
-    fire.Fire(COMMANDS)
+    try:
+        fire.Fire(COMMANDS)
+    except Exception as err:
+        data_error = _data_error_in(err)
+        if data_error is None:
+            raise
+        # The sentence names the file and the problem; a traceback would only bury it.
+        if not getattr(data_error, "logged", False):
+            print(f"error: {data_error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _data_error_in(err: BaseException) -> DataError | None:
+    """The DataError that caused ``err`` (MONAI's config evaluation wraps it in a RuntimeError)."""
+    from bundle.data import DataError
+
+    while err is not None:
+        if isinstance(err, DataError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

@@ -110,7 +110,9 @@ def _logged_data_errors():
     try:
         yield
     except DataError as err:
-        logger.error("%s", err)
+        if not getattr(err, "logged", False):
+            logger.error("%s", err)
+            err.logged = True  # type: ignore[attr-defined]  # python -m bundle does not repeat it
         raise
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -180,6 +182,27 @@ def test_demo_checkpoint_on_the_full_size_network_says_add_demo_true(tmp_path):
     torch.save({"model": full_net.state_dict()}, tmp_path / "full.pt")
     with pytest.raises(DataError, match=r"full\.pt: .* full-size network: add --demo false"):
         check_checkpoint(str(tmp_path / "full.pt"), demo_net)
+
+
+def test_cli_ends_a_bad_checkpoint_with_one_sentence_and_no_traceback(tmp_path):
+    parser = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "train.yaml"))
+    demo_net = ConfigParser({**parser, "demo": True}).get_parsed_content("network_def")
+    torch.save({"model": demo_net.state_dict()}, tmp_path / "demo.pt")
+    case_dir = _write_case(tmp_path / "data", "Case_001")
+    command = [sys.executable, "-m", "bundle", "infer", str(case_dir), "--output", str(tmp_path / "out")]
+    result = subprocess.run(
+        [*command, "--checkpoint", str(tmp_path / "demo.pt"), "--tta", "false"],
+        cwd=BUNDLE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert output.count("demo.pt: checkpoint does not match the network") == 1, output[-3000:]
+    assert "add --demo true" in output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_truncated_file_is_named_and_leaves_no_output(tmp_path):
