@@ -359,3 +359,24 @@ def test_cache_dataset_threads_load_every_channel(tmp_path: Path) -> None:
     for _ in range(3):
         dataset = make_dataset(items, transform, cache="memory", num_workers=4, progress=False)
         assert [dataset[i]["image"].shape[0] for i in range(len(dataset))] == [len(MODALITIES)] * len(items)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([0, 1, 2, 4], np.uint8),  # BraTS 2021
+        np.array([0, 3, 1], np.int16),  # BraTS 2023, signed
+        np.array([-2, 0, 5], np.int32),  # negative values (invalid, but must be reported as they are)
+        np.array([0, 1, 200], np.uint8),  # a range too wide for the per-value test
+        np.array([0.0, 1.0, 2.5], np.float32),  # non-integer labels
+    ],
+)
+def test_label_values_are_read_exactly(tmp_path: Path, values: np.ndarray) -> None:
+    from bundle.data import _read_label_values
+
+    rng = np.random.default_rng(0)
+    data = rng.choice(values, size=(12, 10, 8)).astype(values.dtype)
+    data = np.asfortranarray(data)
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    np.testing.assert_array_equal(_read_label_values(str(path)), np.unique(values))
