@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import stats
+from tqdm import tqdm
 
 from bundle.constants import LABEL_SCHEMES
 from bundle.metrics import DISTANCE_METRICS, LESION_METRICS, OVERLAP_METRICS, evaluate_case
@@ -151,7 +152,8 @@ def evaluate_folder(
     Cases are paired by :func:`case_id_from_path`. Every ground-truth case must have a prediction (a
     missing one stops the run before any scoring, naming the cases); predictions without ground truth are
     an error too. With ``output_dir`` the two files are written there (atomically: no half-written file
-    is left if scoring fails). With ``verbose`` the summary table is printed. Returns the per-case rows.
+    is left if scoring fails). With ``verbose`` a progress bar runs and the summary table is printed.
+    Returns the per-case rows.
     """
     preds, truths = find_segmentations(pred_dir), find_segmentations(truth_dir)
     missing, extra = sorted(set(truths) - set(preds)), sorted(set(preds) - set(truths))
@@ -160,7 +162,7 @@ def evaluate_folder(
     if extra:
         raise ValueError(f"{truth_dir}: no ground truth for {len(extra)} predicted case(s): {', '.join(extra)}")
     rows: list[dict] = []
-    for case in sorted(truths):
+    for case in tqdm(sorted(truths), desc="scoring", unit="case", disable=not verbose):
         rows += evaluate_files(
             preds[case],
             truths[case],
