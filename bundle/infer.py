@@ -101,7 +101,7 @@ def inference_datalist(
 
 
 @contextmanager
-def _logged_data_errors():
+def _logged_data_errors() -> Iterator[None]:
     """Log a :class:`DataError` as one ERROR line before it propagates.
 
     ``monai.bundle run`` wraps errors raised inside config expressions in a ``RuntimeError``
@@ -325,7 +325,7 @@ def infer(
 
 
 @contextmanager
-def _unwrapped_data_errors():
+def _unwrapped_data_errors() -> Iterator[None]:
     """Re-raise the user's :class:`DataError` itself instead of MONAI's "Failed to evaluate" wrapper."""
     try:
         yield

@@ -52,7 +52,7 @@ TINY_NET = {
 }
 
 
-def synthetic_case(root: Path, shape=(240, 240, 155)) -> Path:
+def synthetic_case(root: Path, shape: tuple[int, int, int] = (240, 240, 155)) -> Path:
     """A full-size BraTS-2021-style case from the demo phantom generator (BraTS-like LPS affine)."""
     from bundle.data import demo_affine, make_phantom
 
@@ -86,11 +86,14 @@ class Timer:
         self.calls: dict[str, int] = defaultdict(int)
 
     def now(self) -> float:
+        """Seconds on the performance counter, after the GPU's queued work."""
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def wrap(self, name: str, fn: Any) -> Any:
+        """``fn`` wrapped so that its wall and CPU time accumulate under ``name``."""
+
         def timed(*args: Any, **kwargs: Any) -> Any:
             start, start_cpu = self.now(), cpu_seconds()
             try:
