@@ -12,10 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # the commands import their modules lazily, so `python -m bundle --help` stays fast
-    from bundle.data import DataError
+from typing import Any
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -355,21 +352,12 @@ def main() -> None:
     try:
         fire.Fire(COMMANDS)
     except Exception as err:
-        data_error = _data_error_in(err)
+        from bundle.data import find_data_error
+
+        data_error = find_data_error(err)
         if data_error is None:
             raise
         # The sentence names the file and the problem; a traceback would only bury it.
         if not getattr(data_error, "logged", False):
             print(f"error: {data_error}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def _data_error_in(err: BaseException) -> DataError | None:
-    """The DataError that caused ``err`` (MONAI's config evaluation wraps it in a RuntimeError)."""
-    from bundle.data import DataError
-
-    while err is not None:
-        if isinstance(err, DataError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None

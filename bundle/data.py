@@ -46,6 +46,13 @@ class DataError(ValueError):
     """A user's dataset problem, with a message that names the file and the problem."""
 
 
+def find_data_error(err: BaseException | None) -> DataError | None:
+    """The :class:`DataError` that ``err`` is or was raised from (MONAI's config evaluation wraps it)."""
+    while err is not None and not isinstance(err, DataError):
+        err = err.__cause__
+    return err
+
+
 @dataclass
 class Case:
     """One case as found on disk, before any check."""

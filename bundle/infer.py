@@ -18,7 +18,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.data import Dataset
 from monai.transforms import SaveImaged
 
@@ -28,6 +27,7 @@ from bundle.data import (
     _strip_nifti,
     check_case,
     discover_cases,
+    find_data_error,
     generate_demo_dataset,
 )
 
@@ -177,7 +177,10 @@ def _check_checkpoint(path: Path, network: torch.nn.Module) -> str:
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
         first = (missing or unexpected or shapes)[0]
-        demo = default_network_demo_flag(state)
+        from bundle.label import network_demo_flag  # bundle.label imports this module
+
+        # train.yaml sizes its network by `demo`, so demo weights on real data are the commonest mismatch
+        demo = network_demo_flag(BUNDLE_ROOT, state)
         hint = (
             f"it fits configs/train.yaml's {'demo' if demo else 'full-size'} network: add --demo {str(demo).lower()}"
             if demo is not None
@@ -188,23 +191,6 @@ def _check_checkpoint(path: Path, network: torch.nn.Module) -> str:
             f"{len(shapes)} differently shaped weights, e.g. {first!r}); {hint}"
         )
     return str(path)
-
-
-def default_network_demo_flag(state: Mapping[str, torch.Tensor]) -> bool | None:
-    """The ``demo`` value for which configs/train.yaml's own ``network_def`` takes ``state``, else None.
-
-    train.yaml sizes its network by ``demo`` (true when no dataset is given), so weights from the
-    demo do not fit the full-size network that a run on real data builds: the commonest mismatch.
-    """
-    for demo in (True, False):
-        parser = ConfigParser()
-        parser.read_config(str(BUNDLE_ROOT / "configs" / "train.yaml"))
-        parser["demo"] = demo
-        network = parser.get_parsed_content("network_def")
-        expected = network.state_dict()
-        if expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in expected):
-            return demo
-    return None
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -330,9 +316,7 @@ def _unwrapped_data_errors() -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__
+        cause = find_data_error(err)
         if cause is None:
             raise
         raise cause from None

@@ -121,11 +121,22 @@ def checkpoint_demo_flag(bundle_dir: Path, checkpoint: Path, overrides: Mapping[
     so the app must state which width the served weights have.
     """
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    demo = network_demo_flag(bundle_dir, state.get("model", state), overrides)
+    if demo is None:
+        raise ValueError(
+            f"{checkpoint}: the weights fit neither the demo nor the full-size network of configs/train.yaml"
+        )
+    return demo
+
+
+def network_demo_flag(
+    bundle_dir: Path, state: Mapping[str, torch.Tensor], overrides: Mapping[str, Any] | None = None
+) -> bool | None:
+    """The ``demo`` value for which ``bundle_dir``'s train.yaml ``network_def`` takes ``state``, else None."""
     for demo in (False, True):
-        if _network_fits(bundle_dir, {**overrides, "demo": demo}, state):
+        if _network_fits(bundle_dir, {**(overrides or {}), "demo": demo}, state):
             return demo
-    raise ValueError(f"{checkpoint}: the weights fit neither the demo nor the full-size network of configs/train.yaml")
+    return None
 
 
 def assemble_app(
