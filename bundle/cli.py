@@ -352,12 +352,12 @@ def main() -> None:
     try:
         fire.Fire(COMMANDS)
     except Exception as err:
-        from bundle.data import find_data_error
+        from bundle.errors import find_user_error, user_error_message
 
-        data_error = find_data_error(err)
-        if data_error is None:
+        user_error = find_user_error(err)
+        if user_error is None:
             raise
-        # The sentence names the file and the problem; a traceback would only bury it.
-        if not getattr(data_error, "logged", False):
-            print(f"error: {data_error}", file=sys.stderr)
+        # The sentence names the file or option and the problem; a traceback would only bury it.
+        if not getattr(user_error, "logged", False):
+            print(user_error_message(user_error), file=sys.stderr)
         raise SystemExit(1) from None

@@ -20,6 +20,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from bundle.constants import (
     MODALITIES,
     MSD_CHANNEL_ORDER,
 )
+from bundle.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +44,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LAYOUTS = ("brats2021", "brats2023", "msd")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user's dataset problem, with a message that names the file and the problem."""
-
-
-def find_data_error(err: BaseException | None) -> DataError | None:
-    """The :class:`DataError` that ``err`` is or was raised from (MONAI's config evaluation wraps it)."""
-    while err is not None and not isinstance(err, DataError):
-        err = err.__cause__
-    return err
 
 
 @dataclass
@@ -202,11 +197,27 @@ def _read_header(path: str) -> nib.Nifti1Image:
         raise DataError(f"{p}: not a readable NIfTI file ({err})") from err
 
 
-def _read_label_values(path: str) -> np.ndarray:
+def read_voxels(path: str, what: str = "image") -> np.ndarray:
+    """Decode every voxel of ``path``; raise :class:`DataError` if it cannot be or holds NaN / Inf.
+
+    A header can be intact over truncated or corrupt data (an interrupted copy of a ``.nii.gz``),
+    and NaN or infinite intensities would flow silently through normalisation into NaN
+    probabilities, NaN losses and NaN weights; both are found here, before any long work.
+    Integer data cannot hold non-finite values, so only floating-point data is scanned.
+    """
     try:
         data = np.asarray(nib.load(path).dataobj)
-    except Exception as err:
-        raise DataError(f"{path}: label data cannot be read ({err})") from err
+    except Exception as err:  # zlib, EOFError, nibabel's own: whatever a damaged file raises
+        raise DataError(f"{path}: {what} data cannot be decoded ({type(err).__name__}: {err})") from err
+    if data.dtype.kind in "fc":
+        bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise DataError(f"{path}: {bad} of {data.size} voxels are not finite (NaN or Inf)")
+    return data
+
+
+def _read_label_values(path: str) -> np.ndarray:
+    data = read_voxels(path, "label")
     if data.dtype.kind in "ui" and data.size:
         # Label maps hold a few small integers: testing each value of the range is ~10x faster
         # than np.unique's sort of a whole 240 x 240 x 155 volume (checking 1251 BraTS cases).
@@ -221,7 +232,9 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True)
 
     Checks: every modality present and readable, 3-D images of one shape and affine (within
     ``affine_atol``, in mm), a 4-D MSD image with 4 channels, a label of the image's shape and
-    affine whose values belong to the layout's label scheme.
+    affine whose values belong to the layout's label scheme; then every voxel of every file is
+    decoded once (:func:`read_voxels`: truncated data, NaN / Inf). The headers come first, so the
+    cheap checks answer before the ~0.3 s of decoding a real BraTS case.
     """
     if case.problems:
         raise DataError(case.problems[0])
@@ -247,21 +260,75 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True)
                 raise DataError(f"{path}: shape {image.shape} differs from {ref_path} {ref_shape}")
             elif not np.allclose(image.affine, ref_affine, atol=affine_atol):
                 raise DataError(f"{path}: affine differs from {ref_path} by more than {affine_atol} mm")
-    if case.label is None or not check_labels:
-        return
-    label = _read_header(case.label)
+    if case.label is not None and check_labels:
+        _check_label_header(case.label, ref_path, ref_shape, ref_affine, affine_atol)
+    for path in [case.image] if isinstance(case.image, str) else case.image:
+        read_voxels(path)
+    if case.label is not None and check_labels:
+        _check_label_values(case.label, case.layout)
+
+
+def _check_label_header(
+    path: str, ref_path: str, ref_shape: Sequence[int], ref_affine: np.ndarray, affine_atol: float
+) -> None:
+    label = _read_header(path)
     if tuple(label.shape[:3]) != tuple(ref_shape) or (label.ndim == 4 and label.shape[3] != 1) or label.ndim > 4:
-        raise DataError(f"{case.label}: label shape {label.shape} differs from image {ref_path} {tuple(ref_shape)}")
+        raise DataError(f"{path}: label shape {label.shape} differs from image {ref_path} {tuple(ref_shape)}")
     if not np.allclose(label.affine, ref_affine, atol=affine_atol):
-        raise DataError(f"{case.label}: label affine differs from image {ref_path} by more than {affine_atol} mm")
-    values = _read_label_values(case.label)
-    allowed = LABEL_SCHEMES[case.layout]
+        raise DataError(f"{path}: label affine differs from image {ref_path} by more than {affine_atol} mm")
+
+
+def _check_label_values(path: str, layout: str) -> None:
+    values = _read_label_values(path)
+    allowed = LABEL_SCHEMES[layout]
     unknown = [v for v in values.tolist() if v not in allowed]
     if unknown:
         raise DataError(
-            f"{case.label}: unknown label values {unknown} for the {case.layout} layout "
-            f"(expected a subset of {sorted(allowed)})"
+            f"{path}: unknown label values {unknown} for the {layout} layout (expected a subset of {sorted(allowed)})"
         )
+
+
+def check_cases(
+    cases: Sequence[Case],
+    check_labels: bool = True,
+    skip_bad: bool = False,
+    progress: bool = True,
+    num_threads: int | None = None,
+) -> list[Case]:
+    """Check every case (:func:`check_case`) on ``num_threads`` threads; return the usable ones in order.
+
+    Decoding gzip and scanning arrays release the GIL, so threads check cases side by side
+    (default: one per core, at most 8). The first bad case in dataset order raises its
+    :class:`DataError`; with ``skip_bad`` bad cases are left out with a warning instead.
+    ``progress`` shows a bar for 20 cases or more.
+    """
+    threads = max(1, min(8, os.cpu_count() or 1) if num_threads is None else num_threads)
+
+    def problem(case: Case) -> DataError | None:
+        try:
+            check_case(case, check_labels=check_labels)
+        except DataError as err:
+            return err
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = tqdm(
+            pool.map(problem, cases),
+            total=len(cases),
+            desc="checking cases",
+            unit="case",
+            disable=not progress or len(cases) < 20,
+        )
+        good: list[Case] = []
+        for case, err in zip(cases, results):
+            if err is None:
+                good.append(case)
+            elif skip_bad:
+                warnings.warn(f"skipping case {case.case_id}: {err}", stacklevel=2)
+            else:
+                pool.shutdown(cancel_futures=True)
+                raise err
+    return good
 
 
 # --------------------------------------------------------------------------------------- datalists
@@ -293,18 +360,7 @@ def make_datalist(
     A bad case raises :class:`DataError`; with ``skip_bad`` it is left out with a warning.
     ``progress`` shows a bar while the cases are checked (for 20 cases or more).
     """
-    cases = discover_cases(dataset_dir, layout)
-    good: list[Case] = []
-    # reading every label map takes ~0.05 s a case: about a minute for BraTS 2021's 1251 cases
-    for case in tqdm(cases, desc="checking cases", unit="case", disable=not progress or len(cases) < 20):
-        try:
-            check_case(case, check_labels=check_labels)
-        except DataError as err:
-            if not skip_bad:
-                raise
-            warnings.warn(f"skipping case {case.case_id}: {err}", stacklevel=2)
-            continue
-        good.append(case)
+    good = check_cases(discover_cases(dataset_dir, layout), check_labels, skip_bad, progress)
     if not good:
         raise DataError(f"{dataset_dir}: no usable cases")
     labelled = [c for c in good if c.label is not None]
@@ -394,12 +450,7 @@ def resolve_datalist(
         return str(datalist)
     if not dataset_dir:
         dataset_dir = str(generate_demo_dataset(demo_dir or str(Path(output_dir).parent / "demo_data")))
-    try:
-        return prepare(str(dataset_dir), str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
-    except DataError as err:
-        # MONAI's config parser wraps this in "Failed to evaluate ..."; log the one clear sentence.
-        logger.error("dataset check failed: %s", err)
-        raise
+    return prepare(str(dataset_dir), str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
 
 
 # ------------------------------------------------------------------------------------ demo phantoms

@@ -25,11 +25,11 @@ from bundle.data import (
     Case,
     DataError,
     _strip_nifti,
-    check_case,
+    check_cases,
     discover_cases,
-    find_data_error,
     generate_demo_dataset,
 )
+from bundle.errors import find_user_error
 
 __all__ = [
     "AtomicSaveImaged",
@@ -78,42 +78,25 @@ def inference_datalist(
     file (missing modality, unreadable or empty file, shape or affine mismatch between modalities,
     wrong channel count) or a duplicated case name (two outputs would overwrite each other).
     """
-    with _logged_data_errors():
-        if files:
-            cases = [_case_from_files([files] if isinstance(files, str) else list(files), layout)]
-        else:
-            if not dataset_dir:
-                dataset_dir = str(generate_demo_dataset(demo_dir or str(BUNDLE_ROOT / "data" / "demo")))
-            cases = discover_cases(dataset_dir, layout)
-        seen: dict[str, Case] = {}
-        items = []
-        for case in cases:
-            check_case(case, check_labels=False)
-            if case.case_id in seen:
-                first = seen[case.case_id].image
-                raise DataError(f"{case.image}: case name {case.case_id} is used twice (also {first})")
-            seen[case.case_id] = case
-            item = case.to_item()
-            item.pop("label", None)  # inference never reads the truth
-            items.append(item)
+    if files:
+        cases = [_case_from_files([files] if isinstance(files, str) else list(files), layout)]
+    else:
+        if not dataset_dir:
+            dataset_dir = str(generate_demo_dataset(demo_dir or str(BUNDLE_ROOT / "data" / "demo")))
+        cases = discover_cases(dataset_dir, layout)
+    seen: dict[str, Case] = {}
+    for case in cases:
+        if case.case_id in seen:
+            first = seen[case.case_id].image
+            raise DataError(f"{case.image}: case name {case.case_id} is used twice (also {first})")
+        seen[case.case_id] = case
+    items = []
+    for case in check_cases(cases, check_labels=False):
+        item = case.to_item()
+        item.pop("label", None)  # inference never reads the truth
+        items.append(item)
     logger.info("%d case(s) to segment", len(items))
     return items
-
-
-@contextmanager
-def _logged_data_errors() -> Iterator[None]:
-    """Log a :class:`DataError` as one ERROR line before it propagates.
-
-    ``monai.bundle run`` wraps errors raised inside config expressions in a ``RuntimeError``
-    ("Failed to evaluate ConfigExpression ..."); the log line keeps the user's sentence on top.
-    """
-    try:
-        yield
-    except DataError as err:
-        if not getattr(err, "logged", False):
-            logger.error("%s", err)
-            err.logged = True  # type: ignore[attr-defined]  # python -m bundle does not repeat it
-        raise
 
 
 class InferenceDataset(Dataset):
@@ -129,8 +112,7 @@ class InferenceDataset(Dataset):
             return super()._transform(index)
         except Exception as err:
             item = self.data[index]
-            with _logged_data_errors():
-                raise DataError(f"{_unreadable_file(item)}: cannot be read ({_root_cause(err)})") from err
+            raise DataError(f"{_unreadable_file(item)}: cannot be read ({_root_cause(err)})") from err
 
 
 def _unreadable_file(item: Mapping[str, Any]) -> str:
@@ -157,11 +139,7 @@ def check_checkpoint(checkpoint: str, network: torch.nn.Module) -> str:
     dict. MONAI's ``CheckpointLoader`` would fail later, inside the run, with PyTorch's multi-line
     ``load_state_dict`` report; this check runs in ``initialize``, before any case is loaded.
     """
-    with _logged_data_errors():
-        return _check_checkpoint(Path(checkpoint), network)
-
-
-def _check_checkpoint(path: Path, network: torch.nn.Module) -> str:
+    path = Path(checkpoint)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint file does not exist (train first, or pass --checkpoint)")
     try:
@@ -316,7 +294,7 @@ def _unwrapped_data_errors() -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        cause = find_data_error(err)
+        cause = find_user_error(err)
         if cause is None:
             raise
         raise cause from None

@@ -210,7 +210,7 @@ def test_truncated_file_is_named_and_leaves_no_output(tmp_path):
     path = case_dir / "Case_001_t2.nii.gz"
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])  # header intact, data truncated
-    with pytest.raises(DataError, match=r"Case_001_t2\.nii\.gz: cannot be read"):
+    with pytest.raises(DataError, match=r"Case_001_t2\.nii\.gz: image data cannot be decoded"):
         _run(tmp_path, str(case_dir))
     out = tmp_path / "out"
     assert not out.exists() or not any(out.iterdir())
