@@ -4,3 +4,9 @@ The configs in ``configs/`` point at this package (``_target_: bundle.networks.R
 """
 
 __version__ = "0.1.0"
+
+# Light (standard library only) and read by every config: `$bundle.options.as_bool(@tta, 'tta')`,
+# `$bundle.errors.report_user_errors()`, also where a variant replaces a config's `imports`.
+from bundle import errors, options
+
+__all__ = ["__version__", "errors", "options"]

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bundle.options import as_bool
+
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,7 @@ def prepare(
     """Discover and check a BraTS 2021 / BraTS 2023 / MSD Task01 dataset and write its datalist."""
     from bundle.data import prepare as _prepare
 
+    skip_bad = as_bool(skip_bad, "skip_bad")
     return _prepare(dataset_dir, output=output, folds=folds, seed=seed, skip_bad=skip_bad, layout=layout)
 
 
@@ -149,7 +152,7 @@ def export(output: str, zip: bool = False, checkpoint: str | None = None, url_ba
     """Assemble a self-contained model-zoo bundle in ``output`` (see bundle/export.py)."""
     from bundle.export import export as _export
 
-    return _export(output, zip=zip, checkpoint=checkpoint, url_base=url_base)
+    return _export(output, zip=as_bool(zip, "zip"), checkpoint=checkpoint, url_base=url_base)
 
 
 def infer(
@@ -192,7 +195,8 @@ def evaluate(
     """
     from bundle.evaluation import check_predictions_exist, evaluate_folder, evaluation_plots
 
-    lesion_wise, include_disjoint = _as_bool(lesion_wise), _as_bool(include_disjoint)
+    lesion_wise, include_disjoint = as_bool(lesion_wise, "lesion_wise"), as_bool(include_disjoint, "include_disjoint")
+    plots, tta = as_bool(plots, "plots"), as_bool(tta, "tta")
     if (pred is None) == (checkpoint is None) or truth is None:
         raise SystemExit("error: give --truth and either --pred (predictions on disk) or --checkpoint")
     if checkpoint is not None:
@@ -206,20 +210,20 @@ def evaluate(
                 truth,
                 output=str(out),
                 checkpoint=checkpoint,
-                tta=_as_bool(tta),
+                tta=tta,
                 config_file=["configs/inference.yaml", "configs/evaluate.yaml", *extra],
                 lesion_wise=lesion_wise,
                 include_disjoint=include_disjoint,
                 **overrides,
             )
-            if _as_bool(plots):
+            if plots:
                 evaluation_plots(out / "metrics.csv", out, out, truth, label_scheme, pred_label_scheme, overlays)
         return str(out)
     out = Path(output_dir) if output_dir else Path(pred) / "evaluation"
     with _user_errors():
         check_predictions_exist(pred, truth)
         evaluate_folder(pred, truth, label_scheme, out, pred_label_scheme, lesion_wise, include_disjoint)
-        if _as_bool(plots):
+        if plots:
             evaluation_plots(out / "metrics.csv", out, pred, truth, label_scheme, pred_label_scheme, overlays)
     return str(out)
 
@@ -308,13 +312,6 @@ def _metrics_csv(run: str) -> Path:
                 return path / name
         raise FileNotFoundError(f"{path}: no metrics.csv or cv_metrics.csv in this folder")
     return path
-
-
-def _as_bool(value: bool | str) -> bool:
-    """Fire passes ``--flag false`` as the string "false"; read the usual spellings as booleans."""
-    if isinstance(value, str):
-        return value.strip().lower() not in ("false", "0", "no", "off", "")
-    return bool(value)
 
 
 @contextmanager

@@ -41,6 +41,7 @@ from bundle.evaluation import (
     write_metrics_csv,
 )
 from bundle.metrics import evaluate_case
+from bundle.options import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def _evaluate_fold(workflow: Any, best: Path, fold: int, lesion_wise: bool) -> l
         inferer=parser.get_parsed_content("validate#inferer"),
         postprocessing=parser.get_parsed_content("validate#postprocessing"),
         val_handlers=[CheckpointLoader(load_path=str(best), load_dict={"model": network}, map_location=device)],
-        amp=bool(parser.get_parsed_content("amp")),
+        amp=as_bool(parser.get_parsed_content("amp"), "amp"),
     )
     collector.attach(evaluator)
     evaluator.run()

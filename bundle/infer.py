@@ -30,6 +30,7 @@ from bundle.data import (
     generate_demo_dataset,
 )
 from bundle.errors import find_user_error
+from bundle.options import as_bool
 
 __all__ = [
     "AtomicSaveImaged",
@@ -266,9 +267,9 @@ def infer(
         "dataset_dir": inputs[0] if is_folder else None,
         "input_files": None if is_folder else inputs,
         "output_dir": str(Path(output).resolve()),
-        "tta": bool(tta),
-        "save_probabilities": bool(save_probabilities),
-        "save_uncertainty": bool(save_uncertainty),
+        "tta": as_bool(tta, "tta"),
+        "save_probabilities": as_bool(save_probabilities, "save_probabilities"),
+        "save_uncertainty": as_bool(save_uncertainty, "save_uncertainty"),
         "layout": layout,
     }
     if checkpoint is not None:

@@ -39,3 +39,12 @@ def as_bool(value: Any, name: str = "value") -> bool:
         if word in FALSE_WORDS:
             return False
     raise OptionError(f"{name}: {value!r} is not a boolean; use one of true/false, yes/no, on/off, 1/0")
+
+
+def check_flags(**flags: Any) -> dict[str, bool]:
+    """Read every ``name=value`` with :func:`as_bool`; a config's first ``initialize`` steps call it.
+
+    Each boolean key is read again where it is used; reading them all up front makes a misspelt
+    value stop the run before any case is read or any folder is made.
+    """
+    return {name: as_bool(value, name) for name, value in flags.items()}

@@ -7,7 +7,8 @@
   ``ConvertToMultiChannelBasedOnBratsClassesd`` hard-codes ET = 4 (BraTS 2021 values) and
   yields boolean channels that break ``DiceLoss(squared_pred=True)`` on monai 1.6.1.
 * :class:`ThreadUnsafeLoadImaged` - MONAI's ``LoadImaged`` declared ``ThreadUnsafe``, so the
-  threads of ``CacheDataset`` each get their own copy (see its docstring).
+  threads of ``CacheDataset`` each get their own copy (see its docstring), and refusing images
+  with NaN / Inf voxels.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from monai.transforms import LoadImaged, MapTransform, Transform
 from monai.transforms.traits import ThreadUnsafe
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS
+from bundle.data import DataError
 
 __all__ = ["LabelsToRegions", "LabelsToRegionsd", "ThreadUnsafeLoadImaged", "ToInternalConventiond", "map_label_values"]
 
@@ -37,7 +39,37 @@ class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
     channel. MONAI's ``Compose`` deep-copies ``ThreadUnsafe`` transforms when it runs threaded
     (``CacheDataset`` filling its cache), which gives every thread its own readers. MONAI Label
     still recognises it as a ``LoadImaged``.
+
+    Non-finite voxels (NaN, +-Inf) in a loaded image raise :class:`bundle.data.DataError` naming the
+    file and the count: a NaN would reach the loss and the weights, or the probabilities, silently.
+    The case checks of ``bundle.data`` find them before a run starts; this covers every other way
+    a case gets here (MONAI Label, a datalist whose files changed since it was checked).
     """
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        """Load as ``LoadImaged`` does, then refuse floating-point images with non-finite voxels."""
+        d = super().__call__(data, reader)
+        for key in self.key_iterator(d):
+            _refuse_non_finite(d[key], data[key])
+        return d
+
+
+def _refuse_non_finite(image: Any, source: Any) -> None:
+    """Raise ``DataError`` naming the file (of the channel) that holds NaN / Inf voxels."""
+    array = torch.as_tensor(image)
+    if not array.is_floating_point():
+        return
+    finite = torch.isfinite(array)
+    if bool(finite.all()):
+        return
+    files = list(source) if isinstance(source, (list, tuple)) else [source]
+    channels = array.shape[0] if array.ndim > 3 else 1
+    if len(files) == channels > 1:
+        bad = [int((~finite[c]).sum()) for c in range(channels)]
+        index = next(i for i, n in enumerate(bad) if n)
+        raise DataError(f"{files[index]}: {bad[index]} of {finite[index].numel()} voxels are not finite (NaN or Inf)")
+    count = int((~finite).sum())
+    raise DataError(f"{', '.join(map(str, files))}: {count} of {finite.numel()} voxels are not finite (NaN or Inf)")
 
 
 def map_label_values(label: torch.Tensor | np.ndarray, scheme: str) -> torch.Tensor | np.ndarray:

@@ -127,13 +127,13 @@ def test_resume_without_checkpoint_says_so(tmp_path: Path, tiny_demo: Path) -> N
 def test_bad_dataset_stops_before_training(tmp_path: Path, brats2021_dir: Path) -> None:
     next((brats2021_dir / "BraTS2021_00001").glob("*_t1ce.nii.gz")).unlink()
     workflow = _workflow(tmp_path, brats2021_dir)
-    workflow.initialize()
     with pytest.raises(RuntimeError) as info:
-        workflow.run()
+        workflow.initialize()  # the cases are checked in `initialize`, before any folder is made
     cause = _root_cause(info.value)
     assert isinstance(cause, DataError)
     assert str(cause).endswith("BraTS2021_00001_t1ce.nii.gz: missing modality t1ce")
-    assert not (tmp_path / "models" / "model.pt").exists()
+    assert not (tmp_path / "models").exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
