@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["OptionError", "UserError", "find_user_error", "report_user_errors", "user_error_message"]
+__all__ = ["NonFiniteError", "OptionError", "UserError", "find_user_error", "report_user_errors", "user_error_message"]
 
 
 class UserError(ValueError):
@@ -75,3 +75,7 @@ def report_user_errors() -> bool:
         _previous_hook = sys.excepthook
         sys.excepthook = _excepthook
     return True
+
+
+class NonFiniteError(UserError):
+    """Training produced a NaN or infinite loss or weight; nothing of it may be saved as a model."""

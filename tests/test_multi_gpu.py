@@ -28,7 +28,7 @@ def _scalar(log_dir: Path, tag: str) -> list[float]:
 
 
 # Handlers every rank must run, so that all ranks take the same decisions; all others write.
-RANK_INDEPENDENT = {"ValidationHandler", "EarlyStopHandler", "LrScheduleHandler"}
+RANK_INDEPENDENT = {"ValidationHandler", "EarlyStopHandler", "LrScheduleHandler", "StopOnNonFiniteLoss"}
 
 
 def test_only_decision_handlers_run_on_every_rank() -> None:
