@@ -1,0 +1,249 @@
+"""Bad input and divergence through the entry points users type: one sentence, no traceback, nothing left.
+
+Each corruption of docs/reliability.md is applied to a tiny BraTS 2021 dataset and fed to
+``prepare``, to ``monai.bundle run training`` and to inference; the error must name the file and
+the problem, end the command with exit code 1 and leave no output folder behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import AFFINE, REPO_ROOT, write_brats_case
+from monai.bundle import ConfigParser
+from monai.bundle.scripts import run
+
+from bundle.data import DataError, generate_demo_dataset, make_datalist
+from bundle.errors import find_user_error
+from bundle.infer import infer
+from bundle.transforms import ThreadUnsafeLoadImaged
+
+CASE = "BraTS2021_00001"
+
+
+def _file(root: Path, suffix: str) -> Path:
+    return root / CASE / f"{CASE}_{suffix}.nii.gz"
+
+
+def _with_voxels(path: Path, edit: Callable[[np.ndarray], None]) -> None:
+    image = nib.load(path)
+    data = np.asarray(image.dataobj).copy()
+    edit(data)
+    nib.save(nib.Nifti1Image(data, image.affine), path)
+
+
+def _nan_inf(data: np.ndarray) -> None:
+    flat = data.reshape(-1)
+    flat[:10] = np.nan
+    flat[10:15] = np.inf
+    flat[15:20] = -np.inf
+
+
+def _truncate(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-12])  # the gzip trailer and the last data: header intact, data cut off
+
+
+def _resave(path: Path, array: np.ndarray | None = None, affine: np.ndarray | None = None) -> None:
+    image = nib.load(path)
+    data = np.asarray(image.dataobj) if array is None else array
+    nib.save(nib.Nifti1Image(data, image.affine if affine is None else affine), path)
+
+
+# name -> (corrupt the dataset, the sentence's expected end). Rows of docs/reliability.md.
+CORRUPTIONS: dict[str, tuple[Callable[[Path], Any], str]] = {
+    "missing modality": (lambda r: _file(r, "t2").unlink(), f"{CASE}_t2.nii.gz: missing modality t2"),
+    "empty file": (lambda r: _file(r, "t1").write_bytes(b""), f"{CASE}_t1.nii.gz: file is empty"),
+    "not a NIfTI file": (
+        lambda r: _file(r, "t1").write_bytes(b"not an image" * 100),
+        f"{CASE}_t1.nii.gz: not a readable NIfTI file",
+    ),
+    "truncated .nii.gz": (lambda r: _truncate(_file(r, "flair")), f"{CASE}_flair.nii.gz: image data cannot be decoded"),
+    "NaN / Inf voxels": (
+        lambda r: _with_voxels(_file(r, "t1ce"), _nan_inf),
+        f"{CASE}_t1ce.nii.gz: 20 of 960 voxels are not finite (NaN or Inf)",
+    ),
+    "shape mismatch": (
+        lambda r: _resave(_file(r, "t2"), np.zeros((10, 12, 9), np.float32)),
+        f"{CASE}_t2.nii.gz: shape (10, 12, 9) differs from",
+    ),
+    "affine mismatch": (
+        lambda r: _resave(_file(r, "t2"), affine=np.diag([-2.0, -1.0, 1.0, 1.0])),
+        f"{CASE}_t2.nii.gz: affine differs from",
+    ),
+}
+LABEL_CORRUPTIONS: dict[str, tuple[Callable[[Path], Any], str]] = {
+    "unknown label value": (
+        lambda r: _with_voxels(_file(r, "seg"), lambda d: d.reshape(-1).__setitem__(0, 3)),
+        f"{CASE}_seg.nii.gz: unknown label values [3] for the brats2021 layout",
+    ),
+    "truncated label": (lambda r: _truncate(_file(r, "seg")), f"{CASE}_seg.nii.gz: label data cannot be decoded"),
+    "label shape mismatch": (
+        lambda r: _resave(_file(r, "seg"), np.zeros((10, 12, 7), np.uint8)),
+        f"{CASE}_seg.nii.gz: label shape (10, 12, 7) differs from image",
+    ),
+}
+
+
+def _dataset(tmp_path: Path, corruption: Callable[[Path], Any]) -> Path:
+    root = tmp_path / "data"
+    for i in range(4):
+        write_brats_case(root, f"BraTS2021_{i:05d}", "brats2021")
+    corruption(root)
+    return root
+
+
+def _user_error(call: Callable[[], Any]) -> str:
+    with pytest.raises(Exception) as info:
+        call()
+    error = find_user_error(info.value)
+    assert error is not None, f"not a one-sentence user error: {info.value!r}"
+    return str(error)
+
+
+TRAIN_OVERRIDES = {"num_folds": 2, "num_workers": 0, "roi_size": [8, 8, 8], "network_def#filters": [4, 8, 16, 32, 64]}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS) + sorted(LABEL_CORRUPTIONS))
+def test_prepare_and_training_stop_before_any_folder(tmp_path: Path, name: str) -> None:
+    corrupt, expected = {**CORRUPTIONS, **LABEL_CORRUPTIONS}[name]
+    root = _dataset(tmp_path, corrupt)
+    message = _user_error(lambda: make_datalist(root))
+    assert expected in message, message
+    out, models = tmp_path / "out", tmp_path / "models"
+    message = _user_error(
+        lambda: run(
+            "training",
+            config_file=str(REPO_ROOT / "configs" / "train.yaml"),
+            bundle_root=str(REPO_ROOT),
+            dataset_dir=str(root),
+            output_dir=str(out),
+            ckpt_dir=str(models),
+            **TRAIN_OVERRIDES,
+        )
+    )
+    assert expected in message, message
+    assert not out.exists() and not models.exists(), "a folder was made before the checks passed"
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_inference_stops_before_loading_the_model(tmp_path: Path, name: str) -> None:
+    corrupt, expected = CORRUPTIONS[name]
+    root = _dataset(tmp_path, corrupt)
+    out = tmp_path / "out"
+    message = _user_error(lambda: infer(str(root), output=str(out), checkpoint=str(tmp_path / "absent.pt")))
+    assert expected in message, message  # the cases are checked first: the missing checkpoint comes later
+    assert not out.exists()
+
+
+def test_a_missing_dataset_folder(tmp_path: Path) -> None:
+    message = _user_error(lambda: make_datalist(tmp_path / "nowhere"))
+    assert message.endswith("nowhere: dataset folder does not exist")
+
+
+# ------------------------------------------------------------------ the loader itself (MONAI Label's path)
+
+
+def test_the_loader_refuses_non_finite_voxels_and_names_the_modality_file(tmp_path: Path) -> None:
+    """MONAI Label loads cases through the bundle's preprocessing, without the up-front checks."""
+    case = write_brats_case(tmp_path, "Case", "brats2021", with_label=False)
+    files = [str(case / f"Case_{m}.nii.gz") for m in ("t1", "t1ce", "t2", "flair")]
+    _with_voxels(Path(files[2]), _nan_inf)
+    loader = ThreadUnsafeLoadImaged(keys="image", ensure_channel_first=True, image_only=True)
+    with pytest.raises(DataError, match=r"Case_t2\.nii\.gz: 20 of 960 voxels are not finite \(NaN or Inf\)$"):
+        loader({"image": files})
+    _with_voxels(Path(files[2]), lambda d: d.fill(1.0))
+    assert loader({"image": files})["image"].shape == (4, 10, 12, 8)
+
+
+def test_monai_label_inference_config_refuses_a_nan_case(tmp_path: Path) -> None:
+    from bundle.label import app_inference_config
+
+    image = np.random.default_rng(0).uniform(0, 100, (12, 10, 8, 4)).astype(np.float32)
+    image[0, 0, 0, 1] = np.nan
+    path = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(image, AFFINE), path)
+    parser = ConfigParser(app_inference_config(REPO_ROOT, {"demo": True, "tta": False}))
+    preprocessing = parser.get_parsed_content("preprocessing")
+    message = _user_error(lambda: preprocessing({"image": str(path)}))  # MONAI's Compose wraps it
+    assert message == f"{path}: 1 of 3840 voxels are not finite (NaN or Inf)"
+
+
+# ------------------------------------------------------------------ whole commands (exit code, stderr)
+
+
+def _command(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _assert_one_sentence(result: subprocess.CompletedProcess, expected: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
+
+
+@pytest.mark.parametrize("name", ["NaN / Inf voxels", "truncated .nii.gz"])
+def test_monai_bundle_run_training_ends_with_the_sentence(tmp_path: Path, name: str) -> None:
+    corrupt, expected = CORRUPTIONS[name]
+    root = _dataset(tmp_path, corrupt)
+    args = ["-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml"]
+    args += ["--dataset_dir", str(root), "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path / "m")]
+    _assert_one_sentence(_command(args), expected)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+
+
+def test_prepare_and_inference_commands_end_with_the_sentence(tmp_path: Path) -> None:
+    corrupt, expected = CORRUPTIONS["NaN / Inf voxels"]
+    root = _dataset(tmp_path, corrupt)
+    _assert_one_sentence(_command(["-m", "bundle", "prepare", "--dataset_dir", str(root)]), expected)
+    args = ["-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--dataset_dir", str(root)]
+    _assert_one_sentence(_command([*args, "--output_dir", str(tmp_path / "out")]), expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_training_stops_with_one_sentence_and_keeps_only_finite_models(tmp_path: Path) -> None:
+    """lr = 1e30: epoch 1 ends with huge but finite weights, epoch 2's loss is NaN."""
+    data = generate_demo_dataset(tmp_path / "demo", num_cases=4, num_test_cases=0, shape=(32, 32, 24))
+    out, models = tmp_path / "out", tmp_path / "models"
+    args = ["-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml", "--dataset_dir", str(data)]
+    args += ["--output_dir", str(out), "--ckpt_dir", str(models), "--epochs", "3", "--val_interval", "1"]
+    for key, value in {**TRAIN_OVERRIDES, "roi_size": [32, 32, 32], "learning_rate": 1e30}.items():
+        args += [f"--{key}", str(value).replace(" ", "")]
+    result = _command(args)
+    _assert_one_sentence(result, "training stopped at epoch 2, iteration 2: the loss is nan")
+    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_epoch=1.pt"]
+    for path in (models / "model.pt", out / "checkpoint_epoch=1.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("model", state)  # model.pt is the bare state dict
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), path
+
+
+def test_the_non_finite_guard_checks_weights_at_the_end_of_an_epoch() -> None:
+    from ignite.engine import Engine
+
+    from bundle.errors import NonFiniteError
+    from bundle.handlers import StopOnNonFiniteLoss
+
+    def guarded_engine(loss: float) -> Engine:
+        engine = Engine(lambda e, b: {"loss": torch.tensor(loss)})
+        StopOnNonFiniteLoss(network).attach(engine)
+        return engine
+
+    network = torch.nn.Linear(2, 1)
+    guarded_engine(0.5).run([0, 1], max_epochs=2)  # finite: runs through
+    with pytest.raises(NonFiniteError, match=r"epoch 1, iteration 1: the loss is inf"):
+        guarded_engine(float("inf")).run([0, 1], max_epochs=1)
+    with torch.no_grad():
+        network.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"end of epoch 1: 1 weight tensors hold NaN or Inf \(e.g. weight\)"):
+        guarded_engine(0.5).run([0], max_epochs=1)
