@@ -158,12 +158,20 @@ def infer(
     checkpoint: str | None = None,
     tta: bool = True,
     device: str | None = None,
+    overwrite: bool | str = False,
     **overrides: Any,
 ) -> list[str]:
-    """Segment a dataset folder, a case folder or one case's files with configs/inference.yaml (bundle.infer.infer)."""
-    from bundle.infer import infer as _infer
+    """Segment a dataset folder, a case folder or one case's files with configs/inference.yaml (bundle.infer.infer).
 
-    return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, **overrides)
+    Cases whose outputs already exist in ``output`` are skipped (logged), so rerunning a killed run
+    continues it; ``--overwrite true`` redoes them. Returns every case's segmentation file.
+    """
+    from bundle.infer import infer as _infer
+    from bundle.options import as_bool
+
+    with _user_errors(ValueError):
+        overwrite = as_bool(overwrite, "--overwrite")
+    return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, overwrite=overwrite, **overrides)
 
 
 def evaluate(

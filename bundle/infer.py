@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import tempfile
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,13 +32,17 @@ from bundle.data import (
     find_data_error,
     generate_demo_dataset,
 )
+from bundle.options import as_bool
 
 __all__ = [
     "AtomicSaveImaged",
     "InferenceDataset",
+    "cases_to_segment",
     "check_checkpoint",
+    "check_output_dir",
     "infer",
     "inference_datalist",
+    "output_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -196,12 +202,76 @@ def _check_checkpoint(path: Path, network: torch.nn.Module) -> str:
 # ----------------------------------------------------------------------------------------- outputs
 
 
+def output_path(output_dir: str | Path, name: str, postfix: str, ext: str = ".nii.gz") -> Path:
+    """The final name of one output, ``<output_dir>/<name>_<postfix><ext>`` (what :class:`AtomicSaveImaged` writes)."""
+    return Path(output_dir) / f"{name}_{postfix}{ext}"
+
+
+def check_output_dir(output_dir: str | Path) -> str:
+    """Create ``output_dir`` if needed and prove a file can be created in it; else one sentence naming it.
+
+    Runs first in ``initialize``, before the model is loaded or any case is read: otherwise the first
+    write fails only after the first case has been segmented, with MONAI's writer traceback. A real
+    file is created and removed because ``os.access`` answers for the real user id (root passes it on
+    a read-only mount) and says nothing about a full or read-only file system.
+    """
+    with _logged_data_errors():
+        path = Path(output_dir)
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path}: the output folder is an existing file, not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise DataError(f"{path}: the output folder is not writable ({reason})") from err
+    return str(path)
+
+
+def cases_to_segment(
+    datalist: Sequence[Mapping[str, Any]],
+    output_dir: str | Path,
+    postfixes: Sequence[str] = ("seg",),
+    overwrite: bool = False,
+    name_key: str = "case_id",
+) -> list[dict[str, Any]]:
+    """The datalist items still to segment: all with ``overwrite``, else those missing an output.
+
+    A case counts as done when every requested output (``<case>_seg.nii.gz`` and, when asked for,
+    ``_prob`` / ``_uncertainty``) exists under its final name. :class:`AtomicSaveImaged` only ever
+    renames a complete file to that name, and its temporary files are hidden and named differently,
+    so a killed run leaves at most an incomplete case, which is redone. Skipped cases are logged.
+    """
+    todo = []
+    for item in datalist:
+        outputs = [output_path(output_dir, str(item[name_key]), postfix) for postfix in postfixes]
+        if overwrite or not all(p.is_file() for p in outputs):
+            todo.append(dict(item))
+        else:
+            logger.info("skipping %s: %s already written", item[name_key], ", ".join(p.name for p in outputs))
+    skipped = len(datalist) - len(todo)
+    if skipped:
+        logger.info(
+            "%d of %d case(s) already segmented in %s, skipped (--overwrite true redoes them); %d to segment",
+            skipped,
+            len(datalist),
+            output_dir,
+            len(todo),
+        )
+    return todo
+
+
 class AtomicSaveImaged(SaveImaged):
     """MONAI's ``SaveImaged`` writing ``<output_dir>/<case_id>_<output_postfix><output_ext>`` atomically.
 
     The image is written to a hidden temporary name in the same folder and renamed when complete
     (``os.replace`` is atomic on one file system), so an interrupted run or a failure in the
     writer never leaves a truncated ``*_seg.nii.gz`` that a later step would take for a result.
+    The temporary name holds the process id and a random token: two processes (or two calls)
+    writing the same case each write their own file, and whichever renames last wins with a
+    complete file. It is removed if writing fails.
     The output name comes from the item's ``name_key`` (the datalist's ``case_id``) rather than the
     first input file's name (``CASE_t1.nii.gz`` would give ``CASE_t1_seg``). All other
     arguments are ``SaveImaged``'s.
@@ -222,8 +292,9 @@ class AtomicSaveImaged(SaveImaged):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for key in self.key_iterator(d):
             name = d.get(self.name_key) or _strip_nifti(Path(str(d[key].meta["filename_or_obj"])).name)
-            final = self.output_dir / f"{name}_{self.output_postfix}{self.output_ext}"
-            tmp_stem = self.output_dir / f".{name}_{self.output_postfix}.partial"
+            final = output_path(self.output_dir, name, self.output_postfix, self.output_ext)
+            # the writer picks the format from the extension, so the unique part goes before it
+            tmp_stem = self.output_dir / f".{name}_{self.output_postfix}.{os.getpid()}-{secrets.token_hex(4)}.partial"
             tmp = Path(f"{tmp_stem}{self.output_ext}")
             try:
                 self.saver(img=d[key], filename=str(tmp_stem))
@@ -258,6 +329,7 @@ def infer(
     save_probabilities: bool = False,
     save_uncertainty: bool = False,
     layout: str | None = None,
+    overwrite: bool | str | None = None,
     config_file: str | Sequence[str] | None = None,
     **overrides: Any,
 ) -> list[str]:
@@ -273,11 +345,14 @@ def infer(
         save_probabilities: also write the averaged probability maps.
         save_uncertainty: also write the per-voxel std across flips.
         layout: force a dataset layout (``brats2021``, ``brats2023``, ``msd``).
+        overwrite: redo cases whose outputs already exist; ``False`` skips them, so rerunning a
+            killed batch run continues it. ``None``: the config's ``overwrite`` (``False`` in
+            ``inference.yaml``, ``True`` in ``evaluate.yaml``).
         config_file: other/extra config files (e.g. a variant after ``configs/inference.yaml``).
         overrides: any other top-level config key (``roi_size``, ``output_label_scheme``, ...).
 
     Returns:
-        The segmentation files written.
+        The segmentation file of every case, the ones written now and the ones skipped as done.
     """
     from monai.bundle import ConfigWorkflow
 
@@ -293,6 +368,8 @@ def infer(
         "save_uncertainty": bool(save_uncertainty),
         "layout": layout,
     }
+    if overwrite is not None:
+        settings["overwrite"] = as_bool(overwrite, "overwrite")
     if checkpoint is not None:
         settings["checkpoint"] = str(Path(checkpoint).resolve())
     if device is not None:
@@ -307,7 +384,7 @@ def infer(
         workflow.run()
         workflow.finalize()
         names = [item["case_id"] for item in workflow.parser.get_parsed_content("datalist")]
-    return [str(Path(settings["output_dir"]) / f"{n}_seg.nii.gz") for n in names]
+    return [str(output_path(settings["output_dir"], n, "seg")) for n in names]
 
 
 @contextmanager
