@@ -208,56 +208,73 @@ def output_path(output_dir: str | Path, name: str, postfix: str, ext: str = ".ni
 
 
 def check_output_dir(output_dir: str | Path) -> str:
-    """Create ``output_dir`` if needed and prove a file can be created in it; else one sentence naming it.
+    """Raise one sentence naming ``output_dir`` unless it is, or can be made, a folder one can write in.
 
     Runs first in ``initialize``, before the model is loaded or any case is read: otherwise the first
-    write fails only after the first case has been segmented, with MONAI's writer traceback. A real
-    file is created and removed because ``os.access`` answers for the real user id (root passes it on
-    a read-only mount) and says nothing about a full or read-only file system.
+    write fails only after the first case has been segmented, with MONAI's writer traceback. Nothing
+    is created (the folder is made once every check passed): a file is created and removed in the
+    folder, or in its nearest existing parent when it does not exist yet, which also catches what
+    permission bits do not show (a read-only mount, ACLs, NFS root squashing).
     """
-    with _logged_data_errors():
-        path = Path(output_dir)
-        if path.exists() and not path.is_dir():
-            raise DataError(f"{path}: the output folder is an existing file, not a folder")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-", suffix=".tmp")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as err:
-            reason = err.strerror or type(err).__name__
-            raise DataError(f"{path}: the output folder is not writable ({reason})") from err
+    path = Path(output_dir).absolute()
+    try:
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            if existing == path:
+                raise DataError(f"{path}: the output folder is an existing file, not a folder")
+            raise DataError(f"{path}: the output folder is not writable ({existing} is a file, not a folder)")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        where = "" if existing == path else f" in {existing}"
+        raise DataError(f"{path}: the output folder is not writable ({reason}{where})") from err
     return str(path)
 
 
+def _transforms(transform: Any) -> Iterator[Any]:
+    """``transform`` and, for a ``Compose`` or a list, every transform inside it, depth first."""
+    if isinstance(transform, (list, tuple)):
+        for t in transform:
+            yield from _transforms(t)
+        return
+    yield transform
+    inner = getattr(transform, "transforms", None)
+    if isinstance(inner, (list, tuple)):
+        yield from _transforms(inner)
+
+
 def cases_to_segment(
-    datalist: Sequence[Mapping[str, Any]],
-    output_dir: str | Path,
-    postfixes: Sequence[str] = ("seg",),
-    overwrite: bool = False,
-    name_key: str = "case_id",
+    datalist: Sequence[Mapping[str, Any]], postprocessing: Any, overwrite: bool = False
 ) -> list[dict[str, Any]]:
     """The datalist items still to segment: all with ``overwrite``, else those missing an output.
 
-    A case counts as done when every requested output (``<case>_seg.nii.gz`` and, when asked for,
-    ``_prob`` / ``_uncertainty``) exists under its final name. :class:`AtomicSaveImaged` only ever
-    renames a complete file to that name, and its temporary files are hidden and named differently,
-    so a killed run leaves at most an incomplete case, which is redone. Skipped cases are logged.
+    The outputs of a case are those every :class:`AtomicSaveImaged` in ``postprocessing`` would
+    write (``<case>_seg.nii.gz``, and ``_prob`` / ``_uncertainty`` when asked for), so "done" always
+    means what the run itself would produce. A case is done when all exist under their final names:
+    :class:`AtomicSaveImaged` only renames a complete file to such a name, and its temporary files
+    are hidden and named differently, so a killed run leaves at most an incomplete case, which is
+    redone. Skipped cases are logged, one line each and a count.
     """
+    savers = [t for t in _transforms(postprocessing) if isinstance(t, AtomicSaveImaged)]
     todo = []
     for item in datalist:
-        outputs = [output_path(output_dir, str(item[name_key]), postfix) for postfix in postfixes]
-        if overwrite or not all(p.is_file() for p in outputs):
+        outputs = [saver.final_path(item) for saver in savers]
+        if overwrite or not outputs or not all(p.is_file() for p in outputs):
             todo.append(dict(item))
         else:
-            logger.info("skipping %s: %s already written", item[name_key], ", ".join(p.name for p in outputs))
+            name = item.get("case_id") or outputs[0].name
+            logger.info("skipping %s: %s already written", name, ", ".join(p.name for p in outputs))
     skipped = len(datalist) - len(todo)
     if skipped:
         logger.info(
             "%d of %d case(s) already segmented in %s, skipped (--overwrite true redoes them); %d to segment",
             skipped,
             len(datalist),
-            output_dir,
+            ", ".join(sorted({str(s.output_dir) for s in savers})),
             len(todo),
         )
     return todo
@@ -285,6 +302,16 @@ class AtomicSaveImaged(SaveImaged):
         self.output_dir = Path(kwargs.get("output_dir", "./"))
         self.output_postfix = kwargs.get("output_postfix", "trans")
         self.output_ext = kwargs.get("output_ext", ".nii.gz")
+
+    def final_path(self, item: Mapping[Hashable, Any]) -> Path:
+        """The file this transform writes for ``item``: a datalist item (before loading) or a loaded one."""
+        name = item.get(self.name_key)
+        if not name:
+            source = item.get("image")
+            source = source[0] if isinstance(source, (list, tuple)) else source
+            meta = getattr(source, "meta", None)
+            name = _strip_nifti(Path(str(meta["filename_or_obj"] if meta else source)).name)
+        return output_path(self.output_dir, str(name), self.output_postfix, self.output_ext)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Write every key of one item, each through a temporary file."""

@@ -93,6 +93,10 @@ def test_unwritable_output_folder_is_one_sentence_before_the_model_or_a_case_is_
     # the output folder is itself a file
     with pytest.raises(DataError, match=r"blocker: the output folder is an existing file, not a folder"):
         _in_process(setup, blocker)
+    # a writable but new output folder is made only after every check passed
+    with pytest.raises(DataError, match="missing modality"):
+        _in_process(setup, tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
@@ -171,7 +175,7 @@ def test_nothing_left_to_do_runs_no_inference(setup, tmp_path):
 
 
 def test_overwrite_must_be_a_boolean(setup, tmp_path):
-    with pytest.raises(SystemExit, match=r"--overwrite: expected true or false .* got 'flase'"):
+    with pytest.raises(SystemExit, match=r"--overwrite: .*'flase'"):
         fire.Fire(COMMANDS, command=["infer", str(setup["data"]), "--output", str(tmp_path), "--overwrite", "flase"])
     assert [as_bool(v) for v in (True, "TRUE", "yes", "On", 1, "1")] == [True] * 6
     assert [as_bool(v) for v in (False, "false", "No", "off", 0, "0")] == [False] * 6
