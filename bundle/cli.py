@@ -170,7 +170,7 @@ def infer(
     from bundle.options import as_bool
 
     with _user_errors(ValueError):
-        overwrite = as_bool(overwrite, "--overwrite")
+        overwrite = as_bool(overwrite, "overwrite")
     return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, overwrite=overwrite, **overrides)
 
 

@@ -175,7 +175,7 @@ def test_nothing_left_to_do_runs_no_inference(setup, tmp_path):
 
 
 def test_overwrite_must_be_a_boolean(setup, tmp_path):
-    with pytest.raises(SystemExit, match=r"--overwrite: .*'flase'"):
+    with pytest.raises(SystemExit, match=r"error: overwrite: .*'flase'"):
         fire.Fire(COMMANDS, command=["infer", str(setup["data"]), "--output", str(tmp_path), "--overwrite", "flase"])
     assert [as_bool(v) for v in (True, "TRUE", "yes", "On", 1, "1")] == [True] * 6
     assert [as_bool(v) for v in (False, "false", "No", "off", 0, "0")] == [False] * 6
