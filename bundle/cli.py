@@ -161,12 +161,18 @@ def infer(
     checkpoint: str | None = None,
     tta: bool = True,
     device: str | None = None,
+    overwrite: bool | str = False,
     **overrides: Any,
 ) -> list[str]:
-    """Segment a dataset folder, a case folder or one case's files with configs/inference.yaml (bundle.infer.infer)."""
+    """Segment a dataset folder, a case folder or one case's files with configs/inference.yaml (bundle.infer.infer).
+
+    Cases whose outputs already exist in ``output`` are skipped (logged), so rerunning a killed run
+    continues it; ``--overwrite true`` redoes them. Returns every case's segmentation file.
+    """
     from bundle.infer import infer as _infer
 
-    return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, **overrides)
+    overwrite = as_bool(overwrite, "overwrite")  # an OptionError ends python -m bundle with its sentence (main)
+    return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, overwrite=overwrite, **overrides)
 
 
 def evaluate(

@@ -70,7 +70,14 @@ def find_segmentations(folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
+    # hidden files are never cases: inference's temporary files (a killed run leaves one) and macOS's ._ files
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.name.endswith(_NIFTI_SUFFIXES)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     tagged = [p for p in files if any(p.name.split(".nii")[0].endswith(t) for t in _SEG_TAGS)]
     chosen = tagged if any(p.parent != folder for p in files) else files
     found: dict[str, Path] = {}
@@ -113,6 +120,44 @@ def load_label_map(path: str | Path, label_scheme: str) -> tuple[np.ndarray, tup
     return lut[data], spacing, image.affine
 
 
+def _label_map_header(path: Path, role: str, other: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine from a NIfTI header (no voxel data read); one sentence naming both files if unusable."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {role} file does not exist (paired with {other})")
+    try:
+        image = nib.load(str(path))
+        shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=float)
+    except Exception as err:  # nibabel raises several types for corrupt or non-NIfTI files
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ValueError(f"{path}: {role} cannot be read as NIfTI ({reason}; paired with {other})") from err
+    if len(shape) != 3:
+        raise ValueError(f"{path}: {role} is not a 3-D label map (shape {shape}; paired with {other})")
+    return shape, affine
+
+
+def check_pairs(pairs: Iterable[tuple[str | Path, str | Path]]) -> None:
+    """Check every (prediction, ground truth) pair's headers before any case is scored.
+
+    Both files must exist and be readable NIfTI, 3-D, with the same shape and affine (within 1e-3,
+    what :func:`evaluate_files` requires: scoring compares voxel by voxel and takes the spacing from
+    the truth). The first bad pair raises ``FileNotFoundError`` or ``ValueError``, one sentence naming
+    both files, so a mismatch in the last case is not found after scoring all the others. Only headers
+    are read; voxel data (label values, a truncated file) is checked when each case is scored.
+    """
+    for pred, truth in pairs:
+        pred, truth = Path(pred), Path(truth)
+        truth_shape, truth_affine = _label_map_header(truth, "ground truth", pred)
+        pred_shape, pred_affine = _label_map_header(pred, "prediction", truth)
+        if pred_shape != truth_shape:
+            raise ValueError(
+                f"{pred}: prediction shape {pred_shape} differs from the ground truth {truth} {truth_shape}"
+            )
+        if not np.allclose(pred_affine, truth_affine, atol=1e-3):
+            raise ValueError(
+                f"{pred}: prediction affine differs from the ground truth {truth} (another voxel grid; resample it)"
+            )
+
+
 def evaluate_files(
     pred_path: str | Path,
     truth_path: str | Path,
@@ -151,8 +196,9 @@ def evaluate_folder(
 
     Cases are paired by :func:`case_id_from_path`. Every ground-truth case must have a prediction (a
     missing one stops the run before any scoring, naming the cases); predictions without ground truth are
-    an error too. With ``output_dir`` the two files are written there (atomically: no half-written file
-    is left if scoring fails). With ``verbose`` a progress bar runs and the summary table is printed.
+    an error too. Every pair's headers are checked (:func:`check_pairs`) before the first case is scored.
+    With ``output_dir`` the two files are written there (atomically: no half-written file is left if
+    scoring fails). With ``verbose`` a progress bar runs and the summary table is printed.
     Returns the per-case rows.
     """
     preds, truths = find_segmentations(pred_dir), find_segmentations(truth_dir)
@@ -161,6 +207,7 @@ def evaluate_folder(
         raise ValueError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s): {', '.join(missing)}")
     if extra:
         raise ValueError(f"{truth_dir}: no ground truth for {len(extra)} predicted case(s): {', '.join(extra)}")
+    check_pairs((preds[case], truths[case]) for case in sorted(truths))
     rows: list[dict] = []
     for case in tqdm(sorted(truths), desc="scoring", unit="case", disable=not verbose):
         rows += evaluate_files(
@@ -496,8 +543,9 @@ def evaluate_datalist(
     The truth's label scheme is the item's ``layout`` (BraTS 2021 / 2023 / MSD datalists mix nothing, but
     each item says its own); ``pred_label_scheme`` is the one the predictions were written with
     (``internal`` reads as ``brats2023``: the same values 0-3). Every prediction is checked to exist before
-    any scoring (a ``FileNotFoundError`` names the first missing file). Writes ``metrics.csv`` and
-    ``summary.json`` to ``output_dir`` and prints the summary table (:func:`save_evaluation`).
+    any scoring (a ``FileNotFoundError`` names the first missing file), then every pair's headers
+    (:func:`check_pairs`). Writes ``metrics.csv`` and ``summary.json`` to ``output_dir`` and prints the
+    summary table (:func:`save_evaluation`).
     """
     from bundle.constants import scheme_for_layout
 
@@ -509,6 +557,7 @@ def evaluate_datalist(
         if not pred.is_file():
             raise FileNotFoundError(f"{pred}: no prediction for case {case!r} (ground truth {item['label']})")
         pairs.append((case, pred, item["label"], scheme_for_layout(item.get("layout", "brats2021"))))
+    check_pairs((pred, truth) for _, pred, truth, _ in pairs)
     rows: list[dict] = []
     for case, pred, truth, scheme in pairs:
         rows += evaluate_files(
@@ -573,6 +622,7 @@ __all__ = [
     "LOWER_IS_BETTER",
     "SUMMARY_METRICS",
     "case_id_from_path",
+    "check_pairs",
     "check_predictions_exist",
     "compare",
     "evaluate_datalist",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import tempfile
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,9 +37,12 @@ from bundle.options import as_bool
 __all__ = [
     "AtomicSaveImaged",
     "InferenceDataset",
+    "cases_to_segment",
     "check_checkpoint",
+    "check_output_dir",
     "infer",
     "inference_datalist",
+    "output_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,12 +180,93 @@ def check_checkpoint(checkpoint: str, network: torch.nn.Module) -> str:
 # ----------------------------------------------------------------------------------------- outputs
 
 
+def output_path(output_dir: str | Path, name: str, postfix: str, ext: str = ".nii.gz") -> Path:
+    """The final name of one output, ``<output_dir>/<name>_<postfix><ext>`` (what :class:`AtomicSaveImaged` writes)."""
+    return Path(output_dir) / f"{name}_{postfix}{ext}"
+
+
+def check_output_dir(output_dir: str | Path) -> str:
+    """Raise one sentence naming ``output_dir`` unless it is, or can be made, a folder one can write in.
+
+    Runs first in ``initialize``, before the model is loaded or any case is read: otherwise the first
+    write fails only after the first case has been segmented, with MONAI's writer traceback. Nothing
+    is created (the folder is made once every check passed): a file is created and removed in the
+    folder, or in its nearest existing parent when it does not exist yet, which also catches what
+    permission bits do not show (a read-only mount, ACLs, NFS root squashing).
+    """
+    path = Path(output_dir).absolute()
+    try:
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            if existing == path:
+                raise DataError(f"{path}: the output folder is an existing file, not a folder")
+            raise DataError(f"{path}: the output folder is not writable ({existing} is a file, not a folder)")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        where = "" if existing == path else f" in {existing}"
+        raise DataError(f"{path}: the output folder is not writable ({reason}{where})") from err
+    return str(path)
+
+
+def _transforms(transform: Any) -> Iterator[Any]:
+    """``transform`` and, for a ``Compose`` or a list, every transform inside it, depth first."""
+    if isinstance(transform, (list, tuple)):
+        for t in transform:
+            yield from _transforms(t)
+        return
+    yield transform
+    inner = getattr(transform, "transforms", None)
+    if isinstance(inner, (list, tuple)):
+        yield from _transforms(inner)
+
+
+def cases_to_segment(
+    datalist: Sequence[Mapping[str, Any]], postprocessing: Any, overwrite: bool = False
+) -> list[dict[str, Any]]:
+    """The datalist items still to segment: all with ``overwrite``, else those missing an output.
+
+    The outputs of a case are those every :class:`AtomicSaveImaged` in ``postprocessing`` would
+    write (``<case>_seg.nii.gz``, and ``_prob`` / ``_uncertainty`` when asked for), so "done" always
+    means what the run itself would produce. A case is done when all exist under their final names:
+    :class:`AtomicSaveImaged` only renames a complete file to such a name, and its temporary files
+    are hidden and named differently, so a killed run leaves at most an incomplete case, which is
+    redone. Skipped cases are logged, one line each and a count.
+    """
+    savers = [t for t in _transforms(postprocessing) if isinstance(t, AtomicSaveImaged)]
+    todo = []
+    for item in datalist:
+        outputs = [saver.final_path(item) for saver in savers]
+        if overwrite or not outputs or not all(p.is_file() for p in outputs):
+            todo.append(dict(item))
+        else:
+            name = item.get("case_id") or outputs[0].name
+            logger.info("skipping %s: %s already written", name, ", ".join(p.name for p in outputs))
+    skipped = len(datalist) - len(todo)
+    if skipped:
+        logger.info(
+            "%d of %d case(s) already segmented in %s, skipped (--overwrite true redoes them); %d to segment",
+            skipped,
+            len(datalist),
+            ", ".join(sorted({str(s.output_dir) for s in savers})),
+            len(todo),
+        )
+    return todo
+
+
 class AtomicSaveImaged(SaveImaged):
     """MONAI's ``SaveImaged`` writing ``<output_dir>/<case_id>_<output_postfix><output_ext>`` atomically.
 
     The image is written to a hidden temporary name in the same folder and renamed when complete
     (``os.replace`` is atomic on one file system), so an interrupted run or a failure in the
     writer never leaves a truncated ``*_seg.nii.gz`` that a later step would take for a result.
+    The temporary name holds the process id and a random token: two processes (or two calls)
+    writing the same case each write their own file, and whichever renames last wins with a
+    complete file. It is removed if writing fails.
     The output name comes from the item's ``name_key`` (the datalist's ``case_id``) rather than the
     first input file's name (``CASE_t1.nii.gz`` would give ``CASE_t1_seg``). All other
     arguments are ``SaveImaged``'s.
@@ -195,14 +281,25 @@ class AtomicSaveImaged(SaveImaged):
         self.output_postfix = kwargs.get("output_postfix", "trans")
         self.output_ext = kwargs.get("output_ext", ".nii.gz")
 
+    def final_path(self, item: Mapping[Hashable, Any]) -> Path:
+        """The file this transform writes for ``item``: a datalist item (before loading) or a loaded one."""
+        name = item.get(self.name_key)
+        if not name:
+            source = item.get("image")
+            source = source[0] if isinstance(source, (list, tuple)) else source
+            meta = getattr(source, "meta", None)
+            name = _strip_nifti(Path(str(meta["filename_or_obj"] if meta else source)).name)
+        return output_path(self.output_dir, str(name), self.output_postfix, self.output_ext)
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Write every key of one item, each through a temporary file."""
         d = dict(data)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for key in self.key_iterator(d):
             name = d.get(self.name_key) or _strip_nifti(Path(str(d[key].meta["filename_or_obj"])).name)
-            final = self.output_dir / f"{name}_{self.output_postfix}{self.output_ext}"
-            tmp_stem = self.output_dir / f".{name}_{self.output_postfix}.partial"
+            final = output_path(self.output_dir, name, self.output_postfix, self.output_ext)
+            # the writer picks the format from the extension, so the unique part goes before it
+            tmp_stem = self.output_dir / f".{name}_{self.output_postfix}.{os.getpid()}-{secrets.token_hex(4)}.partial"
             tmp = Path(f"{tmp_stem}{self.output_ext}")
             try:
                 self.saver(img=d[key], filename=str(tmp_stem))
@@ -237,6 +334,7 @@ def infer(
     save_probabilities: bool = False,
     save_uncertainty: bool = False,
     layout: str | None = None,
+    overwrite: bool | str | None = None,
     config_file: str | Sequence[str] | None = None,
     **overrides: Any,
 ) -> list[str]:
@@ -252,11 +350,14 @@ def infer(
         save_probabilities: also write the averaged probability maps.
         save_uncertainty: also write the per-voxel std across flips.
         layout: force a dataset layout (``brats2021``, ``brats2023``, ``msd``).
+        overwrite: redo cases whose outputs already exist; ``False`` skips them, so rerunning a
+            killed batch run continues it. ``None``: the config's ``overwrite`` (``False`` in
+            ``inference.yaml``, ``True`` in ``evaluate.yaml``).
         config_file: other/extra config files (e.g. a variant after ``configs/inference.yaml``).
         overrides: any other top-level config key (``roi_size``, ``output_label_scheme``, ...).
 
     Returns:
-        The segmentation files written.
+        The segmentation file of every case, the ones written now and the ones skipped as done.
     """
     from monai.bundle import ConfigWorkflow
 
@@ -272,6 +373,8 @@ def infer(
         "save_uncertainty": as_bool(save_uncertainty, "save_uncertainty"),
         "layout": layout,
     }
+    if overwrite is not None:
+        settings["overwrite"] = as_bool(overwrite, "overwrite")
     if checkpoint is not None:
         settings["checkpoint"] = str(Path(checkpoint).resolve())
     if device is not None:
@@ -286,7 +389,7 @@ def infer(
         workflow.run()
         workflow.finalize()
         names = [item["case_id"] for item in workflow.parser.get_parsed_content("datalist")]
-    return [str(Path(settings["output_dir"]) / f"{n}_seg.nii.gz") for n in names]
+    return [str(output_path(settings["output_dir"], n, "seg")) for n in names]
 
 
 @contextmanager

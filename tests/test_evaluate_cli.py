@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,86 @@ def test_evaluate_command_from_a_checkpoint(tmp_path: Path) -> None:
     assert (out / "Demo_00000_seg.nii.gz").is_file() and (out / "boxplot_dice.png").is_file()
     with pytest.raises(SystemExit, match="either --pred"):
         _cli("evaluate", "--truth", str(data), "--pred", str(out), "--checkpoint", str(tmp_path / "model.pt"))
+
+
+def _bad_shape(path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((16, 14, 9), np.uint8), AFFINE), path)
+
+
+def _bad_affine(path: Path) -> None:
+    nib.save(nib.Nifti1Image(_truth_labels(), np.diag([1.0, 1.0, 3.0, 1.0])), path)
+
+
+def _four_d(path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((*SHAPE, 2), np.uint8), AFFINE), path)
+
+
+def _junk(path: Path) -> None:
+    path.write_bytes(b"not a NIfTI file")
+
+
+def test_bad_pair_sorted_last_stops_before_any_scoring(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    """`python -m bundle evaluate`: a shape mismatch in the last case is found before the first is scored."""
+    pred_dir, truth_dir = folders
+    _bad_shape(pred_dir / "Case_2.nii.gz")
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "bundle", "evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*command, "--output_dir", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stdout == "", "no summary, no scores"
+    assert "Traceback" not in result.stderr and "scoring" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip() == (
+        f"error: {pred_dir / 'Case_2.nii.gz'}: prediction shape (16, 14, 9) differs from the ground truth "
+        f"{truth_dir / 'Case_2' / 'Case_2_seg.nii.gz'} (16, 14, 10)"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "which", "message"),
+    [
+        (_bad_affine, "pred", "prediction affine differs from the ground truth"),
+        (_four_d, "pred", r"prediction is not a 3-D label map \(shape \(16, 14, 10, 2\)"),
+        (_junk, "pred", "prediction cannot be read as NIfTI"),
+        (_junk, "truth", "ground truth cannot be read as NIfTI"),
+    ],
+)
+def test_every_pair_header_is_checked_before_scoring(
+    folders: tuple[Path, Path], tmp_path: Path, capsys, damage, which, message
+) -> None:
+    pred_dir, truth_dir = folders
+    pred, truth = pred_dir / "Case_2.nii.gz", truth_dir / "Case_2" / "Case_2_seg.nii.gz"
+    damage(pred if which == "pred" else truth)
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as info:
+        _cli("evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--output_dir", str(out))
+    text = str(info.value)
+    assert len(text.splitlines()) == 1 and re.search(message, text), text
+    assert str(pred) in text and str(truth) in text, "both files named"
+    printed = capsys.readouterr()
+    assert "scoring" not in printed.err and "case(s)" not in printed.out
+    assert not out.exists()
+
+
+def test_hidden_files_in_a_prediction_folder_are_not_cases(folders: tuple[Path, Path]) -> None:
+    """A killed inference run's temporary file (hidden) is neither a case nor a second prediction."""
+    pred_dir, truth_dir = folders
+    _junk(pred_dir / ".Case_1_seg.4242-deadbeef.partial.nii.gz")
+    rows = evaluate_folder(pred_dir, truth_dir, lesion_wise=False, verbose=False)
+    assert sorted({r["case"] for r in rows}) == ["Case_0", "Case_1", "Case_2"]
+
+
+def test_evaluate_datalist_checks_headers_first(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    from bundle.evaluation import evaluate_datalist
+
+    pred_dir, truth_dir = folders
+    for case in ("Case_0", "Case_1", "Case_2"):
+        (pred_dir / f"{case}.nii.gz").rename(pred_dir / f"{case}_seg.nii.gz")
+    _bad_affine(pred_dir / "Case_2_seg.nii.gz")
+    items = [{"case_id": c, "label": str(truth_dir / c / f"{c}_seg.nii.gz")} for c in ("Case_0", "Case_1", "Case_2")]
+    with pytest.raises(ValueError, match=r"Case_2_seg\.nii\.gz: prediction affine differs .*Case_2_seg\.nii\.gz"):
+        evaluate_datalist(pred_dir, items, tmp_path / "eval", verbose=False)
+    assert not (tmp_path / "eval").exists()

@@ -28,6 +28,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 import bundle.cli
 import bundle.evaluation
+import bundle.infer
 from bundle.errors import OptionError, find_user_error
 from bundle.options import as_bool
 
@@ -148,6 +149,18 @@ def _evaluate_flag(index: int) -> Callable[[ConfigParser], bool]:
     return probe
 
 
+def _overwrite_probe(parser: ConfigParser) -> bool:
+    captured: list[tuple] = []
+    original = bundle.infer.cases_to_segment
+    bundle.infer.cases_to_segment = lambda *args: captured.append(args) or []  # type: ignore[assignment]
+    try:
+        parser["datalist"] = "$[]"
+        parser.get_parsed_content("cases_to_run")
+    finally:
+        bundle.infer.cases_to_segment = original
+    return bool(captured[0][2])
+
+
 INFERENCE = ["configs/inference.yaml"]
 TRAIN = ["configs/train.yaml"]
 # key -> (configs, probe reading the key's effect from the resolved config)
@@ -159,6 +172,7 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     "et_volume_to_ncr": (INFERENCE, _postprocessing_flag("SmallETVolumeToNCRd")),
     "remove_small_components": (INFERENCE, _postprocessing_flag("RemoveSmallTumourComponentsd")),
     "closing": (INFERENCE, _postprocessing_flag("CloseTumourRegionsd")),
+    "overwrite": (INFERENCE, _overwrite_probe),
     "amp": (
         TRAIN,
         lambda p: p.get_parsed_content("train#trainer#amp") and p.get_parsed_content("validate#evaluator#amp"),
@@ -233,7 +247,7 @@ def _bundle_cli(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> dict[str, A
     return seen
 
 
-@pytest.mark.parametrize("flag", ["tta", "save_probabilities", "save_uncertainty"])
+@pytest.mark.parametrize("flag", ["tta", "save_probabilities", "save_uncertainty", "overwrite"])
 def test_bundle_infer_reads_its_flags_as_typed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: str) -> None:
     for words, expected in ((FALSE_SPELLINGS, False), (TRUE_SPELLINGS, True)):
         for word in words:
