@@ -321,6 +321,46 @@ def test_every_pair_header_is_checked_before_scoring(
     assert not out.exists()
 
 
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-12])  # header intact, data cut off
+
+
+def _nan_voxels(path: Path) -> None:
+    data = _truth_labels().astype(np.float32)
+    data[0, 0, :3] = np.nan
+    nib.save(nib.Nifti1Image(data, AFFINE), path)
+
+
+def _unknown_value(path: Path) -> None:
+    data = _truth_labels()
+    data[0, 0, 0] = 3  # not a BraTS 2021 value
+    nib.save(nib.Nifti1Image(data, AFFINE), path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "which", "message"),
+    [
+        (_truncated, "pred", r"Case_2\.nii\.gz: label map data cannot be decoded"),
+        (_truncated, "truth", r"Case_2_seg\.nii\.gz: label map data cannot be decoded"),
+        (_nan_voxels, "pred", r"Case_2\.nii\.gz: 3 of \d+ voxels are not finite \(NaN or Inf\)"),
+        (_unknown_value, "pred", r"Case_2\.nii\.gz: label values \[3\] are not in the 'brats2021' scheme"),
+    ],
+)
+def test_every_voxel_is_decoded_before_scoring(
+    folders: tuple[Path, Path], tmp_path: Path, capsys, damage, which, message
+) -> None:
+    """The last case's data (not only its header) is checked before the first case is scored."""
+    pred_dir, truth_dir = folders
+    damage(pred_dir / "Case_2.nii.gz" if which == "pred" else truth_dir / "Case_2" / "Case_2_seg.nii.gz")
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as info:
+        _cli("evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--output_dir", str(out))
+    text = str(info.value)
+    assert len(text.splitlines()) == 1 and re.search(message, text), text
+    assert "scoring" not in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_hidden_files_in_a_prediction_folder_are_not_cases(folders: tuple[Path, Path]) -> None:
     """A killed inference run's temporary file (hidden) is neither a case nor a second prediction."""
     pred_dir, truth_dir = folders
