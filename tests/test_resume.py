@@ -226,3 +226,39 @@ def test_resumable_state_round_trips_through_weights_only_load(tmp_path: Path) -
     draws()  # move on
     state.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert draws() == expected
+
+
+def test_best_model_and_early_stopping_continue_after_a_resume(tmp_path: Path) -> None:
+    """A worse validation after a resume does not overwrite model.pt; the early-stopping count goes on."""
+    from ignite.engine import Engine, Events
+    from monai.handlers import EarlyStopHandler
+
+    def process(scores: list[float], state: dict | None = None) -> tuple[Any, Any, dict]:
+        net = torch.nn.Linear(1, 1)
+        trainer = Engine(lambda e, b: None)
+        evaluator = Engine(lambda e, b: None)
+        evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1, -1
+        saver = ResumableCheckpointSaver(
+            str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="dice", key_metric_filename="m.pt"
+        )
+        stopper = EarlyStopHandler(patience=2, score_function=lambda e: e.state.metrics["dice"], trainer=trainer)
+        for handler in (stopper, saver):
+            handler.attach(evaluator)
+        resumable = ResumableState(evaluator=evaluator, handlers=[stopper, saver])
+        if state is not None:
+            resumable.load_state_dict(state)
+        for score in scores:
+            torch.nn.init.constant_(net.weight, score)
+
+            @evaluator.on(Events.EPOCH_STARTED)
+            def _set(engine: Engine, value: float = score) -> None:
+                engine.state.metrics = {"dice": value}
+
+            evaluator.run([0], max_epochs=1)
+            evaluator.remove_event_handler(_set, Events.EPOCH_STARTED)
+        return stopper, trainer, resumable.state_dict()
+
+    _, _, state = process([0.8, 0.7])  # best 0.8, one validation without improvement
+    stopper, trainer, _ = process([0.5], state)
+    assert float(torch.load(tmp_path / "m.pt", weights_only=True)["weight"]) == pytest.approx(0.8)
+    assert stopper._handler.counter == 2 and trainer.should_terminate, "patience 2 reached across the resume"
