@@ -259,18 +259,19 @@ class ResumableState:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the generators last, so nothing draws from them after."""
         transforms = state.get("transforms", [])
-        if len(transforms) != len(self.loaders):
-            raise ValueError(
-                f"checkpoint has transform states of {len(transforms)} loader(s), this config has "
-                f"{len(self.loaders)}: resume with the configuration that wrote it"
-            )
-        for loader, saved in zip(self.loaders, transforms):
+        for index, loader in enumerate(self.loaders):
             current = random_states(getattr(loader, "dataset", loader))
+            saved = transforms[index] if index < len(transforms) else []
             if len(saved) != len(current):
-                raise ValueError(
-                    f"checkpoint has {len(saved)} random transform state(s) for a loader whose transforms hold "
-                    f"{len(current)}: resume with the configuration that wrote it"
+                # a changed configuration: resuming still works, but cannot continue the old streams
+                logger.warning(
+                    "checkpoint has %d random transform state(s) for loader %d, whose transforms hold %d: "
+                    "they start afresh (resume with the configuration that wrote it to continue exactly)",
+                    len(saved),
+                    index,
+                    len(current),
                 )
+                continue
             for r, s in zip(current, saved):
                 r.set_state(_numpy_state_from_torch(s))
         for loader, saved in zip(self.loaders, state.get("generators", [])):
@@ -328,15 +329,18 @@ def _set_generator_states(loader: Any, states: Mapping[str, torch.Tensor]) -> No
 
 
 class _OneShotScalerLoad:
-    """Load a ``GradScaler`` state into the trainer's scaler at its first ``STARTED``, then detach."""
+    """Load a ``GradScaler`` state into the trainer's scaler at its first ``STARTED`` only.
+
+    It stays registered (removing a handler while ignite fires the event would skip the next one).
+    """
 
     def __init__(self, state: Mapping[str, Any]) -> None:
-        self.state = state
+        self.state: Mapping[str, Any] | None = state
 
     def __call__(self, engine: Engine) -> None:
-        if getattr(engine, "scaler", None) is not None:
+        if self.state is not None and getattr(engine, "scaler", None) is not None:
             engine.scaler.load_state_dict(self.state)
-        engine.remove_event_handler(self, Events.STARTED)
+        self.state = None
 
 
 # ----------------------------------------------------------------------------- atomic checkpoints
