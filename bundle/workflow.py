@@ -20,6 +20,7 @@ import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ignite.distributed as idist
@@ -143,8 +144,8 @@ def random_states(obj: Any) -> list[np.random.RandomState]:
     seen: set[int] = set()
 
     def walk(item: Any) -> None:
-        if id(item) in seen or isinstance(item, (str, bytes, int, float, torch.Tensor, np.ndarray)):
-            return
+        if id(item) in seen or isinstance(item, (str, bytes, int, float, torch.Tensor, np.ndarray, ModuleType)):
+            return  # (a module's namespace is not a transform's state)
         seen.add(id(item))
         if isinstance(item, (list, tuple)):
             for child in item:
