@@ -120,9 +120,11 @@ def _postprocessing_flag(name: str) -> Callable[[ConfigParser], bool]:
 def _resume_probe(parser: ConfigParser) -> bool:
     """The resume step of `training`, with a stand-in trainer: true looks for a checkpoint, false does not."""
     parser["train#trainer"] = "$None"
+    parser["checkpoint_objects"] = "$None"
     parser["output_dir"] = "/nonexistent/bundle-test-output"  # no checkpoint there
+    step = next(i for i, s in enumerate(parser["training"]) if "resume_training" in str(s))
     try:
-        parser.get_parsed_content("training#2")
+        parser.get_parsed_content(f"training#{step}")
     except RuntimeError as err:
         assert "checkpoint to resume from" in str(err.__cause__)
         return True
