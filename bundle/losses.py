@@ -5,7 +5,7 @@ into a config. Where MONAI already has the loss, the configs use MONAI's class d
 classes here exist only where MONAI's did not match the published formula (each docstring
 says why).
 
-Which loss each method uses (see ``/work/shared/METHODS.md``):
+Which loss each method uses (see ``docs/methods.md``):
 
 - M1, ``0.6 * Dice + 0.4 * Focal`` with squared Dice denominator and focal gamma 2: MONAI's
   ``monai.losses.DiceFocalLoss(squared_pred=True, lambda_dice=0.6, lambda_focal=0.4, gamma=2.0,

@@ -25,6 +25,7 @@ import torch
 import yaml
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
+from test_inference_config import TINY_NET
 
 import bundle.cli
 import bundle.evaluation
@@ -323,20 +324,6 @@ def _tiny_case_and_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     return case, tmp_path / "tiny.pt"
 
 
-TINY_NET = {
-    "_target_": "DynUNet",
-    "spatial_dims": 3,
-    "in_channels": 4,
-    "out_channels": 3,
-    "kernel_size": [3, 3, 3],
-    "strides": [1, 2, 2],
-    "upsample_kernel_size": [2, 2],
-    "filters": [4, 8, 16],
-    "norm_name": ["INSTANCE", {"affine": True}],
-    "deep_supervision": True,
-    "deep_supr_num": 1,
-    "res_block": True,
-}
 TINY_ARGS = ["--network_def", str(TINY_NET).replace(" ", ""), "--roi_size", "[16,16,16]", "--amp", "false"]
 
 

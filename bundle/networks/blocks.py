@@ -1,4 +1,4 @@
-"""Building blocks of the bundle's residual U-Nets (methods M1-M4 in ``/work/shared/METHODS.md``).
+"""Building blocks of the bundle's residual U-Nets (methods M1-M4 in ``docs/methods.md``).
 
 Every block is one class for 2-D and 3-D (``spatial_dims``), built from MONAI's ``Convolution``
 and the ``Norm`` / ``Act`` factories (``get_norm_layer`` / ``get_act_layer``), so a config can pass

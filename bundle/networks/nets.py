@@ -1,4 +1,4 @@
-"""The bundle's residual U-Nets (methods M1-M4 in ``/work/shared/METHODS.md``).
+"""The bundle's residual U-Nets (methods M1-M4 in ``docs/methods.md``).
 
 Deep-supervision contract (shared with MONAI's ``DynUNet`` and ``bundle.losses.StackedDeepSupervisionLoss``):
 in training mode with ``deep_supervision=True`` a network returns ONE tensor
