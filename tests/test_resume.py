@@ -19,21 +19,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO_ROOT
+from test_training import TINY
 
 from bundle.data import generate_demo_dataset
 from bundle.workflow import AtomicDiskSaver, ResumableCheckpointSaver, ResumableState, random_states
 
 # 2 training cases, batch 1: 2 iterations an epoch; validation after epochs 2 and 4.
-FAST = {
-    "num_folds": 2,
-    "roi_size": [32, 32, 32],
-    "network_def#filters": [4, 8, 16, 32, 64],
-    "epochs": 4,
-    "val_interval": 2,
-    "num_workers": 0,
-    "learning_rate": 1e-3,
-    "batch_size": 1,
-}
+FAST = {**TINY, "epochs": 4, "val_interval": 2, "batch_size": 1}
 KILLED = -signal.SIGKILL
 
 
