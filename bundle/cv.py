@@ -213,7 +213,7 @@ def run_cv(
         config_file: training config(s), e.g. ``configs/train.yaml`` or a list ending in a variant.
         folds: number of folds of the datalist prepared in ``output_dir/datalist.json``.
         fold_ids: folds to run (default all), e.g. ``"0,2"``.
-        dataset_dir: a BraTS 2021 / 2023 / MSD folder; with neither it nor ``datalist``, the demo phantoms.
+        dataset_dir: a BraTS 2021 / 2023 / MSD folder (or ``datalist``; one of them is needed).
         datalist: an existing datalist JSON (from ``python -m bundle prepare --folds N``) with ``folds`` folds.
         output_dir: ``fold_k/`` (checkpoints, logs, per-fold metrics), ``cv_metrics.csv``, ``cv_summary.json``.
         seed: seed of the fold assignment and of training.
@@ -229,14 +229,10 @@ def run_cv(
     configs = _resolve_configs(config_file)
     chosen = parse_fold_ids(fold_ids, folds)
     # one datalist for every fold: folds trained in separate calls still share the split
-    datalist_file = resolve_datalist(
-        dataset_dir, datalist, str(out), folds=folds, seed=seed, demo_dir=str(BUNDLE_ROOT / "data" / "demo")
-    )
+    datalist_file = resolve_datalist(dataset_dir, datalist, str(out), folds=folds, seed=seed)
     declared = json.loads(Path(datalist_file).read_text()).get("num_folds")
     if declared is not None and int(declared) != folds:
         raise DataError(f"{datalist_file}: the datalist has {declared} folds, not --folds {folds}")
-    # train.yaml derives `demo` from dataset_dir/datalist; the fold workflows get a datalist either way
-    demo = dataset_dir is None and datalist is None
     rows: list[dict] = []
     for k in chosen:
         fold_dir = out / f"fold_{k}"
@@ -244,7 +240,6 @@ def run_cv(
             "bundle_root": str(BUNDLE_ROOT),
             "dataset_dir": None,
             "datalist": datalist_file,
-            "demo": demo,
             "num_folds": folds,
             "seed": seed,
             "fold": k,

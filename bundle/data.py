@@ -430,6 +430,13 @@ def load_split(datalist: str | Path | dict[str, Any], fold: int = 0, split: str 
     raise ValueError(f"unknown split {split!r}; expected train, val, all or test")
 
 
+NO_DATA = (
+    "no data given: pass --dataset_dir DIR (a BraTS 2021 / BraTS 2023 / MSD Task01 folder) or --datalist FILE "
+    "(python -m bundle prepare), or run the demo: add configs/demo.yaml, e.g. "
+    "--config_file \"['configs/train.yaml','configs/demo.yaml']\", or python -m bundle demo"
+)
+
+
 def resolve_datalist(
     dataset_dir: str | None,
     datalist: str | None,
@@ -442,14 +449,16 @@ def resolve_datalist(
 
     ``datalist`` given: used as is. ``dataset_dir`` given: discovered and checked into
     ``output_dir/datalist.json`` (every case checked before anything trains). Neither: the
-    embedded demo is generated (once, cached) and used.
+    demo folder ``demo_dir`` if given (generated once), else a :class:`DataError` saying what to pass.
     """
     if datalist:
         if not Path(datalist).is_file():
             raise DataError(f"{datalist}: datalist file does not exist")
         return str(datalist)
     if not dataset_dir:
-        dataset_dir = str(generate_demo_dataset(demo_dir or str(Path(output_dir).parent / "demo_data")))
+        if not demo_dir:
+            raise DataError(NO_DATA)
+        dataset_dir = str(generate_demo_dataset(demo_dir))
     return prepare(str(dataset_dir), str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
 
 

@@ -512,7 +512,7 @@ def labelled_cases(
     """
     import logging
 
-    from bundle.data import DataError, generate_demo_dataset, load_split, make_datalist
+    from bundle.data import NO_DATA, DataError, generate_demo_dataset, load_split, make_datalist
 
     if datalist:
         if not Path(datalist).is_file():
@@ -521,7 +521,9 @@ def labelled_cases(
         source = str(datalist)
     else:
         if not dataset_dir:
-            dataset_dir = str(generate_demo_dataset(demo_dir or "data/demo"))
+            if not demo_dir:
+                raise DataError(NO_DATA)
+            dataset_dir = str(generate_demo_dataset(demo_dir))
         made = make_datalist(dataset_dir, folds=1, check_labels=True)
         items = made["training"]
         if made["testing"]:

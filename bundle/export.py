@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from bundle.label import checkpoint_demo_flag
+from bundle.checkpoints import read_record
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def export(
     (out / "models").mkdir()
     shutil.copy2(source, out / "models" / "model.pt")
 
-    demo = checkpoint_demo_flag(out, out / "models" / "model.pt", {})
+    network = read_record(out / "models" / "model.pt")["network"]  # inference.yaml builds it from the record
     command = [
         sys.executable,
         "-m",
@@ -131,12 +131,12 @@ def export(
         "models/model.ts",
         "--ckpt_file",
         "models/model.pt",
+        "--key_in_ckpt",
+        "model",  # {"model": weights, "model_record": ...} (bundle.checkpoints)
         "--meta_file",
         "configs/metadata.json",
         "--config_file",
         "configs/inference.yaml",
-        "--demo",
-        str(demo),  # the network width the weights were trained with (train.yaml sizes it by `demo`)
         # DynUNet's deep-supervision bookkeeping cannot be scripted; the eval-mode graph is traced.
         "--use_trace",
         "True",
@@ -150,7 +150,7 @@ def export(
     leave_out = _check_sizes(out)
     if leave_out:
         logger.warning("over 25 MB, to be hosted (url in large_files.yml), not zipped: %s", ", ".join(leave_out))
-    logger.info("bundle exported to %s (demo-width network: %s)", out, demo)
+    logger.info("bundle exported to %s (network %s)", out, network["_target_"])
     if zip:
         logger.info("zip: %s", _zip(out, leave_out))
     return str(out)

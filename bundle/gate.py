@@ -2,7 +2,7 @@
 
 The classifier itself is MONAI's ``resnet18`` / ``resnet50`` (``spatial_dims=2``,
 ``n_input_channels=4``, ``num_classes=1``), trained from scratch by
-``configs/variants/m2_gate_classifier.yaml`` on slice labels derived from the masks
+``configs/train_gate.yaml`` on slice labels derived from the masks
 (:func:`tumour_present`). At inference :class:`GatedSliceInferer` runs it on every slice and the
 segmenter only on the slices it calls positive; the others get an empty mask.
 """
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bundle.slices import ResizedSliceInferer, training_config
+from bundle.checkpoints import load_model
+from bundle.slices import ResizedSliceInferer
 
 __all__ = ["GatedSliceInferer", "load_gate", "tumour_present"]
 
@@ -25,18 +26,9 @@ def tumour_present(label: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(label).ne(0).any().float().reshape(1)
 
 
-def load_gate(
-    config_files: Sequence[str] | str, checkpoint: str, device: torch.device | str = "cpu", **overrides: Any
-) -> nn.Module:
-    """The gate classifier of a training config stack, with the weights of ``checkpoint``, in eval mode.
-
-    ``checkpoint`` is what ``CheckpointSaver`` wrote (``{"model": state_dict}`` or a bare state dict);
-    ``overrides`` (e.g. ``demo``) are set on the training config before the network is built.
-    """
-    network = training_config(config_files, **overrides).get_parsed_content("network_def")
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
-    network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-    return network.to(device).eval()
+def load_gate(checkpoint: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The gate classifier ``checkpoint`` records (``gate.pt`` of configs/train_gate.yaml), in eval mode."""
+    return load_model(checkpoint, device)
 
 
 class GatedSliceInferer(ResizedSliceInferer):

@@ -23,7 +23,9 @@ import torch
 from monai.data import Dataset
 from monai.transforms import SaveImaged
 
+from bundle.checkpoints import model_state, read_record
 from bundle.data import (
+    NO_DATA,
     Case,
     DataError,
     _strip_nifti,
@@ -88,7 +90,9 @@ def inference_datalist(
         cases = [_case_from_files([files] if isinstance(files, str) else list(files), layout)]
     else:
         if not dataset_dir:
-            dataset_dir = str(generate_demo_dataset(demo_dir or str(BUNDLE_ROOT / "data" / "demo")))
+            if not demo_dir:
+                raise DataError(NO_DATA)
+            dataset_dir = str(generate_demo_dataset(demo_dir))
         cases = discover_cases(dataset_dir, layout)
     seen: dict[str, Case] = {}
     for case in cases:
@@ -141,38 +145,23 @@ def _root_cause(err: BaseException) -> str:
 def check_checkpoint(checkpoint: str, network: torch.nn.Module) -> str:
     """Raise one sentence naming ``checkpoint`` if it is missing, unreadable or does not fit ``network``.
 
-    Accepts what MONAI's ``CheckpointSaver`` writes: ``{"model": state_dict, ...}`` or a bare state
-    dict. MONAI's ``CheckpointLoader`` would fail later, inside the run, with PyTorch's multi-line
-    ``load_state_dict`` report; this check runs in ``initialize``, before any case is loaded.
+    The network is normally the one the checkpoint records (:mod:`bundle.checkpoints`), so a
+    mismatch means ``network_def`` was overridden. MONAI's ``CheckpointLoader`` would fail later,
+    inside the run, with PyTorch's multi-line ``load_state_dict`` report; this check runs in
+    ``initialize``, before any case is loaded.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint file does not exist (train first, or pass --checkpoint)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DataError(f"{path}: not a readable PyTorch checkpoint ({_root_cause(err)})") from err
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"{path}: holds no model state dict (expected {{'model': state_dict}} or a state dict)")
+    state = model_state(path)
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
         first = (missing or unexpected or shapes)[0]
-        from bundle.label import network_demo_flag  # bundle.label imports this module
-
-        # train.yaml sizes its network by `demo`, so demo weights on real data are the commonest mismatch
-        demo = network_demo_flag(BUNDLE_ROOT, state)
-        hint = (
-            f"it fits configs/train.yaml's {'demo' if demo else 'full-size'} network: add --demo {str(demo).lower()}"
-            if demo is not None
-            else "was it trained with another config (network_def, demo, variant)?"
-        )
         raise DataError(
             f"{path}: checkpoint does not match the network ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(shapes)} differently shaped weights, e.g. {first!r}); {hint}"
+            f"{len(shapes)} differently shaped weights, e.g. {first!r}); it records "
+            f"{read_record(path)['network']['_target_']}: leave network_def unset to use the network it records"
         )
     return str(path)
 

@@ -30,9 +30,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from monai.bundle import ConfigParser
 
+from bundle.checkpoints import read_record
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES
 from bundle.infer import working_directory
 
@@ -92,6 +92,8 @@ def expand_config(bundle_dir: Path, config: str, overrides: Mapping[str, Any]) -
 
 def app_inference_config(bundle_dir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """inference.yaml as the app serves it: macros expanded, MSD convention, label map in ``pred``."""
+    # the served network is the one the checkpoint records: training's network_factory does not apply
+    overrides = {k: v for k, v in overrides.items() if not k.startswith("network_factory")}
     config = expand_config(bundle_dir, "inference.yaml", {**APP_OVERRIDES, **overrides, **APP_INFER_OVERRIDES})
     for transform in config["preprocessing"]["transforms"]:
         # MONAI Label wraps LoadImaged in its LoadImageTensord, which ignores allow_missing_keys:
@@ -103,40 +105,20 @@ def app_inference_config(bundle_dir: Path, overrides: Mapping[str, Any]) -> dict
     return config
 
 
-def _network_fits(bundle_dir: Path, overrides: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> bool:
-    config = expand_config(bundle_dir, "train.yaml", overrides)
-    parser = ConfigParser(config)
-    network = parser.get_parsed_content("network_def")
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError:
-        return False
-    return True
+def app_train_config(bundle_dir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """train.yaml as the app trains with it: macros expanded, ``train#handlers`` as a list.
 
-
-def checkpoint_demo_flag(bundle_dir: Path, checkpoint: Path, overrides: Mapping[str, Any]) -> bool:
-    """Return the ``demo`` value whose network width fits ``checkpoint``.
-
-    train.yaml sizes the network by ``demo`` (set when no dataset is given, as in MONAI Label),
-    so the app must state which width the served weights have.
+    MONAI Label's training task inserts its ``CheckpointLoader`` into ``train#handlers`` and expects a
+    list of handler configs there; train.yaml names its handlers (bundle.workflow.handler_list).
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    demo = network_demo_flag(bundle_dir, state.get("model", state), overrides)
-    if demo is None:
-        raise ValueError(
-            f"{checkpoint}: the weights fit neither the demo nor the full-size network of configs/train.yaml"
-        )
-    return demo
+    config = expand_config(bundle_dir, "train.yaml", overrides)
+    config["train"]["handlers"] = list(config["train"]["handlers"].values())
+    return config
 
 
-def network_demo_flag(
-    bundle_dir: Path, state: Mapping[str, torch.Tensor], overrides: Mapping[str, Any] | None = None
-) -> bool | None:
-    """The ``demo`` value for which ``bundle_dir``'s train.yaml ``network_def`` takes ``state``, else None."""
-    for demo in (False, True):
-        if _network_fits(bundle_dir, {**(overrides or {}), "demo": demo}, state):
-            return demo
-    return None
+def recorded_network_factory(checkpoint: str | Path) -> dict[str, Any]:
+    """train.yaml's ``network_factory`` for the network ``checkpoint`` records (MONAI Label trains on from it)."""
+    return {**read_record(checkpoint)["network"], "_mode_": "callable"}
 
 
 def assemble_app(
@@ -167,8 +149,9 @@ def assemble_app(
     shutil.copy2(source, target / "models" / "model.pt")
 
     common = {**APP_OVERRIDES, **(overrides or {})}
-    common["demo"] = checkpoint_demo_flag(target, target / "models" / "model.pt", common)
-    train = expand_config(target, "train.yaml", common)
+    # inference.json builds the network the checkpoint records; training continues that same network
+    network = recorded_network_factory(target / "models" / "model.pt")
+    train = app_train_config(target, {"network_factory": network, **common})
     infer = app_inference_config(target, common)
     ConfigParser.export_config_file(train, str(target / "configs" / "train.json"), indent=2)
     ConfigParser.export_config_file(infer, str(target / "configs" / "inference.json"), indent=2)
@@ -180,7 +163,7 @@ def assemble_app(
     pred["channel_def"] = label_channel_def(APP_LAYOUT)
     metadata["network_data_format"]["outputs"] = {PRED_KEY: pred, **outputs}
     metadata_file.write_text(json.dumps(metadata, indent=4))
-    logger.info("MONAI Label app assembled in %s (bundle %s, demo=%s)", app, target, common["demo"])
+    logger.info("MONAI Label app assembled in %s (bundle %s, network %s)", app, target, network["_target_"])
     return target
 
 

@@ -183,10 +183,10 @@ class ResizedSliceInferer(SliceInferer):
 def training_config(files: Sequence[str] | str, **overrides: Any) -> ConfigParser:
     """The parsed training config stack of a model (e.g. train.yaml + train_2d.yaml + a variant), with overrides.
 
-    ``configs/inference_2d.yaml`` reads the model's network, preprocessing, slice size and output
-    type from the very files it was trained with (so a variant's changes, such as M3's percentile
-    clip or M2's [0, 1] scaling, also apply at inference); ``overrides`` set keys such as ``demo``
-    (which picks the demo network width) before anything is parsed.
+    ``configs/inference_2d.yaml`` reads the model's deterministic preprocessing from the very files
+    it was trained with (so a variant's changes, such as M3's percentile clip or M2's [0, 1] scaling,
+    also apply at inference; the network, slice size and output type come from the checkpoint's
+    record); ``overrides`` set keys such as ``label_layout`` before anything is parsed.
     """
     parser = ConfigParser()
     parser.read_config(list(files) if not isinstance(files, str) else files)

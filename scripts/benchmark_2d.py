@@ -36,7 +36,17 @@ MODELS = {
     "M2 ResUNet + Tversky": "m2_resunet_tversky.yaml",
     "M3 ResSE-LKA-UNet": "m3_resse_lka_unet.yaml",
 }
-GATE = "m2_gate_classifier.yaml"
+GATE = "train_gate.yaml"
+#: Demo sizes per model: the demo phantoms have 2.4 mm voxels, so 96 x 96 covers what 240 x 240 covers
+#: at 1 mm; narrower networks than the papers' (the variant files hold the papers' values).
+DEMO_WIDTH = [16, 32, 64, 128, 256]
+DEMO_SIZES: dict[str, dict[str, Any]] = {
+    "unet_2d.yaml": {"slice_size": [64, 64], "network_factory#channels": DEMO_WIDTH},
+    "m1_la_resunet.yaml": {"slice_size": [96, 96], "network_factory#channels": DEMO_WIDTH},
+    "m2_resunet_tversky.yaml": {"slice_size": [96, 96], "network_factory#channels": DEMO_WIDTH},
+    "m3_resse_lka_unet.yaml": {"slice_size": [64, 64], "network_factory#channels": DEMO_WIDTH},
+    GATE: {"slice_size": [96, 96], "network_factory#_target_": "monai.networks.nets.resnet18"},
+}
 
 
 def workflow(variant: str, out: Path, args: argparse.Namespace, **extra: Any) -> ConfigWorkflow:
@@ -51,12 +61,15 @@ def workflow(variant: str, out: Path, args: argparse.Namespace, **extra: Any) ->
         )
     else:
         extra["validate#dataset#num_workers"] = 1
+    top = f"configs/{variant}" if variant == GATE else f"configs/variants/{variant}"
     wf = ConfigWorkflow(
-        config_file=[str(ROOT / f) for f in [*BASE, f"configs/variants/{variant}"]],
+        config_file=[str(ROOT / f) for f in [*BASE, top]],
         workflow_type="train",
         run_id="training",
         bundle_root=str(ROOT),
-        demo_dir=str(args.demo_dir),  # no dataset_dir: the demo schedule, sizes and in-memory cache
+        dataset_dir=str(args.demo_dir),
+        cache="memory",
+        **DEMO_SIZES[variant],
         output_dir=str(out / name),
         ckpt_dir=str(out / name / "models"),
         epochs=args.epochs,

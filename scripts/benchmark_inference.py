@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
 
+from bundle.checkpoints import save_model  # noqa: E402
 from bundle.constants import MODALITIES  # noqa: E402
 
 DEFAULT_CASE = ROOT.parent / "shared" / "brats_samples" / "BraTS2021_00000"
@@ -195,21 +196,24 @@ def main() -> None:
         "output_dir": str(work / "out"),
         "checkpoint": str(work / "model.pt"),
         "device": f"$torch.device({args.device!r})",
-        "demo": args.network == "demo",
         "flip_batch_size": args.flip_batch_size,
     }
+    # the network as training builds it (full: train.yaml, demo: + demo.yaml), saved with its model
+    # record as training saves it; inference builds it from that record, window = the training patch
+    parser = ConfigParser()
+    parser.read_config(
+        [str(ROOT / "configs" / c) for c in ("train.yaml", "demo.yaml")[: 2 if args.network == "demo" else 1]]
+    )
     if args.network == "tiny":
-        overrides["network_def"] = TINY_NET
-        overrides["roi_size"] = [128, 128, 128]
-    if args.roi:
-        overrides["roi_size"] = [args.roi] * 3
-    net_config = ConfigParser.load_config_file(str(ROOT / "configs" / "inference.yaml"))
-    parser = ConfigParser(net_config)
-    parser.update({k: v for k, v in overrides.items() if k in ("demo", "network_def")})
+        parser["network_factory"] = {**TINY_NET, "_mode_": "callable"}
+        parser["roi_size"] = [128, 128, 128]
     with _Cwd(ROOT):
         network = parser.get_parsed_content("network_def")
-        roi = parser.get_parsed_content("roi_size") if "roi_size" not in overrides else overrides["roi_size"]
-    torch.save({"model": network.state_dict()}, work / "model.pt")
+        patch = parser.get_parsed_content("roi_size")
+    save_model(work / "model.pt", network, patch_size=patch)
+    roi = [args.roi] * 3 if args.roi else patch
+    if args.roi:
+        overrides["roi_size"] = roi
     params = sum(p.numel() for p in network.parameters())
 
     with _Cwd(ROOT):

@@ -38,10 +38,14 @@ def _workflow(args: argparse.Namespace) -> ConfigWorkflow:
         "val_interval": 10_000,  # no validation inside the timed epochs
         "num_workers": args.num_workers,
     }
+    configs = ["train.yaml"] if args.dataset_dir else ["train.yaml", "demo.yaml"]  # no data: the demo overlay
     if args.dataset_dir:
         overrides["dataset_dir"] = args.dataset_dir
     return ConfigWorkflow(
-        config_file=str(REPO_ROOT / "configs" / "train.yaml"), workflow_type="train", run_id="training", **overrides
+        config_file=[str(REPO_ROOT / "configs" / c) for c in configs],
+        workflow_type="train",
+        run_id="training",
+        **overrides,
     )
 
 
@@ -115,7 +119,7 @@ def main() -> None:
         "data": args.dataset_dir or "demo phantoms (16 cases, 96x96x64)",
         "roi_size": workflow.parser.get_parsed_content("roi_size"),
         "batch_size": workflow.parser.get_parsed_content("batch_size"),
-        "filters": workflow.parser.get_parsed_content("network_def#filters"),
+        "filters": workflow.parser.get_parsed_content("network_factory#filters"),
         "num_workers": args.num_workers,
         "steps_per_epoch": len(batches),
         "cache_build_seconds": round(cache_seconds, 2),

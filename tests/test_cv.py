@@ -21,7 +21,7 @@ from bundle.data import DataError, generate_demo_dataset, prepare
 TINY_FLAGS = [
     "--roi_size",
     "[32,32,32]",
-    "--network_def#filters",
+    "--network_factory#filters",
     "[4,8,16,32,64]",
     "--epochs",
     "1",

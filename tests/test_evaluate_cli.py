@@ -18,6 +18,7 @@ import torch
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser
 
+from bundle.checkpoints import build_network, save_model
 from bundle.cli import COMMANDS
 from bundle.data import generate_demo_dataset
 from bundle.evaluation import evaluate_folder
@@ -156,8 +157,9 @@ def test_plots_of_a_run_folder(tmp_path: Path) -> None:
 
 
 TINY_NET = """\
-network_def:
+network_factory:
   _target_: DynUNet
+  _mode_: callable
   spatial_dims: 3
   in_channels: 4
   out_channels: 3
@@ -181,7 +183,7 @@ def test_evaluate_config_from_a_checkpoint(tmp_path: Path) -> None:
     parser = ConfigParser()
     parser.read_config(str(tiny))
     torch.manual_seed(0)
-    torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    save_model(tmp_path / "model.pt", build_network(parser.get_parsed_content("network_factory")), patch_size=[32] * 3)
     out = tmp_path / "out"
     configs = f"['configs/inference.yaml','configs/evaluate.yaml','{tiny}']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--dataset_dir", str(data)]
@@ -247,7 +249,7 @@ def test_evaluate_command_from_a_checkpoint(tmp_path: Path) -> None:
     parser = ConfigParser()
     parser.read_config(str(tiny))
     torch.manual_seed(0)
-    torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, tmp_path / "model.pt")
+    save_model(tmp_path / "model.pt", build_network(parser.get_parsed_content("network_factory")), patch_size=[32] * 3)
     out = tmp_path / "out"
     args = ["--truth", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--config_file", str(tiny)]
     _cli("evaluate", *args, "--output_dir", str(out), "--tta", "false", "--lesion_wise", "false", "--plots")

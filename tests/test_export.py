@@ -18,6 +18,7 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 
+from bundle.checkpoints import save_model
 from bundle.export import MAX_FILE_BYTES, bundle_env, export, md5sum
 
 pytestmark = pytest.mark.slow
@@ -61,10 +62,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An export of randomly initialised demo-width weights, with its zip."""
     root = tmp_path_factory.mktemp("export")
     parser = ConfigParser()
-    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml"))
-    parser["demo"] = True
+    parser.read_config([str(Path(__file__).resolve().parents[1] / "configs" / f) for f in ("train.yaml", "demo.yaml")])
     torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "weights.pt")
+    save_model(root / "weights.pt", parser.get_parsed_content("network_def"), patch_size=[64, 64, 64])
     return Path(export(str(root / "brats_resunet_segmentation"), zip=True, checkpoint=str(root / "weights.pt")))
 
 
@@ -147,7 +147,7 @@ import torch, monai
 from monai.bundle import ConfigParser
 parser = ConfigParser(); parser.read_config('configs/inference.yaml')
 net = parser.get_parsed_content('network_def')
-net.load_state_dict(torch.load('models/model.pt', map_location='cpu', weights_only=True)); net.eval()
+net.load_state_dict(torch.load('models/model.pt', map_location='cpu', weights_only=True)['model']); net.eval()
 ts = torch.jit.load('models/model.ts', map_location='cpu'); ts.eval()
 torch.manual_seed(1)
 for shape in [(1, 4, 64, 64, 64), (1, 4, 32, 48, 64)]:
@@ -170,7 +170,7 @@ import numpy, torch, onnxruntime
 from monai.bundle import ConfigParser
 parser = ConfigParser(); parser.read_config('configs/inference.yaml')
 net = parser.get_parsed_content('network_def')
-net.load_state_dict(torch.load('models/model.pt', map_location='cpu', weights_only=True)); net.eval()
+net.load_state_dict(torch.load('models/model.pt', map_location='cpu', weights_only=True)['model']); net.eval()
 session = onnxruntime.InferenceSession('models/model.onnx', providers=['CPUExecutionProvider'])
 x = torch.randn(1, 4, 64, 64, 64)
 with torch.no_grad():
@@ -195,6 +195,8 @@ def test_onnx_export_matches_pytorch(exported: Path) -> None:
             "models/model.onnx",
             "--ckpt_file",
             "models/model.pt",
+            "--key_in_ckpt",
+            "model",
             "--meta_file",
             "configs/metadata.json",
             "--config_file",
@@ -217,8 +219,8 @@ from monai.bundle import create_workflow
 data, work = sys.argv[1], sys.argv[2]
 settings = {
     'configs/train.yaml': dict(workflow_type='train', dataset_dir=data, num_folds=3, cache='none', output_dir=work),
-    # the exported weights are demo-width; a dataset_dir alone would select the full width
-    'configs/inference.yaml': dict(workflow_type='infer', dataset_dir=data, output_dir=work, demo=True),
+    # the exported weights are demo-width: the checkpoint records that, no flag needed
+    'configs/inference.yaml': dict(workflow_type='infer', dataset_dir=data, output_dir=work),
 }
 for config, kwargs in settings.items():
     workflow = create_workflow(config_file=config, **kwargs)

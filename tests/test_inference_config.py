@@ -12,6 +12,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from bundle.checkpoints import build_network, read_record, save_model
 from bundle.constants import MODALITIES
 from bundle.data import DataError
 from bundle.infer import BUNDLE_ROOT, check_checkpoint, infer, inference_datalist
@@ -44,11 +45,11 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def _checkpoint(path: Path, net_config: dict, seed: int = 0) -> Path:
+def _checkpoint(path: Path, net_config: dict, seed: int = 0, patch_size=(16, 16, 16)) -> Path:
+    """A checkpoint as training writes it: weights and the model record (network spec, patch, ...)."""
     torch.manual_seed(seed)
-    net = ConfigParser({"net": net_config}).get_parsed_content("net")
-    torch.save({"model": net.state_dict()}, path)
-    return path
+    factory = ConfigParser({"net": {**net_config, "_mode_": "callable"}}).get_parsed_content("net")
+    return save_model(path, build_network(factory), patch_size=patch_size)
 
 
 def _oblique_lps_affine(spacing=(1.2, 0.9, 2.0)) -> np.ndarray:
@@ -81,7 +82,7 @@ def _write_case(root: Path, case_id: str, shape=(21, 18, 13), affine=None, separ
 def _run(tmp_path: Path, inputs, **kwargs) -> list[str]:
     ckpt = _checkpoint(tmp_path / "model.pt", TINY_NET)
     kwargs.setdefault("roi_size", [16, 16, 16])
-    return infer(inputs, output=str(tmp_path / "out"), checkpoint=str(ckpt), network_def=TINY_NET, **kwargs)
+    return infer(inputs, output=str(tmp_path / "out"), checkpoint=str(ckpt), **kwargs)
 
 
 def test_oblique_lps_case_keeps_shape_and_affine(tmp_path):
@@ -170,28 +171,32 @@ def test_checkpoint_that_does_not_match_the_network(tmp_path):
     case_dir = _write_case(tmp_path / "data", "Case_001")
     with pytest.raises(DataError, match="checkpoint does not match"):
         infer(str(case_dir), output=str(tmp_path / "out"), checkpoint=str(bad), network_def=TINY_NET)
+    # without the override the network is the one the checkpoint records, and it fits
+    assert infer(str(case_dir), output=str(tmp_path / "out2"), checkpoint=str(bad), tta=False)
 
 
-def test_demo_checkpoint_on_the_full_size_network_says_add_demo_true(tmp_path):
-    parser = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "train.yaml"))
-    demo_net = ConfigParser({**parser, "demo": True}).get_parsed_content("network_def")
-    full_net = ConfigParser({**parser, "demo": False}).get_parsed_content("network_def")
-    torch.save({"model": demo_net.state_dict()}, tmp_path / "demo.pt")
-    with pytest.raises(DataError, match=r"demo\.pt: checkpoint does not match .* demo network: add --demo true"):
-        check_checkpoint(str(tmp_path / "demo.pt"), full_net)
-    torch.save({"model": full_net.state_dict()}, tmp_path / "full.pt")
-    with pytest.raises(DataError, match=r"full\.pt: .* full-size network: add --demo false"):
-        check_checkpoint(str(tmp_path / "full.pt"), demo_net)
+def test_demo_checkpoint_runs_on_a_case_folder_without_any_flag(tmp_path):
+    """The checkpoint records its network: demo-width weights need no --demo, nothing guesses a width."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in ("train.yaml", "demo.yaml")])
+    demo_net = parser.get_parsed_content("network_def")
+    save_model(tmp_path / "demo.pt", demo_net, patch_size=[32, 32, 32])  # 5 levels: a 2-voxel bottleneck
+    case_dir = _write_case(tmp_path / "data", "Case_001")
+    (seg,) = infer(str(case_dir), output=str(tmp_path / "out"), checkpoint=str(tmp_path / "demo.pt"), tta=False)
+    assert nib.load(seg).shape == (21, 18, 13)
+    record = read_record(tmp_path / "demo.pt")
+    assert record["network"]["filters"] == [8, 16, 32, 64, 128]
+    assert record["input_channels"] == list(MODALITIES)
+    assert record["output_type"] == "regions" and record["output_channels"] == ["WT", "TC", "ET"]
 
 
-def test_cli_ends_a_bad_checkpoint_with_one_sentence_and_no_traceback(tmp_path):
-    parser = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "train.yaml"))
-    demo_net = ConfigParser({**parser, "demo": True}).get_parsed_content("network_def")
-    torch.save({"model": demo_net.state_dict()}, tmp_path / "demo.pt")
+def test_cli_ends_a_checkpoint_without_record_with_one_sentence_and_no_traceback(tmp_path):
+    net = ConfigParser({"net": TINY_NET}).get_parsed_content("net")
+    torch.save({"model": net.state_dict()}, tmp_path / "bare.pt")  # weights only: another tool's checkpoint
     case_dir = _write_case(tmp_path / "data", "Case_001")
     command = [sys.executable, "-m", "bundle", "infer", str(case_dir), "--output", str(tmp_path / "out")]
     result = subprocess.run(
-        [*command, "--checkpoint", str(tmp_path / "demo.pt"), "--tta", "false"],
+        [*command, "--checkpoint", str(tmp_path / "bare.pt"), "--tta", "false"],
         cwd=BUNDLE_ROOT,
         capture_output=True,
         text=True,
@@ -200,8 +205,7 @@ def test_cli_ends_a_bad_checkpoint_with_one_sentence_and_no_traceback(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    assert output.count("demo.pt: checkpoint does not match the network") == 1, output[-3000:]
-    assert "add --demo true" in output
+    assert output.count("bare.pt: the checkpoint does not record the network that built it") == 1, output[-3000:]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

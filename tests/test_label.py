@@ -22,12 +22,13 @@ import torch
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser
 
+from bundle.checkpoints import save_model
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_CHANNEL_ORDER
 from bundle.data import generate_demo_dataset, make_datalist, make_phantom
-from bundle.label import MODEL_NAME, PRED_KEY, app_inference_config, expand_config, label_channel_def
+from bundle.label import MODEL_NAME, PRED_KEY, app_inference_config, app_train_config, expand_config, label_channel_def
 
 # A tiny network and patch so CPU inference and one training epoch take seconds.
-TINY = {"network_def#filters": [4, 8, 16, 32, 64], "roi_size": [32, 32, 32], "num_workers": 0, "tta": False}
+TINY = {"network_factory#filters": [4, 8, 16, 32, 64], "roi_size": [32, 32, 32], "num_workers": 0, "tta": False}
 SHAPE = (40, 36, 30)
 MSD_VALUE = {internal: value for value, internal in LABEL_SCHEMES["msd"].items()}
 BRATS2021_INTERNAL = LABEL_SCHEMES["brats2021"]
@@ -59,10 +60,9 @@ def write_msd_case(studies: Path, case_id: str, seed: int, with_label: bool) -> 
 
 def tiny_checkpoint(path: Path) -> Path:
     """Randomly initialised weights of the tiny network (what MONAI Label needs to list the model)."""
-    parser = ConfigParser(expand_config(REPO_ROOT, "train.yaml", {**TINY, "demo": True}))
+    parser = ConfigParser(expand_config(REPO_ROOT, "train.yaml", TINY))
     torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
-    return path
+    return save_model(path, parser.get_parsed_content("network_def"), patch_size=TINY["roi_size"])
 
 
 # ------------------------------------------------------------------ without monailabel (default run)
@@ -76,7 +76,8 @@ def test_label_names_follow_the_msd_scheme() -> None:
 def test_app_inference_config_runs_monai_labels_pipeline_on_a_4d_lps_case(tmp_path: Path) -> None:
     """inference.yaml as the app writes it, driven the way MONAI Label's BundleInferTask drives it."""
     case = write_msd_case(tmp_path, "case", seed=3, with_label=False)
-    parser = ConfigParser(app_inference_config(REPO_ROOT, {**TINY, "demo": True}))
+    checkpoint = str(tiny_checkpoint(tmp_path / "model.pt"))
+    parser = ConfigParser(app_inference_config(REPO_ROOT, {**TINY, "checkpoint": checkpoint}))
     data = parser.get_parsed_content("preprocessing")({"image": str(case)})
     assert data["image"].shape[0] == 4
     network = parser.get_parsed_content("network_def").eval()
@@ -97,7 +98,11 @@ def test_train_yaml_honours_monai_label_overrides(tmp_path: Path) -> None:
 
     demo = generate_demo_dataset(tmp_path / "demo", num_cases=2, num_test_cases=0, shape=(32, 32, 24))
     items = [{"image": i["image"], "label": i["label"]} for i in make_datalist(str(demo), folds=2)["training"]]
-    handlers = ConfigParser.load_config_file(str(REPO_ROOT / "configs" / "train.yaml"))["train"]["handlers"]
+    # the app's train.json (bundle.label.assemble_app writes it): MONAI Label edits its train#handlers list
+    train_json = tmp_path / "train.json"
+    ConfigParser.export_config_file(app_train_config(REPO_ROOT, {}), str(train_json))
+    handlers = ConfigParser.load_config_file(str(train_json))["train"]["handlers"]
+    assert isinstance(handlers, list)
     bundle_root = tmp_path / "bundle"
     overrides: dict[str, Any] = {
         "bundle_root": str(bundle_root),
@@ -106,7 +111,7 @@ def test_train_yaml_honours_monai_label_overrides(tmp_path: Path) -> None:
         "train#dataset#data": items[:1],
         "train#handlers": handlers,
         "validate#dataset#data": items[1:],
-        "network_def#filters": TINY["network_def#filters"],
+        "network_factory#filters": TINY["network_factory#filters"],
         "roi_size": TINY["roi_size"],
         "num_workers": 0,
     }
@@ -115,7 +120,7 @@ def test_train_yaml_honours_monai_label_overrides(tmp_path: Path) -> None:
         init_id=None,
         final_id=None,
         meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
-        config_file=str(REPO_ROOT / "configs" / "train.yaml"),
+        config_file=str(train_json),
         **overrides,
     )
     assert (bundle_root / "models" / "model.pt").is_file(), "one epoch must still validate and save the model"

@@ -13,6 +13,7 @@ from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
 from test_training import TINY
 
+from bundle.checkpoints import model_state
 from bundle.data import generate_demo_dataset
 
 CONFIGS = [str(REPO_ROOT / "configs" / "train.yaml"), str(REPO_ROOT / "configs" / "multi_gpu_train.yaml")]
@@ -35,13 +36,13 @@ def test_only_decision_handlers_run_on_every_rank() -> None:
     """Every writing handler of train.yaml is disabled on ranks > 0 (fails when one is added there)."""
     merged = ConfigParser.load_config_files(CONFIGS)
     for section in ("train", "validate"):
-        for index, handler in enumerate(merged[section]["handlers"]):
+        for name, handler in merged[section]["handlers"].items():
             target = handler["_target_"].split(".")[-1]
             disabled = handler.get("_disabled_")
             if target in RANK_INDEPENDENT:
-                assert disabled is None, f"{section}#handlers#{index} ({target}) must run on every rank"
+                assert disabled is None, f"{section}#handlers#{name} ({target}) must run on every rank"
             else:
-                assert disabled == "$@rank > 0", f"{section}#handlers#{index} ({target}) must be rank 0 only"
+                assert disabled == "$@rank > 0", f"{section}#handlers#{name} ({target}) must be rank 0 only"
 
 
 @pytest.mark.slow
@@ -105,7 +106,7 @@ def test_two_process_cpu_training_matches_single_process_evaluation(tmp_path: Pa
     )
     single.initialize()
     network = single.parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(models / "model.pt", map_location="cpu", weights_only=True))
+    network.load_state_dict(model_state(models / "model.pt"))
     evaluator = single.parser.get_parsed_content("validate#evaluator")
     assert len(evaluator.data_loader.dataset) == 2, "both validation cases, split between the two ranks above"
     evaluator.run()

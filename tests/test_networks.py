@@ -238,15 +238,6 @@ VARIANTS = {
 }
 
 
-def test_train_config_item_that_variants_replace_is_the_label_transform() -> None:
-    """m2/m3 override ``deterministic_transforms#7``; it must still be the region conversion in train.yaml."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config("configs/train.yaml")
-    assert parser["deterministic_transforms"][7]["_target_"] == "bundle.transforms.LabelsToRegionsd"
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_config_builds_its_network_and_loss(variant: str) -> None:
     from monai.bundle import ConfigParser
@@ -266,4 +257,4 @@ def test_variant_config_builds_its_network_and_loss(variant: str) -> None:
     assert callable(parser.get_parsed_content("loss"))
     assert len(parser.get_parsed_content("roi_size")) == spatial_dims
     if variant == "dynunet":
-        assert parser["network_def"]["res_block"] is False
+        assert parser["network_factory"]["res_block"] is False

@@ -25,7 +25,7 @@ import torch
 import yaml
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
-from test_inference_config import TINY_NET
+from test_inference_config import TINY_NET, _checkpoint
 
 import bundle.cli
 import bundle.evaluation
@@ -67,10 +67,10 @@ def _config_files() -> list[Path]:
 
 
 def _boolean_keys(path: Path) -> set[str]:
-    """Top-level keys whose default is a YAML boolean, plus the computed ones (demo, amp)."""
+    """Top-level keys whose default is a YAML boolean, plus the computed one (amp)."""
     config = yaml.safe_load(path.read_text()) or {}
     keys = {k for k, v in config.items() if isinstance(v, bool) and "#" not in k}  # not nested overrides
-    return keys | ({"demo", "amp"} & set(config))
+    return keys | ({"amp"} & set(config))
 
 
 ALL_BOOLEAN_KEYS = sorted(set().union(*(_boolean_keys(p) for p in _config_files())))
@@ -180,7 +180,6 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         TRAIN,
         lambda p: p.get_parsed_content("train#trainer#amp") and p.get_parsed_content("validate#evaluator#amp"),
     ),
-    "demo": (TRAIN, lambda p: p.get_parsed_content("epochs") == 40),
     "resume": (TRAIN, _resume_probe),
     "channels_last": (TRAIN, _channels_last_probe),
     "skip_empty_slices": (
@@ -189,7 +188,7 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     ),
     "clahe": (
         ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m3_resse_lka_unet.yaml"],
-        lambda p: type(p.get_parsed_content("deterministic_transforms#6").transforms[1]).__name__ == "CLAHEd",
+        lambda p: type(p.get_parsed_content("intensity_transform").transforms[1]).__name__ == "CLAHEd",
     ),
     "lesion_wise": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag(5)),
     "include_disjoint": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag(6)),
@@ -214,13 +213,23 @@ def _monai_bundle_run(monkeypatch: pytest.MonkeyPatch, configs: list[str], key: 
     return made[0].parser
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Inference configs read the network, output type and window from the checkpoint's record."""
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", TINY_NET)
+
+
 @pytest.mark.parametrize("key", sorted(PROBES))
-def test_monai_bundle_run_reads_each_boolean_key_as_typed(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+def test_monai_bundle_run_reads_each_boolean_key_as_typed(
+    monkeypatch: pytest.MonkeyPatch, key: str, tiny_checkpoint: Path
+) -> None:
     configs, probe = PROBES[key]
     monkeypatch.chdir(REPO_ROOT)
     for words, expected in (([*FALSE_SPELLINGS[:4], "no"], False), ([*TRUE_SPELLINGS[:4], "yes"], True)):
         for word in words:
             parser = _monai_bundle_run(monkeypatch, configs, key, word)
+            if "checkpoint" in parser:
+                parser["checkpoint"] = str(tiny_checkpoint)
             assert bool(probe(parser)) is expected, f"--{key} {word}"
     parser = _monai_bundle_run(monkeypatch, configs, key, "ture")
     flags = next(i for i, step in enumerate(parser["initialize"]) if "check_flags" in str(step) and key in str(step))
@@ -319,12 +328,10 @@ def _tiny_case_and_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     for modality in ("t1", "t1ce", "t2", "flair"):
         volume = (rng.normal(100, 20, brain.shape) * brain).astype(np.float32)
         nib.save(nib.Nifti1Image(volume, np.eye(4)), case / f"Case_000_{modality}.nii.gz")
-    net = ConfigParser({"net": TINY_NET}).get_parsed_content("net")
-    torch.save({"model": net.state_dict()}, tmp_path / "tiny.pt")
-    return case, tmp_path / "tiny.pt"
+    return case, _checkpoint(tmp_path / "tiny.pt", TINY_NET)
 
 
-TINY_ARGS = ["--network_def", str(TINY_NET).replace(" ", ""), "--roi_size", "[16,16,16]", "--amp", "false"]
+TINY_ARGS = ["--amp", "false"]  # the network and its 16^3 window are the checkpoint's record
 
 
 @pytest.mark.parametrize("entry", ["bundle", "monai.bundle"])

@@ -15,6 +15,7 @@ from monai.data import set_track_meta
 from monai.transforms import Compose
 from torch import nn
 
+from bundle.checkpoints import save_model
 from bundle.data import generate_demo_dataset
 from bundle.gate import GatedSliceInferer, tumour_present
 from bundle.slices import ResizedSliceInferer, SliceSamplingWeightsd
@@ -251,7 +252,8 @@ def test_gated_inference_skips_tumour_free_slices_and_writes_oriented_nifti(tmp_
             vol[:8, :, :] += 2.0  # the segmenter's tumour: low file x only
         nib.save(nib.Nifti1Image(vol, affine), case / f"Case_0_{modality}.nii.gz")
     segmenter = _CountingSegmenter()
-    torch.save(segmenter.state_dict(), tmp_path / "model.pt")
+    segmenter.bundle_network_spec = {"_target_": f"{__name__}._CountingSegmenter"}  # what build_network records
+    save_model(tmp_path / "model.pt", segmenter, output_type="binary", patch_size=[32, 32])  # M2: one WT channel
     gated = GatedSliceInferer(
         gate=_BrightnessGate(), model_size=(32, 32), out_channels=1, spatial_dim=2, sw_batch_size=4
     )
@@ -297,7 +299,7 @@ def test_gate_slice_label() -> None:
 TINY_2D = {
     "num_folds": 2,
     "slice_size": [32, 32],
-    "network_def#channels": [4, 8, 16, 32, 64],
+    "network_factory#channels": [4, 8, 16, 32, 64],
     "epochs": 1,
     "val_interval": 1,
     "num_workers": 0,

@@ -109,7 +109,12 @@ def _user_error(call: Callable[[], Any]) -> str:
     return str(error)
 
 
-TRAIN_OVERRIDES = {"num_folds": 2, "num_workers": 0, "roi_size": [8, 8, 8], "network_def#filters": [4, 8, 16, 32, 64]}
+TRAIN_OVERRIDES = {
+    "num_folds": 2,
+    "num_workers": 0,
+    "roi_size": [8, 8, 8],
+    "network_factory#filters": [4, 8, 16, 32, 64],
+}
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS) + sorted(LABEL_CORRUPTIONS))
@@ -224,7 +229,7 @@ def test_a_diverging_training_stops_with_one_sentence_and_keeps_only_finite_mode
     assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_epoch=1.pt"]
     for path in (models / "model.pt", out / "checkpoint_epoch=1.pt"):
         state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("model", state)  # model.pt is the bare state dict
+        state = state["model"]
         assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), path
 
 

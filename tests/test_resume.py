@@ -87,6 +87,8 @@ def _assert_same_outcome(resumed: Path, reference: Path) -> None:
     assert [line.split(",")[0] for line in csv.read_text().splitlines()] == ["epoch", "1", "2", "3", "4"]
     runs = (resumed, reference)
     best, ref_best = (torch.load(r / "models" / "model.pt", weights_only=True) for r in runs)
+    assert best["model_record"] == ref_best["model_record"]
+    best, ref_best = best["model"], ref_best["model"]
     assert best.keys() == ref_best.keys() and all(torch.equal(best[k], ref_best[k]) for k in best)
     assert _last_checkpoints(resumed) == _last_checkpoints(reference) == ["checkpoint_epoch=4.pt"]
     final, ref_final = (torch.load(r / "out" / "checkpoint_epoch=4.pt", weights_only=True) for r in runs)

@@ -19,7 +19,7 @@ from bundle.data import DataError, generate_demo_dataset
 TINY = {
     "num_folds": 2,
     "roi_size": [32, 32, 32],
-    "network_def#filters": [4, 8, 16, 32, 64],
+    "network_factory#filters": [4, 8, 16, 32, 64],
     "epochs": 1,
     "val_interval": 1,
     "num_workers": 0,
@@ -80,7 +80,11 @@ def test_one_epoch_through_the_bundle_cli(tmp_path: Path, tiny_demo: Path) -> No
     assert (tmp_path / "out" / "datalist.json").is_file()
     assert list((tmp_path / "out").glob("events.out.tfevents.*")), "no TensorBoard log"
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert any(k.startswith("input_block") for k in best), "model.pt should be the network's state dict"
+    assert any(k.startswith("input_block") for k in best["model"]), "model.pt holds the network's state dict"
+    record = best["model_record"]  # and what built it (bundle.checkpoints)
+    assert record["network"]["_target_"] == "monai.networks.nets.dynunet.DynUNet"
+    assert record["network"]["filters"] == TINY["network_factory#filters"]
+    assert record["patch_size"] == TINY["roi_size"] and record["output_type"] == "regions"
 
 
 def test_resume_continues_epoch_count_and_optimizer_state(tmp_path: Path, tiny_demo: Path) -> None:

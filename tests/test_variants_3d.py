@@ -25,6 +25,7 @@ import torch
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from bundle.checkpoints import network_from_checkpoint
 from bundle.data import generate_demo_dataset
 
 TINY = {
@@ -38,16 +39,16 @@ TINY = {
 
 # variant: (network class it must build, tiny width overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "m4_resunet_ds": ("ResUNet", {"network_def#channels": [4, 8, 16, 32]}),
-    "unet": ("UNet", {"network_def#channels": [4, 8, 16, 32, 64]}),
-    "attention_unet": ("AttentionUnet", {"network_def#channels": [4, 8, 16, 32, 64]}),
-    "segresnet": ("SegResNet", {"network_def#init_filters": 8}),  # GroupNorm's 8 groups
-    "dynunet": ("DynUNet", {"network_def#filters": [4, 8, 16, 32, 64]}),
+    "m4_resunet_ds": ("ResUNet", {"network_factory#channels": [4, 8, 16, 32]}),
+    "unet": ("UNet", {"network_factory#channels": [4, 8, 16, 32, 64]}),
+    "attention_unet": ("AttentionUnet", {"network_factory#channels": [4, 8, 16, 32, 64]}),
+    "segresnet": ("SegResNet", {"network_factory#init_filters": 8}),  # GroupNorm's 8 groups
+    "dynunet": ("DynUNet", {"network_factory#filters": [4, 8, 16, 32, 64]}),
     # feature_size a multiple of 12; every patch side divisible by 32, and one of them 64 because a
     # 1 x 1 x 1 bottleneck breaks instance norm in training (the demo's 64^3 and real 128^3 are fine)
     "swinunetr": (
         "SwinUNETR",
-        {"network_def#feature_size": 12, "network_def#depths": [1, 1, 1, 1], "roi_size": [64, 32, 32]},
+        {"network_factory#feature_size": 12, "network_factory#depths": [1, 1, 1, 1], "roi_size": [64, 32, 32]},
     ),
 }
 
@@ -130,7 +131,13 @@ def _check_one_epoch(variant: str, out: Path, network: torch.nn.Module, evaluato
 
     best = out / "models" / "model.pt"
     assert best.is_file(), "best checkpoint model.pt not written"
-    state = torch.load(best, map_location="cpu", weights_only=True)
+    saved = torch.load(best, map_location="cpu", weights_only=True)
+    # the record names this variant's network, so inference rebuilds it without the variant file
+    assert saved["model_record"]["network"]["_target_"].endswith("." + VARIANTS[variant][0])
+    rebuilt = network_from_checkpoint(best)
+    assert type(rebuilt).__name__ == VARIANTS[variant][0]
+    state = saved["model"]
+    rebuilt.load_state_dict(state)
     assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     expected = network.state_dict()  # the checkpoint is this variant's network, key for key and shape for shape
     assert set(state) == set(expected)

@@ -1,0 +1,196 @@
+"""Checkpoints that know the network that built them.
+
+Every model this bundle saves (``models/model.pt``, the resumable last checkpoint, M2's gate) holds,
+next to the weights, a *model record*: the network's constructor and its arguments, the input
+channels in order, the output type and channel names, the label convention, the patch the model
+was trained on and the bundle version. Inference, ``python -m bundle infer``, the model-zoo export
+and MONAI Label build the network from the record, so demo-width weights work on any folder and
+nothing guesses a width.
+
+In a training config the network is a MONAI component in callable mode (``network_factory``,
+``_mode_: callable``): MONAI then hands over the constructor with its resolved arguments
+(``functools.partial``), which :func:`build_network` calls and :class:`ModelRecord` records.
+MONAI's own checkpoints hold weights only, hence this module.
+
+Checkpoint layout (what MONAI's ``CheckpointSaver`` writes for ``save_dict={"model": network,
+"model_record": record}``)::
+
+    {"model": <state dict>, "model_record": {"network": {"_target_": ..., **arguments}, ...}}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.utils import instantiate
+
+from bundle.constants import CLASS_NAMES, LABEL_SCHEMES, MODALITIES, REGION_NAMES
+from bundle.data import DataError
+from bundle.errors import OptionError
+
+MODEL_KEY = "model"
+RECORD_KEY = "model_record"
+#: Output channel names per output type (``output_type`` in the configs).
+OUTPUT_CHANNELS: dict[str, tuple[str, ...]] = {
+    "regions": REGION_NAMES,
+    "classes": tuple(CLASS_NAMES[i] for i in sorted(CLASS_NAMES)),
+    "binary": ("WT",),
+    "gate": ("tumour_present",),
+}
+METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+
+
+class CheckpointError(DataError):
+    """A checkpoint that is missing, unreadable, or does not say which network it holds."""
+
+
+def bundle_version() -> str:
+    """The bundle's version (``configs/metadata.json``), recorded in every checkpoint."""
+    return str(json.loads(METADATA.read_text())["version"])
+
+
+def network_spec(factory: Any) -> dict[str, Any]:
+    """``{"_target_": "package.module.Class", **arguments}`` of a callable-mode MONAI component."""
+    if isinstance(factory, functools.partial):
+        func, arguments = factory.func, dict(factory.keywords)
+        if factory.args:
+            raise OptionError("network_factory: give the network's arguments by name, not by position")
+    elif isinstance(factory, type) and issubclass(factory, torch.nn.Module):
+        func, arguments = factory, {}
+    else:
+        raise OptionError(
+            f"network_factory is a {type(factory).__name__}, not a network constructor: give it `_mode_: callable` "
+            "(MONAI's callable mode), so that checkpoints can record the network"
+        )
+    return {"_target_": f"{func.__module__}.{func.__qualname__}", **arguments}
+
+
+def build_network(factory: Any) -> torch.nn.Module:
+    """Build the network of ``network_factory`` (a callable-mode component) and remember its spec.
+
+    The spec is kept on the instance (``bundle_network_spec``) so that :class:`ModelRecord` can
+    record it whichever config key refers to the network.
+    """
+    spec = network_spec(factory)
+    network = factory()
+    network.bundle_network_spec = spec
+    return network
+
+
+def network_from_spec(spec: Mapping[str, Any]) -> torch.nn.Module:
+    """Build a network from a recorded spec (``{"_target_": ..., **arguments}``)."""
+    arguments = {k: v for k, v in spec.items() if k != "_target_"}
+    network = instantiate(spec["_target_"], "default", **arguments)
+    network.bundle_network_spec = dict(spec)
+    return network
+
+
+class ModelRecord:
+    """What built a model, saved next to its weights (see the module docstring).
+
+    Args:
+        network: the network (built by :func:`build_network`) or the callable-mode component.
+        output_type: ``regions`` (sigmoid WT/TC/ET), ``classes`` (softmax background/NCR/ED/ET),
+            ``binary`` (one sigmoid WT channel) or ``gate`` (one logit: slice holds tumour).
+        patch_size: the training patch (3-D) or slice size (2-D), the default inference window.
+        input_channels: the input channels in order.
+    """
+
+    def __init__(
+        self,
+        network: Any,
+        output_type: str = "regions",
+        patch_size: Sequence[int] | None = None,
+        input_channels: Sequence[str] = MODALITIES,
+    ) -> None:
+        if output_type not in OUTPUT_CHANNELS:
+            raise OptionError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_CHANNELS)}")
+        spec = getattr(network, "bundle_network_spec", None)
+        self.record: dict[str, Any] = {
+            "network": spec if spec is not None else network_spec(network),
+            "input_channels": list(input_channels),
+            "output_type": output_type,
+            "output_channels": list(OUTPUT_CHANNELS[output_type]),
+            # internal label values (what output channels and class indices refer to) and each dataset's
+            "label_convention": {"internal": {str(k): v for k, v in CLASS_NAMES.items()}, "schemes": LABEL_SCHEMES},
+            "patch_size": [int(s) for s in patch_size] if patch_size is not None else None,
+            "bundle_version": bundle_version(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The record (what ``CheckpointSaver`` stores under ``model_record``)."""
+        return json.loads(json.dumps(self.record))  # plain values: torch.load(weights_only=True) reads them
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """On resume: refuse a checkpoint whose network is not this run's."""
+        if state.get("network") != self.state_dict()["network"]:
+            raise CheckpointError(
+                f"the checkpoint was saved by another network ({state.get('network', {}).get('_target_')} with other "
+                "arguments) than this config builds; resume with the config it was trained with"
+            )
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by this bundle; one sentence naming the file if that is not what it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist (train first, or pass --checkpoint)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_root_cause(err)})") from err
+    state = obj.get(MODEL_KEY) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds no model state dict under {MODEL_KEY!r}")
+    if not isinstance(obj.get(RECORD_KEY), Mapping) or "network" not in obj[RECORD_KEY]:
+        raise CheckpointError(
+            f"{path}: the checkpoint does not record the network that built it (saved by another tool or before "
+            f"bundle 0.2.0); save it with bundle.checkpoints.save_model, or train it with this bundle"
+        )
+    return obj
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The model record of a checkpoint (:class:`ModelRecord`)."""
+    return dict(load_checkpoint(path)[RECORD_KEY])
+
+
+def model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint (the ``model`` entry)."""
+    return dict(load_checkpoint(path)[MODEL_KEY])
+
+
+def network_from_checkpoint(path: str | Path) -> torch.nn.Module:
+    """The network a checkpoint records, with freshly initialised weights (loaded by ``CheckpointLoader``)."""
+    return network_from_spec(read_record(path)["network"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The network a checkpoint records, with its weights, in eval mode on ``device``."""
+    network = network_from_checkpoint(path)
+    network.load_state_dict(model_state(path))
+    return network.to(device).eval()
+
+
+def save_model(
+    path: str | Path,
+    network: torch.nn.Module,
+    output_type: str = "regions",
+    patch_size: Sequence[int] | None = None,
+) -> Path:
+    """Write ``{"model": weights, "model_record": record}`` as training does (for tools and tests)."""
+    path = Path(path)
+    record = ModelRecord(network, output_type=output_type, patch_size=patch_size)
+    torch.save({MODEL_KEY: network.state_dict(), RECORD_KEY: record.state_dict()}, path)
+    return path

@@ -1,0 +1,80 @@
+"""Config structure: pieces other files override are named, never list positions; plain values only.
+
+A reference such as ``deterministic_transforms#6`` breaks silently when someone inserts a transform;
+names (``intensity_transform``, ``train#handlers#stats``) do not. The demo's settings live in
+configs/demo.yaml alone, so no other config switches on a demo flag.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from monai.bundle import ConfigParser
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(CONFIGS.rglob("*.yaml"))
+# "#<number>" inside a config id: as a key ("a#3: ...") or in a reference ("@a#3", "%file::a#3")
+POSITION = re.compile(r"(?:#|::)\d+(?![\w.])")
+
+
+def _strings(config: object) -> list[str]:
+    """Every string value of a loaded YAML file, at any depth."""
+    if isinstance(config, dict):
+        return [s for value in config.values() for s in _strings(value)]
+    if isinstance(config, list):
+        return [s for value in config for s in _strings(value)]
+    return [config] if isinstance(config, str) else []
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_no_config_refers_to_a_list_position(path: Path) -> None:
+    config = yaml.safe_load(path.read_text()) or {}
+    found = [f"key {key!r}" for key in config if POSITION.search(str(key))]  # "a#6: ..." overrides
+    for value in _strings(config):  # references inside values: "@a#6", "%file::a#6"
+        found += [repr(ref) for ref in re.findall(r"[@%][\w:./#-]+", value) if POSITION.search(ref)]
+    assert not found, f"{path.name} refers to list positions (give the piece a name): {found}"
+
+
+def test_the_position_check_sees_what_it_must() -> None:
+    """The rule above, on the forms that used to be in the configs."""
+    assert POSITION.search("deterministic_transforms#6")
+    assert POSITION.search("train#handlers#2#_disabled_")
+    assert POSITION.search("%configs/train.yaml::deterministic_transforms#7")
+    assert not POSITION.search("train#handlers#stats#_disabled_")
+    assert not POSITION.search("bundle.transforms_2d.CLAHEd")
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_only_the_demo_overlay_knows_the_demo(path: Path) -> None:
+    if path.name == "demo.yaml":
+        return
+    config = yaml.safe_load(path.read_text()) or {}
+    assert not {"demo", "is_demo", "demo_dir"} & set(config), f"{path.name}: demo settings belong in demo.yaml"
+    assert "@is_demo" not in path.read_text() and "@demo" not in path.read_text(), path.name
+
+
+def test_the_demo_overlay_holds_every_demo_setting() -> None:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "demo.yaml")])
+    assert parser["epochs"] == 40 and parser["roi_size"] == [64, 64, 64] and parser["cache"] == "memory"
+    assert parser["network_factory"]["filters"] == [8, 16, 32, 64, 128]
+    plain = ConfigParser()
+    plain.read_config(str(CONFIGS / "train.yaml"))
+    assert plain["epochs"] == 300 and plain["roi_size"] == [128, 128, 128]
+    assert plain["network_factory"]["filters"] == [32, 64, 128, 256, 320]
+
+
+def test_training_without_data_says_what_to_do(tmp_path: Path) -> None:
+    from bundle.data import DataError
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser["output_dir"] = str(tmp_path / "out")
+    with pytest.raises(Exception) as caught:
+        parser.get_parsed_content("datalist_file")
+    error = caught.value if isinstance(caught.value, DataError) else caught.value.__cause__
+    assert isinstance(error, DataError)
+    assert "--dataset_dir DIR" in str(error) and "configs/demo.yaml" in str(error)
