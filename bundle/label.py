@@ -106,14 +106,12 @@ def app_inference_config(bundle_dir: Path, overrides: Mapping[str, Any]) -> dict
 
 
 def app_train_config(bundle_dir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """train.yaml as the app trains with it: macros expanded, ``train#handlers`` as a list.
+    """train.yaml as the app trains with it: macros expanded, so ``train#handlers`` is a list of handler configs.
 
-    MONAI Label's training task inserts its ``CheckpointLoader`` into ``train#handlers`` and expects a
-    list of handler configs there; train.yaml names its handlers (bundle.workflow.handler_list).
+    MONAI Label's training task inserts its ``CheckpointLoader`` into that list; train.yaml's entries
+    are ``%`` copies of its named handlers, which MONAI Label would not expand.
     """
-    config = expand_config(bundle_dir, "train.yaml", overrides)
-    config["train"]["handlers"] = list(config["train"]["handlers"].values())
-    return config
+    return expand_config(bundle_dir, "train.yaml", overrides)
 
 
 def recorded_network_factory(checkpoint: str | Path) -> dict[str, Any]:

@@ -73,17 +73,6 @@ def make_dataset(
     raise ValueError(f"unknown cache mode {cache!r}; expected one of {CACHE_MODES}")
 
 
-def handler_list(handlers: Mapping[str, Any] | Sequence[Any]) -> list[Any]:
-    """The handlers to attach, in order: a config's named handlers, or a plain list.
-
-    The configs name their handlers (``train#handlers#stats``) so other files switch one off
-    (``_disabled_``, which MONAI leaves out of the dict) or replace it by name; MONAI Label's
-    training task needs ``train#handlers`` as a list (it inserts its ``CheckpointLoader``), so the
-    app's train.json holds the same handlers as a list (bundle.label).
-    """
-    return list(handlers.values()) if isinstance(handlers, Mapping) else list(handlers)
-
-
 def latest_checkpoint(directory: str | Path, prefix: str = "checkpoint") -> Path:
     """Return the newest ``<prefix>_*epoch=N.pt`` written by ``CheckpointSaver`` in ``directory``."""
     pattern = re.compile(r"epoch=(\d+)\.pt$")

@@ -1,7 +1,7 @@
 """Config structure: pieces other files override are named, never list positions; plain values only.
 
 A reference such as ``deterministic_transforms#6`` breaks silently when someone inserts a transform;
-names (``intensity_transform``, ``train#handlers#stats``) do not. The demo's settings live in
+names (``intensity_transform``, ``train#named_handlers#stats``) do not. The demo's settings live in
 configs/demo.yaml alone, so no other config switches on a demo flag.
 """
 
@@ -43,7 +43,7 @@ def test_the_position_check_sees_what_it_must() -> None:
     assert POSITION.search("deterministic_transforms#6")
     assert POSITION.search("train#handlers#2#_disabled_")
     assert POSITION.search("%configs/train.yaml::deterministic_transforms#7")
-    assert not POSITION.search("train#handlers#stats#_disabled_")
+    assert not POSITION.search("train#named_handlers#stats#_disabled_")
     assert not POSITION.search("bundle.transforms_2d.CLAHEd")
 
 

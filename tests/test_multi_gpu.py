@@ -36,7 +36,7 @@ def test_only_decision_handlers_run_on_every_rank() -> None:
     """Every writing handler of train.yaml is disabled on ranks > 0 (fails when one is added there)."""
     merged = ConfigParser.load_config_files(CONFIGS)
     for section in ("train", "validate"):
-        for name, handler in merged[section]["handlers"].items():
+        for name, handler in merged[section]["named_handlers"].items():
             target = handler["_target_"].split(".")[-1]
             disabled = handler.get("_disabled_")
             if target in RANK_INDEPENDENT:
