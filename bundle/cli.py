@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.options import as_bool
-
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+from bundle.paths import BUNDLE_ROOT, LOGGING_CONF, resolve_config_files
 
 
 def prepare(
@@ -38,7 +37,7 @@ def train(config_file: str | list[str] = "configs/train.yaml", **overrides: Any)
     """Run ``monai.bundle run training`` in-process with optional ``--key value`` overrides."""
     from monai.bundle import run
 
-    run("training", config_file=_resolve_configs(config_file), logging_file=str(_logging_conf()), **overrides)
+    run("training", config_file=resolve_config_files(config_file), logging_file=str(LOGGING_CONF), **overrides)
 
 
 def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, Any]:
@@ -58,8 +57,8 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
     import numpy as np
     from monai.bundle import ConfigWorkflow
 
-    from bundle.data import DataError, load_split
-    from bundle.evaluation import load_label_map
+    from bundle.data import DataError, select_cases
+    from bundle.files import load_label_map
     from bundle.infer import infer
     from bundle.metrics import evaluate_case
     from bundle.plots import plot_overlay
@@ -76,7 +75,7 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
         overrides["epochs"] = epochs
     workflow = ConfigWorkflow(
         config_file=[str(BUNDLE_ROOT / "configs" / name) for name in ("train.yaml", "demo.yaml")],
-        logging_file=str(_logging_conf()),
+        logging_file=str(LOGGING_CONF),
         workflow_type="train",
         run_id="training",
         **overrides,
@@ -85,7 +84,7 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
     workflow.run()
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
     demo_dir = Path(workflow.parser.get_parsed_content("dataset_dir"))
-    held_out = load_split(workflow.parser.get_parsed_content("datalist_file"), split="test")
+    held_out = select_cases(datalist=workflow.parser.get_parsed_content("datalist_file"), split="test")
     # the checkpoint records the network; the validation window covers a whole demo case in one pass
     window = list(workflow.parser.get_parsed_content("val_roi_size"))
     train_seconds = time.perf_counter() - start
@@ -126,15 +125,6 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
     (out / "demo_result.json").write_text(json.dumps(result, indent=2) + "\n")
     log.info("demo result: %s", json.dumps(result))
     return result
-
-
-def _logging_conf() -> Path:
-    return BUNDLE_ROOT / "configs" / "logging.conf"
-
-
-def _resolve_configs(config_file: str | list[str] | tuple[str, ...]) -> list[str]:
-    files = [config_file] if isinstance(config_file, str) else list(config_file)
-    return [str(f if Path(f).is_absolute() or Path(f).exists() else BUNDLE_ROOT / f) for f in files]
 
 
 def label_serve(

@@ -30,23 +30,16 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.atomic import write_text_atomic
 from bundle.constants import REGION_NAMES
-from bundle.evaluation import (
-    SUMMARY_METRICS,
-    _atomic_write_text,
-    case_id_from_path,
-    metric_table,
-    save_evaluation,
-    summarize,
-    write_metrics_csv,
-)
+from bundle.evaluation import SUMMARY_METRICS, metric_table, save_evaluation, summarize
+from bundle.files import case_id_from_path, read_metrics_csv, write_metrics_csv
+from bundle.handlers import spacing_of
 from bundle.metrics import evaluate_case
 from bundle.options import as_bool
+from bundle.paths import BUNDLE_ROOT, LOGGING_CONF, resolve_config_files
 
 logger = logging.getLogger(__name__)
-
-#: the repository root (``configs/``), so the command works from any directory
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["CaseMetricsCollector", "format_cv_summary", "parse_fold_ids", "run_cv", "summarize_folds"]
 
@@ -110,8 +103,11 @@ class CaseMetricsCollector:
         packed_pred = ((_numpy(pred) > 0.5) * weights).sum(0)
         packed_true = ((_numpy(label) > 0.5) * weights).sum(0)
         regions = {n: tuple(v for v in range(1, 2**channels) if v >> i & 1) for i, n in enumerate(names)}
+        spacing = spacing_of(label, label.ndim - 1)
+        if spacing is None:
+            logger.warning("label without an affine (not a MetaTensor): distances and volumes in voxels")
         rows = evaluate_case(
-            packed_pred, packed_true, _spacing(label), regions=regions, lesion_wise=self.lesion_wise, case_id=case_id
+            packed_pred, packed_true, spacing, regions=regions, lesion_wise=self.lesion_wise, case_id=case_id
         )
         return [{"case": r["case"], "region": r["region"], **self.extra, **r} for r in rows]
 
@@ -124,17 +120,6 @@ class CaseMetricsCollector:
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _spacing(label: torch.Tensor) -> tuple[float, ...] | None:
-    """Voxel size in mm from a MetaTensor's affine (column norms); ``None`` (1 mm) without one."""
-    affine = getattr(label, "affine", None)
-    if affine is None:
-        logger.warning("label without an affine (not a MetaTensor): distances and volumes in voxels")
-        return None
-    spatial = label.ndim - 1
-    affine = torch.as_tensor(affine, dtype=torch.float64).reshape(-1, spatial + 1, spatial + 1)[0]
-    return tuple(float(v) for v in torch.linalg.norm(affine[:spatial, :spatial], dim=0))
 
 
 def parse_fold_ids(fold_ids: int | str | Sequence[int] | None, folds: int) -> list[int]:
@@ -226,7 +211,7 @@ def run_cv(
     from bundle.data import DataError, resolve_datalist
 
     out = Path(output_dir).resolve()
-    configs = _resolve_configs(config_file)
+    configs = resolve_config_files(config_file)
     chosen = parse_fold_ids(fold_ids, folds)
     # one datalist for every fold: folds trained in separate calls still share the split
     datalist_file = resolve_datalist(dataset_dir, datalist, str(out), folds=folds, seed=seed)
@@ -250,7 +235,7 @@ def run_cv(
         logger.info("cross-validation: fold %d of %s -> %s", k, chosen, fold_dir)
         workflow = ConfigWorkflow(
             config_file=configs,
-            logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"),
+            logging_file=str(LOGGING_CONF),
             workflow_type="train",
             run_id="training",
             **settings,
@@ -265,7 +250,7 @@ def run_cv(
     rows.sort(key=lambda r: int(r["fold"]))
     write_metrics_csv(rows, out / "cv_metrics.csv")
     summary = {"num_folds": folds, "datalist": datalist_file, **summarize_folds(rows)}
-    _atomic_write_text(out / "cv_summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    write_text_atomic(out / "cv_summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
     if verbose:
         print(format_cv_summary(summary))
     return summary
@@ -322,8 +307,7 @@ def _earlier_folds(out: Path, datalist_file: str, folds: int, skip: Sequence[int
     A fold's ``metrics.csv`` is taken only if it holds exactly the cases the current datalist puts in that
     fold, so results of another split (other ``--folds`` or data) are never pooled.
     """
-    from bundle.data import load_split
-    from bundle.evaluation import read_metrics_csv
+    from bundle.data import select_cases
 
     rows: list[dict] = []
     for k in range(folds):
@@ -331,15 +315,10 @@ def _earlier_folds(out: Path, datalist_file: str, folds: int, skip: Sequence[int
         if k in skip or not path.is_file():
             continue
         fold_rows = read_metrics_csv(path)
-        expected = {str(i["case_id"]) for i in load_split(datalist_file, k, "val")}
+        expected = {str(i["case_id"]) for i in select_cases(datalist=datalist_file, fold=k, split="val")}
         if {r["case"] for r in fold_rows} != expected or any(r.get("fold") != k for r in fold_rows):
             logger.warning("%s: not fold %d of %s; left out of the pooled table", path, k, datalist_file)
             continue
         logger.info("pooling fold %d from an earlier call (%s)", k, path)
         rows += [{**r, "fold": k} for r in fold_rows]
     return rows
-
-
-def _resolve_configs(config_file: str | Sequence[str]) -> list[str]:
-    files = [config_file] if isinstance(config_file, str) else list(config_file)
-    return [str(Path(f).resolve() if Path(f).exists() else BUNDLE_ROOT / f) for f in files]

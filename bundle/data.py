@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from bundle.atomic import write_json_atomic
 from bundle.constants import (
     BRATS2021_SUFFIXES,
     BRATS2023_SUFFIXES,
@@ -345,6 +346,46 @@ def assign_folds(num_cases: int, folds: int, seed: int) -> list[int]:
     return fold_of
 
 
+def _unique_names(cases: Sequence[Case]) -> list[Case]:
+    """``cases``, or a :class:`DataError` at the first case name used twice (outputs would overwrite each other)."""
+    seen: dict[str, Case] = {}
+    for case in cases:
+        if case.case_id in seen:
+            raise DataError(f"{case.image}: case name {case.case_id} is used twice (also {seen[case.case_id].image})")
+        seen[case.case_id] = case
+    return list(cases)
+
+
+def _checked_items(
+    cases: Sequence[Case],
+    source: str | Path,
+    folds: int,
+    seed: int,
+    check_labels: bool = True,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Datalist items of ``cases`` (in order) once every one passed :func:`check_cases`; labelled ones get a fold."""
+    good = check_cases(_unique_names(cases), check_labels, skip_bad, progress)
+    if not good:
+        raise DataError(f"{source}: no usable cases")
+    fold_of = iter(assign_folds(sum(c.label is not None for c in good), folds, seed))
+    return [{**c.to_item(), "fold": next(fold_of)} if c.label is not None else c.to_item() for c in good]
+
+
+def _datalist(items: Sequence[dict[str, Any]], name: str, folds: int, seed: int) -> dict[str, Any]:
+    """The datalist dictionary (the JSON ``prepare`` writes) of checked items."""
+    return {
+        "name": name,
+        "layout": items[0]["layout"],
+        "modalities": list(MODALITIES),
+        "num_folds": folds,
+        "seed": seed,
+        "training": [i for i in items if "label" in i],
+        "testing": [i for i in items if "label" not in i],
+    }
+
+
 def make_datalist(
     dataset_dir: str | Path,
     folds: int = 5,
@@ -360,32 +401,9 @@ def make_datalist(
     A bad case raises :class:`DataError`; with ``skip_bad`` it is left out with a warning.
     ``progress`` shows a bar while the cases are checked (for 20 cases or more).
     """
-    good = check_cases(discover_cases(dataset_dir, layout), check_labels, skip_bad, progress)
-    if not good:
-        raise DataError(f"{dataset_dir}: no usable cases")
-    labelled = [c for c in good if c.label is not None]
-    unlabelled = [c for c in good if c.label is None]
-    fold_of = assign_folds(len(labelled), folds, seed)
-    training = [{**c.to_item(), "fold": f} for c, f in zip(labelled, fold_of)]
-    return {
-        "name": Path(dataset_dir).name,
-        "layout": good[0].layout,
-        "modalities": list(MODALITIES),
-        "num_folds": folds,
-        "seed": seed,
-        "training": training,
-        "testing": [c.to_item() for c in unlabelled],
-    }
-
-
-def write_json_atomic(data: Any, output: str | Path) -> Path:
-    """Write JSON to ``output`` through a temporary file, so no half-written file is left."""
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(out)
-    return out
+    cases = discover_cases(dataset_dir, layout)
+    items = _checked_items(cases, dataset_dir, folds, seed, check_labels, skip_bad, progress)
+    return _datalist(items, Path(dataset_dir).name, folds, seed)
 
 
 def prepare(
@@ -410,8 +428,13 @@ def prepare(
     return str(path)
 
 
-def load_split(datalist: str | Path | dict[str, Any], fold: int = 0, split: str = "train") -> list[dict[str, Any]]:
-    """Return the items of one split: ``train`` (not ``fold``), ``val`` (``fold``), ``all`` or ``test``."""
+def load_split(
+    datalist: str | Path | dict[str, Any], fold: int = 0, split: str = "train", source: str | None = None
+) -> list[dict[str, Any]]:
+    """Return the items of one split: ``train`` (not ``fold``), ``val`` (``fold``), ``all`` or ``test``.
+
+    ``source`` names a datalist given as a dictionary in errors (default: the file or the dictionary).
+    """
     data = json.loads(Path(datalist).read_text()) if not isinstance(datalist, dict) else datalist
     training = data.get("training", [])
     if split == "test":
@@ -422,7 +445,7 @@ def load_split(datalist: str | Path | dict[str, Any], fold: int = 0, split: str 
     if num_folds < 2:
         return list(training)  # one fold: train and validate on the same cases, stated in the log
     if not 0 <= fold < num_folds:
-        raise DataError(f"{datalist}: fold {fold} is outside 0..{num_folds - 1}")
+        raise DataError(f"{source or datalist}: fold {fold} is outside 0..{num_folds - 1}")
     if split == "train":
         return [i for i in training if int(i["fold"]) != fold]
     if split == "val":
@@ -437,29 +460,122 @@ NO_DATA = (
 )
 
 
-def resolve_datalist(
-    dataset_dir: str | None,
-    datalist: str | None,
-    output_dir: str,
+def _case_from_files(files: Sequence[str], layout: str | None) -> Case:
+    """A case from explicit files: four 3-D volumes (T1, T1ce, T2, FLAIR, in that order) or one 4-D image."""
+    paths = [str(Path(f)) for f in files]
+    if len(paths) == 1:
+        # the only 4-D layout the bundle knows is MSD's (FLAIR, T1w, T1gd, T2w); say "brats2021" if
+        # the file's channels are already in the canonical order
+        return Case(_strip_nifti(Path(paths[0]).name), layout or "msd", paths[0])
+    if len(paths) != 4:
+        raise DataError(
+            f"{', '.join(paths)}: expected four files (T1, T1ce, T2, FLAIR) or one 4-D image, got {len(paths)}"
+        )
+    stems = [_strip_nifti(Path(p).name) for p in paths]
+    case_id = os.path.commonprefix(stems).rstrip("_-.") or stems[0]  # noqa: RUF071 - file names, not paths
+    return Case(case_id, layout or "brats2021", paths)
+
+
+def _dataset_or_demo(dataset_dir: str | Path | None, demo_dir: str | Path | None) -> str:
+    """``dataset_dir``, or ``demo_dir`` (generated once if missing), or one sentence saying what to pass."""
+    if dataset_dir:
+        return str(dataset_dir)
+    if demo_dir:
+        return str(generate_demo_dataset(demo_dir))
+    raise DataError(NO_DATA)
+
+
+def select_cases(
+    dataset_dir: str | Path | None = None,
+    datalist: str | Path | None = None,
+    files: str | Sequence[str] | None = None,
+    *,
+    fold: int | None = None,
+    split: str | None = None,
+    labelled: bool | None = None,
+    layout: str | None = None,
+    demo_dir: str | Path | None = None,
     folds: int = 5,
     seed: int = 42,
-    demo_dir: str | None = None,
-) -> str:
-    """Return the datalist path a workflow should use, creating it if needed.
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The cases of one run (training, inference or evaluation) as datalist items, checked before it starts.
 
-    ``datalist`` given: used as is. ``dataset_dir`` given: discovered and checked into
-    ``output_dir/datalist.json`` (every case checked before anything trains). Neither: the
-    demo folder ``demo_dir`` if given (generated once), else a :class:`DataError` saying what to pass.
+    The source is the first one given of ``files`` (the files of one case: four volumes T1, T1ce, T2,
+    FLAIR or one 4-D image), ``datalist`` (a JSON from ``python -m bundle prepare`` or a training run)
+    and ``dataset_dir`` (a BraTS 2021 / 2023 or MSD folder, or one case folder); with none of them,
+    ``demo_dir`` if given (generated first if missing), else a :class:`DataError` saying what to pass
+    (configs/demo.yaml gives the demo folder as ``dataset_dir``). Files and folders
+    are discovered and every case is checked (:func:`check_cases`; label files too unless ``labelled``
+    is ``False``), and a case name used twice is an error; a datalist was checked when it was written
+    and is read as it is. Labelled cases of a folder are dealt into ``folds`` folds (``seed``).
+
+    ``split`` picks among the cases: ``None`` every case, ``"train"`` / ``"val"`` the labelled cases
+    outside / inside ``fold`` (:func:`load_split`), ``"test"`` the unlabelled ones. ``labelled``:
+    ``True`` keeps only cases with a ground truth (none left is an error), ``False`` drops the labels
+    (inference never reads them), ``None`` keeps what there is. Every problem is a :class:`DataError`
+    with one sentence naming the file.
+    """
+    if files:
+        file_list = [files] if isinstance(files, str) else [str(f) for f in files]
+        source = ", ".join(file_list)
+        data = _datalist(
+            _checked_items([_case_from_files(file_list, layout)], source, folds, seed, labelled is not False),
+            "files",
+            folds,
+            seed,
+        )
+        every = data["training"] + data["testing"]
+    elif datalist:
+        source = str(datalist)
+        if not Path(datalist).is_file():
+            raise DataError(f"{datalist}: datalist file does not exist")
+        data = json.loads(Path(datalist).read_text())
+        every = list(data.get("training", [])) + list(data.get("testing", []))
+    else:
+        source = _dataset_or_demo(dataset_dir, demo_dir)
+        cases = discover_cases(source, layout)
+        every = _checked_items(cases, source, folds, seed, labelled is not False, progress=progress)
+        data = _datalist(every, Path(source).name, folds, seed)
+    if split is None:
+        items = [dict(i) for i in every]
+    else:
+        items = [dict(i) for i in load_split(data, fold if fold is not None else 0, split, source=source)]
+    if labelled:
+        unlabelled = sum(1 for i in items if not i.get("label"))
+        if unlabelled:
+            logger.info("%s: %d case(s) without a segmentation left out", source, unlabelled)
+        items = [i for i in items if i.get("label")]
+        if not items:
+            raise DataError(f"{source}: no case with a ground-truth segmentation")
+    elif labelled is False:
+        for item in items:
+            item.pop("label", None)  # never read, so never a reason to stop
+            item.pop("fold", None)
+    logger.info("%s: %d case(s) selected", source, len(items))
+    return items
+
+
+def resolve_datalist(
+    dataset_dir: str | Path | None,
+    datalist: str | Path | None,
+    output_dir: str | Path,
+    folds: int = 5,
+    seed: int = 42,
+    demo_dir: str | Path | None = None,
+) -> str:
+    """The datalist file of a training run, so every fold, rank and resumed run shares one split.
+
+    The same sources as :func:`select_cases`: ``datalist`` is used as it is; a ``dataset_dir`` (or
+    ``demo_dir``) is discovered, checked and dealt into folds in
+    ``output_dir/datalist.json``. The run then takes its splits with ``select_cases(datalist=...)``.
     """
     if datalist:
         if not Path(datalist).is_file():
             raise DataError(f"{datalist}: datalist file does not exist")
         return str(datalist)
-    if not dataset_dir:
-        if not demo_dir:
-            raise DataError(NO_DATA)
-        dataset_dir = str(generate_demo_dataset(demo_dir))
-    return prepare(str(dataset_dir), str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
+    source = _dataset_or_demo(dataset_dir, demo_dir)
+    return prepare(source, str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
 
 
 # ------------------------------------------------------------------------------------ demo phantoms

@@ -12,11 +12,7 @@ Metric definitions live in :mod:`bundle.metrics` and ``docs/evaluation.md``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -25,8 +21,15 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from bundle.constants import LABEL_SCHEMES
-from bundle.data import read_voxels
+from bundle.atomic import write_text_atomic
+from bundle.files import (
+    case_id_from_path,
+    find_segmentations,
+    load_label_map,
+    read_metrics_csv,
+    write_metrics_csv,
+    write_metrics_table,
+)
 from bundle.metrics import DISTANCE_METRICS, LESION_METRICS, OVERLAP_METRICS, evaluate_case
 
 #: Metrics where a smaller value is better (all others: larger is better).
@@ -41,84 +44,6 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "lesion_hd95_matched",
     "lesion_f1",
 )
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_SEG_TAGS = ("_seg", "-seg", "_label", "-label", "_pred", "-pred")
-
-
-def case_id_from_path(path: str | Path) -> str:
-    """Case identifier of a segmentation file: its name without ``.nii[.gz]`` and a ``_seg``-like tag.
-
-    ``BraTS2021_00000_seg.nii.gz`` and ``BraTS2021_00000.nii.gz`` both give ``BraTS2021_00000``, so a
-    prediction folder pairs with a BraTS ground-truth folder whatever the prediction files' tag.
-    """
-    name = Path(path).name
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    for tag in _SEG_TAGS:
-        if name.endswith(tag):
-            return name[: -len(tag)]
-    return name
-
-
-def find_segmentations(folder: str | Path) -> dict[str, Path]:
-    """Map case id -> segmentation file for a flat folder of label maps or a BraTS-style case-folder tree.
-
-    In a case-folder tree (``<case>/<case>_seg.nii.gz`` next to the images) only files tagged as
-    segmentations are taken; in a flat folder every NIfTI file is a case.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a directory")
-    # hidden files are never cases: inference's temporary files (a killed run leaves one) and macOS's ._ files
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.name.endswith(_NIFTI_SUFFIXES)
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    tagged = [p for p in files if any(p.name.split(".nii")[0].endswith(t) for t in _SEG_TAGS)]
-    chosen = tagged if any(p.parent != folder for p in files) else files
-    found: dict[str, Path] = {}
-    for path in chosen:
-        case = case_id_from_path(path)
-        if case in found:
-            raise ValueError(f"{folder}: two segmentations for case {case!r}: {found[case]} and {path}")
-        found[case] = path
-    if not found:
-        raise FileNotFoundError(f"{folder}: no NIfTI segmentation files found")
-    return found
-
-
-def load_label_map(path: str | Path, label_scheme: str) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
-    """Load a NIfTI label map and map its values onto the internal labels.
-
-    Returns ``(labels, spacing_mm, affine)``. Raises ``ValueError`` naming the file if it holds a value the
-    scheme does not know (e.g. a BraTS 2021 file read with the ``brats2023`` scheme).
-    """
-    if label_scheme not in LABEL_SCHEMES:
-        raise ValueError(f"unknown label scheme {label_scheme!r}; expected one of {sorted(LABEL_SCHEMES)}")
-    try:
-        image = nib.load(str(path))
-    except Exception as err:  # nibabel raises several types for missing / corrupt files
-        raise ValueError(f"{path}: cannot read as NIfTI ({err})") from err
-    data = read_voxels(str(path), "label map")  # truncated data and NaN / Inf: one sentence naming the file
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3-D label map, got shape {data.shape}")
-    if not np.allclose(data, np.round(data)):
-        raise ValueError(f"{path}: label map holds non-integer values")
-    data = np.round(data).astype(np.int64)
-    scheme = LABEL_SCHEMES[label_scheme]
-    unknown = sorted(set(np.unique(data).tolist()) - set(scheme))
-    if unknown:
-        raise ValueError(f"{path}: label values {unknown} are not in the {label_scheme!r} scheme {sorted(scheme)}")
-    lut = np.zeros(max(scheme) + 1, dtype=np.uint8)
-    for value, internal in scheme.items():
-        lut[value] = internal
-    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return lut[data], spacing, image.affine
 
 
 def _label_map_header(path: Path, role: str, other: Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -281,29 +206,6 @@ def format_summary(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def write_metrics_csv(rows: Sequence[dict], path: str | Path) -> None:
-    """Write per-case rows to CSV (columns: ``case``, ``region``, then every metric), atomically."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    first = [c for c in ("case", "region") if c in columns]
-    columns = first + [c for c in columns if c not in first]
-    _write_csv(rows, columns, path)
-
-
-def read_metrics_csv(path: str | Path) -> list[dict]:
-    """Read a ``metrics.csv``: numbers become floats, ``case`` and ``region`` stay strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such metrics file")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"case", "region"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected the columns 'case' and 'region' (a metrics.csv from evaluate_folder)")
-        rows = []
-        for row in reader:
-            rows.append({k: (v if k in ("case", "region") else _to_float(v)) for k, v in row.items()})
-    return rows
-
-
 def compare(
     run_a_csv: str | Path,
     run_b_csv: str | Path,
@@ -371,12 +273,6 @@ def compare(
     return results
 
 
-def write_metrics_table(rows: Sequence[dict], path: str | Path) -> None:
-    """Write any list of flat dicts (e.g. :func:`compare`'s result) as CSV, atomically."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    _write_csv(rows, columns, path)
-
-
 def format_comparison(results: Sequence[dict]) -> str:
     """One line per region and metric: difference, CI, p-values and verdict."""
     lines = [
@@ -425,42 +321,6 @@ def _index_rows(rows: list[dict], path: str | Path) -> dict[tuple[str, str], dic
     return index
 
 
-def _to_float(value: str) -> float | str:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def _csv_value(value: object) -> object:
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))  # shortest text that round-trips exactly
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _write_csv(rows: Sequence[dict], columns: list[str], path: str | Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: _csv_value(r.get(k, "")) for k in columns} for r in rows])
-    _atomic_write_text(Path(path), buffer.getvalue())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so no half-written file is ever visible."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ------------------------------------------------------------------ entry points of `evaluate` and evaluate.yaml
 
 
@@ -475,7 +335,7 @@ def save_evaluation(rows: Sequence[dict], output_dir: str | Path | None, verbose
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_metrics_csv(rows, output_dir / "metrics.csv")
-        _atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+        write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
     if verbose:
         print(format_summary(summary))
     return summary
@@ -495,46 +355,6 @@ def check_predictions_exist(pred_dir: str | Path, truth_dir: str | Path) -> None
             f"{truths[missing[0]]}: no prediction for case {missing[0]!r} in {pred_dir} "
             f"(expected e.g. {Path(pred_dir) / (missing[0] + '_seg.nii.gz')}){more}"
         )
-
-
-def labelled_cases(
-    dataset_dir: str | None = None,
-    datalist: str | None = None,
-    fold: int | None = None,
-    demo_dir: str | None = None,
-) -> list[dict]:
-    """Datalist items with a ground truth, for evaluating a checkpoint (``configs/evaluate.yaml``).
-
-    ``datalist`` (a JSON from ``python -m bundle prepare``) wins over ``dataset_dir`` (discovered and
-    checked, labels included); with neither, the demo phantoms. With ``fold`` and a datalist only that
-    fold's validation cases are taken (the cases its model did not train on). Cases without a
-    segmentation are left out (logged); none at all is a :class:`bundle.data.DataError`.
-    """
-    import logging
-
-    from bundle.data import NO_DATA, DataError, generate_demo_dataset, load_split, make_datalist
-
-    if datalist:
-        if not Path(datalist).is_file():
-            raise DataError(f"{datalist}: datalist file does not exist")
-        items = load_split(datalist, fold, "val") if fold is not None else load_split(datalist, 0, "all")
-        source = str(datalist)
-    else:
-        if not dataset_dir:
-            if not demo_dir:
-                raise DataError(NO_DATA)
-            dataset_dir = str(generate_demo_dataset(demo_dir))
-        made = make_datalist(dataset_dir, folds=1, check_labels=True)
-        items = made["training"]
-        if made["testing"]:
-            logging.getLogger(__name__).info(
-                "%s: %d case(s) without a segmentation are not evaluated", dataset_dir, len(made["testing"])
-            )
-        source = str(dataset_dir)
-    items = [dict(i) for i in items if i.get("label")]
-    if not items:
-        raise DataError(f"{source}: no case with a ground-truth segmentation to evaluate")
-    return items
 
 
 def evaluate_datalist(
@@ -641,10 +461,10 @@ __all__ = [
     "find_segmentations",
     "format_comparison",
     "format_summary",
-    "labelled_cases",
     "load_label_map",
     "read_metrics_csv",
     "save_evaluation",
     "summarize",
     "write_metrics_csv",
+    "write_metrics_table",
 ]

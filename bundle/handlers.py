@@ -35,14 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import IgniteMetricHandler, from_engine
+from monai.data.utils import affine_to_spacing
+from monai.handlers import IgniteMetricHandler, MetricLogger, from_engine
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
 from bundle.constants import REGION_NAMES
 from bundle.errors import NonFiniteError
-from bundle.evaluation import write_metrics_table
+from bundle.files import write_metrics_table
 from bundle.metrics import hd95
 
 
@@ -85,7 +86,7 @@ class BratsHD95Metric(CumulativeIterationMetric):
         pred = (y_pred.detach() > 0.5).cpu().numpy()
         truth = (y.detach() > 0.5).cpu().numpy()
         start = 0 if self.include_background else 1
-        spacing = self.spacing or _spacing_of(y, y.ndim - 2)
+        spacing = self.spacing or spacing_of(y, y.ndim - 2)
         out = [[hd95(p[c], t[c], spacing) for c in range(start, p.shape[0])] for p, t in zip(pred, truth)]
         return torch.tensor(out, dtype=torch.float32, device=y_pred.device)
 
@@ -147,12 +148,15 @@ class RegionMetric(IgniteMetricHandler):
 class RegionMetricsCSVHandler:
     """Write one CSV row per training epoch: ``epoch``, ``loss`` (mean over the epoch), validation metrics.
 
-    Attach it to the *trainer*. It averages ``loss_transform(engine.state.output)`` over each epoch's
-    iterations and, at the end of the epoch, adds the scalar entries of ``evaluator.state.metrics`` (all of
-    them, or ``metric_names``) if the evaluator ran in this epoch (``ValidationHandler`` runs it every
-    ``val_interval`` epochs; other rows leave the metric cells empty). Register it after the
-    ``ValidationHandler`` so the metrics are fresh. The file is rewritten atomically each epoch; rows of an
-    existing file from epochs before the run's start epoch are kept, so a resumed run continues the log.
+    Attach it to the *trainer*. MONAI's ``MetricLogger`` collects the values: one on the trainer logs
+    ``loss_transform(engine.state.output)`` every iteration, one on the evaluator logs its metrics
+    when it completes. At the end of each epoch the row gets the mean loss of the epoch's iterations
+    and the scalar metrics (all of them, or ``metric_names``) if the evaluator ran in this epoch
+    (``ValidationHandler`` runs it every ``val_interval`` epochs; other rows leave the metric cells
+    empty); register it after the ``ValidationHandler`` so the metrics are fresh. Both logs are
+    emptied at every epoch start: the CSV itself is the record, rewritten atomically each epoch, and
+    rows of an existing file from epochs before the run's start epoch are kept, so a resumed run
+    continues the log without restoring the loggers' state.
 
     Args:
         filename: CSV path, e.g. ``$@output_dir + '/metrics_per_epoch.csv'``.
@@ -174,18 +178,17 @@ class RegionMetricsCSVHandler:
         self.metric_names = None if metric_names is None else tuple(metric_names)
         self.loss_transform = loss_transform or from_engine(["loss"], first=True)
         self.rows: list[dict[str, Any]] = []
-        self._loss_sum = 0.0
-        self._loss_count = 0
-        self._evaluated_at: int | None = None
+        self.loss_log = MetricLogger(loss_transform=lambda output: _loss_value(self.loss_transform(output)))
+        self.metric_log = MetricLogger(metric_transform=_scalar)
 
     def attach(self, engine: Engine) -> None:
-        """Register on the trainer's STARTED, EPOCH_STARTED, ITERATION_COMPLETED and EPOCH_COMPLETED events."""
+        """Log on the trainer (and the evaluator's COMPLETED); a row at each of the trainer's EPOCH_COMPLETED."""
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        self.loss_log.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         if self.evaluator is not None:
-            self.evaluator.add_event_handler(Events.COMPLETED, self._evaluator_completed, engine)
+            self.metric_log.attach_evaluator(self.evaluator)
 
     def _started(self, engine: Engine) -> None:
         self.rows = []
@@ -195,43 +198,49 @@ class RegionMetricsCSVHandler:
             self.rows = [{k: int(v) if k == "epoch" else _parse(v) for k, v in r.items()} for r in kept]
 
     def _epoch_started(self, engine: Engine) -> None:
-        self._loss_sum, self._loss_count = 0.0, 0
-
-    def _iteration_completed(self, engine: Engine) -> None:
-        loss = self.loss_transform(engine.state.output)
-        if isinstance(loss, (tuple, list)):  # MONAI's from_engine returns a tuple even for one key
-            loss = loss[0]
-        loss = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
-        self._loss_sum += loss
-        self._loss_count += 1
-
-    def _evaluator_completed(self, evaluator: Engine, trainer: Engine) -> None:
-        self._evaluated_at = trainer.state.epoch
+        self.loss_log.loss.clear()
+        self.loss_log.metrics.clear()  # the trainer's own metrics, logged every iteration and never written
+        self.metric_log.metrics.clear()
 
     def _epoch_completed(self, engine: Engine) -> None:
         row: dict[str, Any] = {"epoch": engine.state.epoch}
-        row["loss"] = self._loss_sum / self._loss_count if self._loss_count else math.nan
-        if self.evaluator is not None and self._evaluated_at == engine.state.epoch:
-            metrics = self.evaluator.state.metrics
-            for name in self.metric_names or sorted(metrics):
-                value = metrics.get(name)
-                if isinstance(value, torch.Tensor) and value.numel() == 1:
-                    value = value.item()
-                if isinstance(value, (int, float, np.floating, np.integer)):
-                    row[name] = float(value)
+        losses = [value for _, value in self.loss_log.loss]
+        row["loss"] = sum(losses, 0.0) / len(losses) if losses else math.nan
+        logged = self.metric_log.metrics
+        for name in self.metric_names or sorted(logged):
+            if logged.get(name) and isinstance(value := logged[name][-1][1], float):
+                row[name] = value
         self.rows.append(row)
         write_metrics_table(self.rows, self.filename)
 
 
-def _spacing_of(array: torch.Tensor, spatial_dims: int) -> tuple[float, ...] | None:
-    """Voxel size in mm from a MetaTensor's affine (column norms), so HD95 is in mm on any grid."""
+def _loss_value(loss: Any) -> float:
+    if isinstance(loss, (tuple, list)):  # MONAI's from_engine returns a tuple even for one key
+        loss = loss[0]
+    return float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+def _scalar(value: Any) -> Any:
+    """A one-element tensor or a number as a float; anything else (a per-region dict, a vector) as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (int, float, np.floating, np.integer)):
+        return float(value)
+    return value
+
+
+def spacing_of(array: Any, spatial_dims: int) -> tuple[float, ...] | None:
+    """Voxel size in mm from a MetaTensor's affine (MONAI's ``affine_to_spacing``); ``None`` without one.
+
+    A batched affine (MONAI's per-item unsqueeze) gives the first item's spacing.
+    """
     affine = getattr(array, "affine", None)
     if affine is None:
         return None
     affine = torch.as_tensor(affine, dtype=torch.float64)
-    if affine.ndim == 3:  # a batch of one item after MONAI's per-item unsqueeze
-        affine = affine[0]
-    return tuple(float(v) for v in torch.linalg.norm(affine[:spatial_dims, :spatial_dims], dim=0))
+    affine = affine.reshape(-1, *affine.shape[-2:])[0]
+    spacing = affine_to_spacing(affine, r=spatial_dims, dtype=torch.float64)
+    return tuple(float(v) for v in spacing)
 
 
 def _parse(value: str) -> float | str:

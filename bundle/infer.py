@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import tempfile
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,18 +22,12 @@ import torch
 from monai.data import Dataset
 from monai.transforms import SaveImaged
 
+from bundle.atomic import atomic_path
 from bundle.checkpoints import model_state, read_record
-from bundle.data import (
-    NO_DATA,
-    Case,
-    DataError,
-    _strip_nifti,
-    check_cases,
-    discover_cases,
-    generate_demo_dataset,
-)
+from bundle.data import DataError, _strip_nifti
 from bundle.errors import find_user_error
 from bundle.options import as_bool
+from bundle.paths import BUNDLE_ROOT, output_path, resolve_config_files, working_directory
 
 __all__ = [
     "AtomicSaveImaged",
@@ -43,76 +36,17 @@ __all__ = [
     "check_checkpoint",
     "check_output_dir",
     "infer",
-    "inference_datalist",
-    "output_path",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: the repository root (``configs/``, ``models/``), for running the bundle from anywhere
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-
-
 # ------------------------------------------------------------------------------------------ inputs
-
-
-def _case_from_files(files: Sequence[str], layout: str | None) -> Case:
-    """A case from explicit files: four 3-D volumes (T1, T1ce, T2, FLAIR, in that order) or one 4-D image."""
-    paths = [str(Path(f)) for f in files]
-    if len(paths) == 1:
-        # the only 4-D layout the bundle knows is MSD's (FLAIR, T1w, T1gd, T2w); say "brats2021" if
-        # the file's channels are already in the canonical order
-        return Case(_strip_nifti(Path(paths[0]).name), layout or "msd", paths[0])
-    if len(paths) != 4:
-        raise DataError(
-            f"{', '.join(paths)}: expected four files (T1, T1ce, T2, FLAIR) or one 4-D image, got {len(paths)}"
-        )
-    stems = [_strip_nifti(Path(p).name) for p in paths]
-    case_id = os.path.commonprefix(stems).rstrip("_-.") or stems[0]  # noqa: RUF071 - file names, not paths
-    return Case(case_id, layout or "brats2021", paths)
-
-
-def inference_datalist(
-    dataset_dir: str | None = None,
-    files: Sequence[str] | str | None = None,
-    layout: str | None = None,
-    demo_dir: str | None = None,
-) -> list[dict[str, Any]]:
-    """Every case to segment, each checked before any inference starts.
-
-    ``files`` (explicit volumes of one case) win over ``dataset_dir`` (a BraTS 2021 / 2023 or MSD
-    dataset folder, or one case folder); with neither, the demo phantoms are used. Labels are
-    neither needed nor checked. Raises :class:`bundle.data.DataError` with one sentence naming the
-    file (missing modality, unreadable or empty file, shape or affine mismatch between modalities,
-    wrong channel count) or a duplicated case name (two outputs would overwrite each other).
-    """
-    if files:
-        cases = [_case_from_files([files] if isinstance(files, str) else list(files), layout)]
-    else:
-        if not dataset_dir:
-            if not demo_dir:
-                raise DataError(NO_DATA)
-            dataset_dir = str(generate_demo_dataset(demo_dir))
-        cases = discover_cases(dataset_dir, layout)
-    seen: dict[str, Case] = {}
-    for case in cases:
-        if case.case_id in seen:
-            first = seen[case.case_id].image
-            raise DataError(f"{case.image}: case name {case.case_id} is used twice (also {first})")
-        seen[case.case_id] = case
-    items = []
-    for case in check_cases(cases, check_labels=False):
-        item = case.to_item()
-        item.pop("label", None)  # inference never reads the truth
-        items.append(item)
-    logger.info("%d case(s) to segment", len(items))
-    return items
 
 
 class InferenceDataset(Dataset):
     """MONAI ``Dataset`` whose load errors name the file in one sentence.
 
-    The headers were checked up front (:func:`inference_datalist`); what remains is data that
+    The headers were checked up front (:func:`bundle.data.select_cases`); what remains is data that
     cannot be decompressed or decoded (a truncated ``.nii.gz``). MONAI's transform chain would
     report it as a nested "applying transform" trace without the file name.
     """
@@ -167,11 +101,6 @@ def check_checkpoint(checkpoint: str, network: torch.nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------------------- outputs
-
-
-def output_path(output_dir: str | Path, name: str, postfix: str, ext: str = ".nii.gz") -> Path:
-    """The final name of one output, ``<output_dir>/<name>_<postfix><ext>`` (what :class:`AtomicSaveImaged` writes)."""
-    return Path(output_dir) / f"{name}_{postfix}{ext}"
 
 
 def check_output_dir(output_dir: str | Path) -> str:
@@ -250,12 +179,10 @@ def cases_to_segment(
 class AtomicSaveImaged(SaveImaged):
     """MONAI's ``SaveImaged`` writing ``<output_dir>/<case_id>_<output_postfix><output_ext>`` atomically.
 
-    The image is written to a hidden temporary name in the same folder and renamed when complete
-    (``os.replace`` is atomic on one file system), so an interrupted run or a failure in the
-    writer never leaves a truncated ``*_seg.nii.gz`` that a later step would take for a result.
-    The temporary name holds the process id and a random token: two processes (or two calls)
-    writing the same case each write their own file, and whichever renames last wins with a
-    complete file. It is removed if writing fails.
+    The image is written through :func:`bundle.atomic.atomic_path` (a hidden temporary file, renamed
+    when complete), so an interrupted run or a failure in the writer never leaves a truncated
+    ``*_seg.nii.gz`` that a later step would take for a result; two processes writing the same case
+    each write their own temporary file, and whichever renames last wins with a complete file.
     The output name comes from the item's ``name_key`` (the datalist's ``case_id``) rather than the
     first input file's name (``CASE_t1.nii.gz`` would give ``CASE_t1_seg``). All other
     arguments are ``SaveImaged``'s.
@@ -287,31 +214,14 @@ class AtomicSaveImaged(SaveImaged):
         for key in self.key_iterator(d):
             name = d.get(self.name_key) or _strip_nifti(Path(str(d[key].meta["filename_or_obj"])).name)
             final = output_path(self.output_dir, name, self.output_postfix, self.output_ext)
-            # the writer picks the format from the extension, so the unique part goes before it
-            tmp_stem = self.output_dir / f".{name}_{self.output_postfix}.{os.getpid()}-{secrets.token_hex(4)}.partial"
-            tmp = Path(f"{tmp_stem}{self.output_ext}")
-            try:
-                self.saver(img=d[key], filename=str(tmp_stem))
-                os.replace(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
+            # the writer appends the extension it picks the format from, so it is given the name without it
+            with atomic_path(final, suffix=self.output_ext) as tmp:
+                self.saver(img=d[key], filename=str(tmp)[: -len(self.output_ext)])
             logger.info("wrote %s", final)
         return d
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-
-@contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    """Run the block in ``path``: the configs reference each other by bundle-relative paths
-    (MONAI macros ``%configs/...``), so workflows are parsed from the bundle root."""
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 def infer(
@@ -369,9 +279,7 @@ def infer(
     if device is not None:
         settings["device"] = f"$torch.device({device!r})"
     settings.update(overrides)
-    configs = ["configs/inference.yaml"] if config_file is None else config_file
-    configs = [configs] if isinstance(configs, str) else list(configs)
-    configs = [str(Path(c).resolve()) if Path(c).exists() else c for c in configs]
+    configs = resolve_config_files(["configs/inference.yaml"] if config_file is None else config_file)
     with working_directory(BUNDLE_ROOT), _unwrapped_data_errors():
         workflow = ConfigWorkflow(config_file=configs, workflow_type="inference", **settings)
         workflow.initialize()

@@ -34,7 +34,7 @@ from monai.bundle import ConfigParser
 
 from bundle.checkpoints import read_record
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES
-from bundle.infer import working_directory
+from bundle.paths import working_directory
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from bundle.constants import (
     NCR,
     REGION_NAMES,
 )
-from bundle.evaluation import case_id_from_path, find_segmentations, load_label_map, read_metrics_csv
+from bundle.files import case_id_from_path, find_segmentations, load_label_map, read_metrics_csv
 
 #: RGB colour (0-1) of each internal tumour label in overlays.
 LABEL_COLOURS: dict[int, tuple[float, float, float]] = {NCR: (1.0, 0.0, 0.0), ED: (0.0, 1.0, 0.0), ET: (1.0, 1.0, 0.0)}

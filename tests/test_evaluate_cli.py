@@ -212,13 +212,13 @@ def test_evaluate_config_from_a_checkpoint(tmp_path: Path) -> None:
 
 def test_labelled_cases_of_a_fold_and_a_missing_prediction(tmp_path: Path) -> None:
     """evaluate.yaml's data: a datalist fold's validation cases; each prediction must exist before scoring."""
-    from bundle.data import DataError, prepare
-    from bundle.evaluation import evaluate_datalist, labelled_cases
+    from bundle.data import DataError, prepare, select_cases
+    from bundle.evaluation import evaluate_datalist
 
     data = generate_demo_dataset(tmp_path / "data", num_cases=4, num_test_cases=1, shape=(16, 16, 12))
-    assert [i["case_id"] for i in labelled_cases(str(data))] == [f"Demo_{i:05d}" for i in range(4)]
+    assert [i["case_id"] for i in select_cases(str(data), labelled=True)] == [f"Demo_{i:05d}" for i in range(4)]
     datalist = prepare(str(data), str(tmp_path / "datalist.json"), folds=2)
-    fold_1 = labelled_cases(None, datalist, 1)
+    fold_1 = select_cases(None, datalist, fold=1, split="val", labelled=True)
     folds = {i["case_id"]: i["fold"] for i in json.loads(Path(datalist).read_text())["training"]}
     assert sorted(i["case_id"] for i in fold_1) == sorted(c for c, f in folds.items() if f == 1)
 
@@ -232,7 +232,7 @@ def test_labelled_cases_of_a_fold_and_a_missing_prediction(tmp_path: Path) -> No
     rows = evaluate_datalist(pred_dir, fold_1[:1], tmp_path / "eval", lesion_wise=False, verbose=False)
     assert [r["dice"] for r in rows] == [1.0, 1.0, 1.0]  # the truth as its own prediction
     with pytest.raises(DataError, match="no case with a ground-truth"):
-        labelled_cases(None, str(_datalist_without_labels(tmp_path)))
+        select_cases(None, str(_datalist_without_labels(tmp_path)), labelled=True)
 
 
 def _datalist_without_labels(tmp_path: Path) -> Path:

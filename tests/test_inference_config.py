@@ -14,8 +14,8 @@ from monai.bundle import ConfigParser
 
 from bundle.checkpoints import build_network, read_record, save_model
 from bundle.constants import MODALITIES
-from bundle.data import DataError
-from bundle.infer import BUNDLE_ROOT, check_checkpoint, infer, inference_datalist
+from bundle.data import DataError, select_cases
+from bundle.infer import BUNDLE_ROOT, check_checkpoint, infer
 
 BRATS_SAMPLES = BUNDLE_ROOT.parent / "shared" / "brats_samples"
 
@@ -137,17 +137,17 @@ def test_bad_inputs_fail_before_inference_with_the_file_named(tmp_path):
     case_dir = _write_case(data, "Case_001")
     (case_dir / "Case_001_flair.nii.gz").unlink()
     with pytest.raises(DataError, match=r"Case_001_flair\.nii\.gz: missing modality flair"):
-        inference_datalist(str(data))
+        select_cases(str(data), labelled=False)
     # wrong channel count: a 3-channel 4-D image given as the single file of a case
     four_d = tmp_path / "x.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5, 3), np.float32), np.eye(4)), four_d)
     with pytest.raises(DataError, match=r"x\.nii\.gz: expected a 4-D image with 4 channels"):
-        inference_datalist(files=[str(four_d)])
+        select_cases(files=[str(four_d)], labelled=False)
     # unreadable file
     junk = case_dir / "Case_001_flair.nii.gz"
     junk.write_bytes(b"not a nifti file at all")
     with pytest.raises(DataError, match=r"Case_001_flair\.nii\.gz: not a readable NIfTI"):
-        inference_datalist(str(data))
+        select_cases(str(data), labelled=False)
     # and through the whole workflow: nothing written
     with pytest.raises(DataError, match="Case_001_flair"):
         _run(tmp_path, str(data))
