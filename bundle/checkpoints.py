@@ -32,6 +32,7 @@ from monai.utils import instantiate
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES, MODALITIES, REGION_NAMES
 from bundle.data import DataError
 from bundle.errors import OptionError
+from bundle.paths import BUNDLE_ROOT
 
 MODEL_KEY = "model"
 RECORD_KEY = "model_record"
@@ -42,7 +43,7 @@ OUTPUT_CHANNELS: dict[str, tuple[str, ...]] = {
     "binary": ("WT",),
     "gate": ("tumour_present",),
 }
-METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+METADATA = BUNDLE_ROOT / "configs" / "metadata.json"
 
 
 class CheckpointError(DataError):

@@ -28,10 +28,10 @@ from pathlib import Path
 import yaml
 
 from bundle.checkpoints import read_record
+from bundle.paths import BUNDLE_ROOT
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_FILE_BYTES = 25 * 1024 * 1024
 MODEL_FILES = ("models/model.pt", "models/model.ts")
 #: Input of the TorchScript trace: one 4-channel 64^3 patch (any size divisible by 16 works afterwards).
@@ -57,11 +57,11 @@ def bundle_env(bundle_dir: str | Path) -> dict[str, str]:
 
 def _copy_tree(out: Path) -> None:
     for folder in ("configs", "bundle", "schemas"):
-        shutil.copytree(REPO_ROOT / folder, out / folder, ignore=_IGNORE)
+        shutil.copytree(BUNDLE_ROOT / folder, out / folder, ignore=_IGNORE)
     (out / "docs").mkdir()
     for name in ("README.md", "methods.md", "data_license.txt"):  # configs cite docs/methods.md
-        shutil.copy2(REPO_ROOT / "docs" / name, out / "docs" / name)
-    shutil.copy2(REPO_ROOT / "LICENSE", out / "LICENSE")
+        shutil.copy2(BUNDLE_ROOT / "docs" / name, out / "docs" / name)
+    shutil.copy2(BUNDLE_ROOT / "LICENSE", out / "LICENSE")
 
 
 def _write_large_files(out: Path, url_base: str | None) -> None:
@@ -108,7 +108,7 @@ def export(
     ``<output>.zip``. ``url_base``: where the large model files will be hosted (large_files.yml).
     """
     out = Path(output).resolve()
-    source = Path(checkpoint) if checkpoint else REPO_ROOT / "models" / "model.pt"
+    source = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     if not source.is_file():
         raise FileNotFoundError(f"{source}: checkpoint does not exist (train one first, or pass --checkpoint)")
     if out.exists():

@@ -34,11 +34,10 @@ from monai.bundle import ConfigParser
 
 from bundle.checkpoints import read_record
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES
-from bundle.paths import working_directory
+from bundle.paths import BUNDLE_ROOT, working_directory
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Name of the bundle inside the app (``--conf models <name>``, ``POST /infer/<name>``).
 MODEL_NAME = "brats_resunet_segmentation"
 #: Image channel order and label values of the app's datastore (see the module docstring).
@@ -133,7 +132,7 @@ def assemble_app(
     ``overrides`` (config key -> value) go into both JSON configs, e.g. a smaller network.
     """
     app = Path(app_dir).resolve()
-    source = Path(checkpoint) if checkpoint else REPO_ROOT / "models" / "model.pt"
+    source = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     if not source.is_file():
         raise FileNotFoundError(f"{source}: checkpoint does not exist (train one first, or pass --checkpoint)")
     shutil.copytree(sample_app_dir(), app, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
@@ -141,8 +140,8 @@ def assemble_app(
     if target.exists():
         shutil.rmtree(target)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(REPO_ROOT / "configs", target / "configs", ignore=ignore)
-    shutil.copytree(REPO_ROOT / "bundle", target / "bundle", ignore=ignore)
+    shutil.copytree(BUNDLE_ROOT / "configs", target / "configs", ignore=ignore)
+    shutil.copytree(BUNDLE_ROOT / "bundle", target / "bundle", ignore=ignore)
     (target / "models").mkdir(parents=True)
     shutil.copy2(source, target / "models" / "model.pt")
 
