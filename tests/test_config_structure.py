@@ -78,3 +78,21 @@ def test_training_without_data_says_what_to_do(tmp_path: Path) -> None:
     error = caught.value if isinstance(caught.value, DataError) else caught.value.__cause__
     assert isinstance(error, DataError)
     assert "--dataset_dir DIR" in str(error) and "configs/demo.yaml" in str(error)
+
+
+def test_monai_bundle_run_training_without_data_ends_with_what_to_do(tmp_path: Path) -> None:
+    """What a newcomer types first: one sentence saying what to pass, exit 1, no traceback, no folders."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml"]
+    command += ["--output_dir", str(out), "--ckpt_dir", str(tmp_path / "models")]
+    result = subprocess.run(command, cwd=CONFIGS.parent, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: no data given: pass --dataset_dir DIR"), last
+    assert "configs/demo.yaml" in last and "python -m bundle demo" in last
+    assert not out.exists() and not (tmp_path / "models").exists()
