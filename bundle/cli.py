@@ -25,12 +25,29 @@ def prepare(
     seed: int = 42,
     skip_bad: bool = False,
     layout: str | None = None,
+    holdout_fraction: float = 0.0,
+    subset_fraction: float = 1.0,
+    subset_seed: int = 42,
 ) -> str:
-    """Discover and check a BraTS 2021 / BraTS 2023 / MSD Task01 dataset and write its datalist."""
+    """Discover and check a BraTS 2021 / BraTS 2023 / MSD Task01 dataset and write its datalist.
+
+    ``holdout_fraction``: labelled cases kept out of every fold as a test set (M4: 0.2);
+    ``subset_fraction`` / ``subset_seed``: train on a seeded random part of the labelled cases (M3: 0.1, 42).
+    """
     from bundle.data import prepare as _prepare
 
     skip_bad = as_bool(skip_bad, "skip_bad")
-    return _prepare(dataset_dir, output=output, folds=folds, seed=seed, skip_bad=skip_bad, layout=layout)
+    return _prepare(
+        dataset_dir,
+        output=output,
+        folds=folds,
+        seed=seed,
+        skip_bad=skip_bad,
+        layout=layout,
+        holdout_fraction=holdout_fraction,
+        subset_fraction=subset_fraction,
+        subset_seed=subset_seed,
+    )
 
 
 def train(config_file: str | list[str] = "configs/train.yaml", **overrides: Any) -> None:

@@ -32,6 +32,7 @@ from ignite.engine import Engine, Events
 
 from bundle.atomic import write_text_atomic
 from bundle.constants import REGION_NAMES
+from bundle.data import select_cases
 from bundle.evaluation import SUMMARY_METRICS, metric_table, save_evaluation, summarize
 from bundle.files import case_id_from_path, read_metrics_csv, write_metrics_csv
 from bundle.handlers import spacing_of
@@ -213,12 +214,16 @@ def run_cv(
     out = Path(output_dir).resolve()
     configs = resolve_config_files(config_file)
     chosen = parse_fold_ids(fold_ids, folds)
-    # one datalist for every fold: folds trained in separate calls still share the split
-    datalist_file = resolve_datalist(dataset_dir, datalist, str(out), folds=folds, seed=seed)
+    # one datalist for every fold: folds trained in separate calls still share the split, with the
+    # hold-out and subset the config stack asks for (train.yaml: 20 % held out; M3: a 10 % subset)
+    split = split_settings(configs, overrides)
+    datalist_file = resolve_datalist(dataset_dir, datalist, str(out), folds=folds, seed=seed, **split)
     declared = json.loads(Path(datalist_file).read_text()).get("num_folds")
     if declared is not None and int(declared) != folds:
         raise DataError(f"{datalist_file}: the datalist has {declared} folds, not --folds {folds}")
+    holdout = select_cases(datalist=datalist_file, split="holdout")
     rows: list[dict] = []
+    holdout_rows: list[dict] = []
     for k in chosen:
         fold_dir = out / f"fold_{k}"
         settings = {
@@ -242,22 +247,52 @@ def run_cv(
         )
         workflow.initialize()
         workflow.run()
-        fold_rows = _evaluate_fold(workflow, Path(settings["ckpt_dir"]) / "model.pt", k, lesion_wise)
+        best = Path(settings["ckpt_dir"]) / "model.pt"
+        fold_rows = _evaluate_fold(workflow, best, k, lesion_wise)
+        # the held-out test cases, scored by this fold's model: reported apart from the validation folds
+        fold_holdout = _evaluate_fold(workflow, best, k, lesion_wise, cases=holdout) if holdout else []
         workflow.finalize()
         save_evaluation(fold_rows, fold_dir, verbose=False)
+        if fold_holdout:
+            write_metrics_csv(fold_holdout, fold_dir / HOLDOUT_CSV)
         rows += fold_rows
+        holdout_rows += fold_holdout
     rows += _earlier_folds(out, datalist_file, folds, skip=chosen)
+    holdout_rows += _earlier_folds(out, datalist_file, folds, skip=chosen, holdout=True)
     rows.sort(key=lambda r: int(r["fold"]))
+    holdout_rows.sort(key=lambda r: int(r["fold"]))
     write_metrics_csv(rows, out / "cv_metrics.csv")
     summary = {"num_folds": folds, "datalist": datalist_file, **summarize_folds(rows)}
+    if holdout_rows:
+        write_metrics_csv(holdout_rows, out / "cv_holdout_metrics.csv")
+        # each fold's model on the same held-out cases: mean +- std across the fold models
+        summary["holdout"] = {"num_cases": len(holdout), **summarize_folds(holdout_rows)}
     write_text_atomic(out / "cv_summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
     if verbose:
         print(format_cv_summary(summary))
+        if "holdout" in summary:
+            print(f"held-out test set ({summary['holdout']['num_cases']} cases), each fold's model:")
+            print(format_cv_summary(summary["holdout"]))
     return summary
 
 
-def _evaluate_fold(workflow: Any, best: Path, fold: int, lesion_wise: bool) -> list[dict]:
-    """Per-case rows of one fold's validation cases, predicted by its best checkpoint.
+HOLDOUT_CSV = "holdout_metrics.csv"
+SPLIT_KEYS = ("holdout_fraction", "subset_fraction", "subset_seed")
+
+
+def split_settings(configs: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The datalist's hold-out and subset settings of a training config stack (and the overrides)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(configs))
+    return {k: overrides.get(k, parser.get(k)) for k in SPLIT_KEYS if k in overrides or k in parser}
+
+
+def _evaluate_fold(
+    workflow: Any, best: Path, fold: int, lesion_wise: bool, cases: Sequence[dict] | None = None
+) -> list[dict]:
+    """Per-case rows of one fold's validation cases (or of ``cases``), predicted by its best checkpoint.
 
     A fresh ``SupervisedEvaluator`` on the workflow's own validation parts rather than re-running
     ``validate#evaluator`` itself: that one carries training handlers (early stopping, LR schedule,
@@ -281,7 +316,10 @@ def _evaluate_fold(workflow: Any, best: Path, fold: int, lesion_wise: bool) -> l
     evaluator = SupervisedEvaluator(
         device=device,
         val_data_loader=DataLoader(
-            Dataset(parser.get_parsed_content("val_datalist"), parser.get_parsed_content("validate#preprocessing")),
+            Dataset(
+                list(cases) if cases is not None else parser.get_parsed_content("val_datalist"),
+                parser.get_parsed_content("validate#preprocessing"),
+            ),
             batch_size=1,
             shuffle=False,
             num_workers=int(parser.get_parsed_content("num_workers")),
@@ -301,21 +339,21 @@ def _evaluate_fold(workflow: Any, best: Path, fold: int, lesion_wise: bool) -> l
     return collector.rows
 
 
-def _earlier_folds(out: Path, datalist_file: str, folds: int, skip: Sequence[int]) -> list[dict]:
+def _earlier_folds(out: Path, datalist_file: str, folds: int, skip: Sequence[int], holdout: bool = False) -> list[dict]:
     """Rows of folds evaluated by earlier calls (``--fold_ids 0,2`` now, ``1,3,4`` later) into the same ``out``.
 
-    A fold's ``metrics.csv`` is taken only if it holds exactly the cases the current datalist puts in that
-    fold, so results of another split (other ``--folds`` or data) are never pooled.
+    A fold's ``metrics.csv`` (``holdout_metrics.csv`` with ``holdout``) is taken only if it holds exactly
+    the cases the current datalist puts in that fold (or in its hold-out), so results of another split
+    (other ``--folds`` or data) are never pooled.
     """
-    from bundle.data import select_cases
-
     rows: list[dict] = []
     for k in range(folds):
-        path = out / f"fold_{k}" / "metrics.csv"
+        path = out / f"fold_{k}" / (HOLDOUT_CSV if holdout else "metrics.csv")
         if k in skip or not path.is_file():
             continue
         fold_rows = read_metrics_csv(path)
-        expected = {str(i["case_id"]) for i in select_cases(datalist=datalist_file, fold=k, split="val")}
+        split = "holdout" if holdout else "val"
+        expected = {str(i["case_id"]) for i in select_cases(datalist=datalist_file, fold=k, split=split)}
         if {r["case"] for r in fold_rows} != expected or any(r.get("fold") != k for r in fold_rows):
             logger.warning("%s: not fold %d of %s; left out of the pooled table", path, k, datalist_file)
             continue

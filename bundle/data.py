@@ -356,6 +356,33 @@ def _unique_names(cases: Sequence[Case]) -> list[Case]:
     return list(cases)
 
 
+def _fraction(value: float, name: str) -> float:
+    """``value`` as a fraction in [0, 1], or one sentence naming the option."""
+    fraction = float(value)
+    if not 0.0 <= fraction <= 1.0:
+        raise DataError(f"{name}: {value!r} is not a fraction between 0 and 1")
+    return fraction
+
+
+def labelled_subset(cases: Sequence[Case], fraction: float = 1.0, seed: int = 42) -> list[Case]:
+    """A seeded random ``fraction`` of the labelled cases (in discovery order), and every unlabelled one.
+
+    M3 trains on 10 % of BraTS 2021 drawn with seed 42 (docs/methods.md). Taken before the checks,
+    so only the chosen cases are read.
+    """
+    fraction = _fraction(fraction, "subset_fraction")
+    labelled = [i for i, c in enumerate(cases) if c.label is not None]
+    if fraction >= 1.0:
+        return list(cases)
+    keep = {
+        labelled[i] for i in np.random.default_rng(seed).permutation(len(labelled))[: round(len(labelled) * fraction)]
+    }
+    if not keep:
+        raise DataError(f"subset_fraction {fraction} of {len(labelled)} labelled cases keeps none")
+    logger.info("subset: %d of %d labelled cases (fraction %s, seed %d)", len(keep), len(labelled), fraction, seed)
+    return [c for i, c in enumerate(cases) if c.label is None or i in keep]
+
+
 def _checked_items(
     cases: Sequence[Case],
     source: str | Path,
@@ -364,26 +391,55 @@ def _checked_items(
     check_labels: bool = True,
     skip_bad: bool = False,
     progress: bool = True,
+    holdout_fraction: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Datalist items of ``cases`` (in order) once every one passed :func:`check_cases`; labelled ones get a fold."""
+    """Datalist items of ``cases`` (in order) once every one passed :func:`check_cases`.
+
+    Labelled cases get a fold, except a seeded ``holdout_fraction`` of them, marked ``"holdout": True``:
+    a test set no fold trains or validates on (M4 holds out 20 %). Without a hold-out the folds are
+    exactly those of earlier versions.
+    """
     good = check_cases(_unique_names(cases), check_labels, skip_bad, progress)
     if not good:
         raise DataError(f"{source}: no usable cases")
-    fold_of = iter(assign_folds(sum(c.label is not None for c in good), folds, seed))
-    return [{**c.to_item(), "fold": next(fold_of)} if c.label is not None else c.to_item() for c in good]
+    labelled = [i for i, c in enumerate(good) if c.label is not None]
+    count = round(len(labelled) * _fraction(holdout_fraction, "holdout_fraction"))
+    # its own random stream, so the hold-out does not depend on the fold seed's other uses
+    held = {labelled[i] for i in np.random.default_rng([seed, 1]).permutation(len(labelled))[:count]}
+    if labelled and len(held) == len(labelled):
+        raise DataError(f"{source}: holdout_fraction {holdout_fraction} leaves no case to train on")
+    fold_of = iter(assign_folds(len(labelled) - len(held), folds, seed))
+    items = []
+    for i, case in enumerate(good):
+        if case.label is None:
+            items.append(case.to_item())
+        else:
+            items.append(
+                {**case.to_item(), "holdout": True} if i in held else {**case.to_item(), "fold": next(fold_of)}
+            )
+    return items
 
 
-def _datalist(items: Sequence[dict[str, Any]], name: str, folds: int, seed: int) -> dict[str, Any]:
-    """The datalist dictionary (the JSON ``prepare`` writes) of checked items."""
-    return {
+def _datalist(items: Sequence[dict[str, Any]], name: str, folds: int, seed: int, **settings: Any) -> dict[str, Any]:
+    """The datalist dictionary (the JSON ``prepare`` writes) of checked items.
+
+    ``training``: labelled cases with their fold; ``holdout``: labelled cases kept out of every fold
+    (the test set); ``testing``: cases without a segmentation. ``settings`` are recorded as given.
+    """
+    data = {
         "name": name,
         "layout": items[0]["layout"],
         "modalities": list(MODALITIES),
         "num_folds": folds,
         "seed": seed,
-        "training": [i for i in items if "label" in i],
+        **settings,
+        "training": [i for i in items if "label" in i and not i.get("holdout")],
         "testing": [i for i in items if "label" not in i],
     }
+    held = [{k: v for k, v in i.items() if k != "holdout"} for i in items if i.get("holdout")]
+    if held:
+        data["holdout"] = held
+    return data
 
 
 def make_datalist(
@@ -394,16 +450,26 @@ def make_datalist(
     layout: str | None = None,
     check_labels: bool = True,
     progress: bool = True,
+    holdout_fraction: float = 0.0,
+    subset_fraction: float = 1.0,
+    subset_seed: int = 42,
 ) -> dict[str, Any]:
     """Discover, check and split a dataset into a MONAI datalist dictionary.
 
-    Labelled cases go to ``training`` (each with a ``fold``), unlabelled ones to ``testing``.
-    A bad case raises :class:`DataError`; with ``skip_bad`` it is left out with a warning.
-    ``progress`` shows a bar while the cases are checked (for 20 cases or more).
+    Labelled cases go to ``training`` (each with a ``fold``), except a seeded ``holdout_fraction`` of
+    them, which go to ``holdout`` (a test set); unlabelled ones go to ``testing``. ``subset_fraction``
+    first keeps a random part of the labelled cases (seed ``subset_seed``). A bad case raises
+    :class:`DataError`; with ``skip_bad`` it is left out with a warning. ``progress`` shows a bar
+    while the cases are checked (for 20 cases or more).
     """
-    cases = discover_cases(dataset_dir, layout)
-    items = _checked_items(cases, dataset_dir, folds, seed, check_labels, skip_bad, progress)
-    return _datalist(items, Path(dataset_dir).name, folds, seed)
+    cases = labelled_subset(discover_cases(dataset_dir, layout), subset_fraction, subset_seed)
+    items = _checked_items(cases, dataset_dir, folds, seed, check_labels, skip_bad, progress, holdout_fraction)
+    settings: dict[str, Any] = {}
+    if holdout_fraction:
+        settings["holdout_fraction"] = holdout_fraction
+    if subset_fraction < 1.0:
+        settings.update(subset_fraction=subset_fraction, subset_seed=subset_seed)
+    return _datalist(items, Path(dataset_dir).name, folds, seed, **settings)
 
 
 def prepare(
@@ -413,14 +479,27 @@ def prepare(
     seed: int = 42,
     skip_bad: bool = False,
     layout: str | None = None,
+    holdout_fraction: float = 0.0,
+    subset_fraction: float = 1.0,
+    subset_seed: int = 42,
 ) -> str:
     """Discover and check a dataset and write its datalist JSON; return the path written."""
-    datalist = make_datalist(dataset_dir, folds=folds, seed=seed, skip_bad=skip_bad, layout=layout)
+    datalist = make_datalist(
+        dataset_dir,
+        folds=folds,
+        seed=seed,
+        skip_bad=skip_bad,
+        layout=layout,
+        holdout_fraction=holdout_fraction,
+        subset_fraction=subset_fraction,
+        subset_seed=subset_seed,
+    )
     path = write_json_atomic(datalist, output)
     logger.info(
-        "%s: %d training and %d testing cases (%s layout) -> %s",
+        "%s: %d training, %d held-out and %d testing cases (%s layout) -> %s",
         dataset_dir,
         len(datalist["training"]),
+        len(datalist.get("holdout", [])),
         len(datalist["testing"]),
         datalist["layout"],
         path,
@@ -431,7 +510,8 @@ def prepare(
 def load_split(
     datalist: str | Path | dict[str, Any], fold: int = 0, split: str = "train", source: str | None = None
 ) -> list[dict[str, Any]]:
-    """Return the items of one split: ``train`` (not ``fold``), ``val`` (``fold``), ``all`` or ``test``.
+    """Return the items of one split: ``train`` (not ``fold``), ``val`` (``fold``), ``all`` (both),
+    ``holdout`` (labelled cases kept out of every fold) or ``test`` (cases without a segmentation).
 
     ``source`` names a datalist given as a dictionary in errors (default: the file or the dictionary).
     """
@@ -439,6 +519,8 @@ def load_split(
     training = data.get("training", [])
     if split == "test":
         return list(data.get("testing", []))
+    if split == "holdout":
+        return list(data.get("holdout", []))
     if split == "all":
         return list(training)
     num_folds = int(data.get("num_folds", 1 + max((int(i.get("fold", 0)) for i in training), default=0)))
@@ -450,7 +532,7 @@ def load_split(
         return [i for i in training if int(i["fold"]) != fold]
     if split == "val":
         return [i for i in training if int(i["fold"]) == fold]
-    raise ValueError(f"unknown split {split!r}; expected train, val, all or test")
+    raise ValueError(f"unknown split {split!r}; expected train, val, all, holdout or test")
 
 
 NO_DATA = (
@@ -531,7 +613,7 @@ def select_cases(
         if not Path(datalist).is_file():
             raise DataError(f"{datalist}: datalist file does not exist")
         data = json.loads(Path(datalist).read_text())
-        every = list(data.get("training", [])) + list(data.get("testing", []))
+        every = [*data.get("training", []), *data.get("holdout", []), *data.get("testing", [])]
     else:
         source = _dataset_or_demo(dataset_dir, demo_dir)
         cases = discover_cases(source, layout)
@@ -563,19 +645,31 @@ def resolve_datalist(
     folds: int = 5,
     seed: int = 42,
     demo_dir: str | Path | None = None,
+    holdout_fraction: float = 0.0,
+    subset_fraction: float = 1.0,
+    subset_seed: int = 42,
 ) -> str:
     """The datalist file of a training run, so every fold, rank and resumed run shares one split.
 
     The same sources as :func:`select_cases`: ``datalist`` is used as it is; a ``dataset_dir`` (or
-    ``demo_dir``) is discovered, checked and dealt into folds in
-    ``output_dir/datalist.json``. The run then takes its splits with ``select_cases(datalist=...)``.
+    ``demo_dir``) is discovered, checked and dealt into folds in ``output_dir/datalist.json``, after
+    the seeded subset and hold-out of :func:`make_datalist`. The run then takes its splits with
+    ``select_cases(datalist=...)``.
     """
     if datalist:
         if not Path(datalist).is_file():
             raise DataError(f"{datalist}: datalist file does not exist")
         return str(datalist)
     source = _dataset_or_demo(dataset_dir, demo_dir)
-    return prepare(source, str(Path(output_dir) / "datalist.json"), folds=folds, seed=seed)
+    return prepare(
+        source,
+        str(Path(output_dir) / "datalist.json"),
+        folds=folds,
+        seed=seed,
+        holdout_fraction=holdout_fraction,
+        subset_fraction=subset_fraction,
+        subset_seed=subset_seed,
+    )
 
 
 # ------------------------------------------------------------------------------------ demo phantoms

@@ -45,8 +45,8 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four labelled 32 x 32 x 24 demo phantoms in the BraTS 2021 layout."""
-    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
+    """Five labelled 32 x 32 x 24 demo phantoms in the BraTS 2021 layout: train.yaml holds 20 % (one) out."""
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), num_cases=5, num_test_cases=0, shape=(32, 32, 24))
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -62,8 +62,10 @@ def test_cv_two_folds_end_to_end_through_the_cli(tmp_path: Path, tiny_demo: Path
     assert "mean +- std of the per-fold means" in printed and "dice" in printed
 
     datalist = json.loads((out / "datalist.json").read_text())
-    assert datalist["num_folds"] == 2
+    assert datalist["num_folds"] == 2 and datalist["holdout_fraction"] == 0.2
     fold_of = {item["case_id"]: item["fold"] for item in datalist["training"]}
+    (held,) = [item["case_id"] for item in datalist["holdout"]]  # M4's 20 % test set: in no fold
+    assert held not in fold_of and len(fold_of) == 4
     rows = _read_csv(out / "cv_metrics.csv")
     assert list(rows[0])[:3] == ["case", "region", "fold"]
     # every case of the dataset exactly once per region, in the fold it was held out in
@@ -82,6 +84,11 @@ def test_cv_two_folds_end_to_end_through_the_cli(tmp_path: Path, tiny_demo: Path
 
     summary = json.loads((out / "cv_summary.json").read_text())
     assert summary["folds"] == [0, 1]
+    # the held-out case, scored by each fold's model, reported apart from the validation folds
+    held_rows = _read_csv(out / "cv_holdout_metrics.csv")
+    assert sorted((r["case"], r["fold"]) for r in held_rows) == sorted((held, str(k)) for k in (0, 1) for _ in range(3))
+    assert summary["holdout"]["num_cases"] == 1 and summary["holdout"]["folds"] == [0, 1]
+    assert "held-out test set (1 cases)" in printed
     for region in ("WT", "TC", "ET"):
         for metric in ("dice", "hd95"):
             fold_means = [
@@ -156,4 +163,5 @@ def test_fold_ids_runs_a_subset_and_pools_earlier_folds(tmp_path: Path, tiny_dem
     assert len({(r["case"], r["region"]) for r in pooled}) == len(pooled) == 4 * 3
     fold_0 = [{k: v for k, v in r.items() if k != "fold"} for r in pooled if r["fold"] == "0"]
     assert [r["dice"] for r in fold_0] == [r["dice"] for r in first]
-    assert json.loads((out / "cv_summary.json").read_text())["folds"] == [0, 1]
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["folds"] == [0, 1] and summary["holdout"]["folds"] == [0, 1]  # the hold-out pooled too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +23,7 @@ from bundle.data import (
     make_datalist,
     make_phantom,
     prepare,
+    select_cases,
 )
 from bundle.transforms import LabelsToRegionsd, ToInternalConventiond, map_label_values
 
@@ -87,6 +89,77 @@ def test_prepare_writes_datalist(brats2021_dir: Path, tmp_path: Path) -> None:
     assert {i["case_id"] for i in val}.isdisjoint(i["case_id"] for i in train)
     with pytest.raises(DataError, match="fold 5"):
         load_split(out, fold=5, split="val")
+
+
+@pytest.fixture(scope="module")
+def ten_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten labelled BraTS 2021 cases and one without a segmentation."""
+    root = tmp_path_factory.mktemp("ten")
+    for i in range(10):
+        write_brats_case(root, f"Case_{i:03d}", "brats2021")
+    write_brats_case(root, "Case_900", "brats2021", with_label=False)
+    return root
+
+
+def test_holdout_is_a_seeded_test_set_outside_every_fold(ten_cases: Path, tmp_path: Path) -> None:
+    """M4 holds out 20 %: two of ten labelled cases, in no fold; the folds share the rest."""
+    data = make_datalist(ten_cases, folds=4, seed=42, holdout_fraction=0.2)
+    held = [i["case_id"] for i in data["holdout"]]
+    training = [i["case_id"] for i in data["training"]]
+    assert len(held) == 2 and len(training) == 8 and not set(held) & set(training)
+    assert [i["case_id"] for i in data["testing"]] == ["Case_900"]
+    assert all("fold" not in i and i["label"] for i in data["holdout"])
+    assert sorted({i["fold"] for i in data["training"]}) == [0, 1, 2, 3]
+    assert data == make_datalist(ten_cases, folds=4, seed=42, holdout_fraction=0.2), "seeded"
+    assert held != [i["case_id"] for i in make_datalist(ten_cases, folds=4, seed=7, holdout_fraction=0.2)["holdout"]]
+    # no hold-out: the folds of earlier versions, exactly
+    plain = make_datalist(ten_cases, folds=4, seed=42)
+    assert "holdout" not in plain and [i["fold"] for i in plain["training"]] == assign_folds(10, 4, 42)
+    # the splits, through the datalist file
+    path = prepare(str(ten_cases), str(tmp_path / "d.json"), folds=4, holdout_fraction=0.2)
+    assert [i["case_id"] for i in load_split(path, split="holdout")] == held
+    assert [i["case_id"] for i in select_cases(datalist=path, split="holdout", labelled=True)] == held
+    everything = {i["case_id"] for i in select_cases(datalist=path)}
+    assert everything == {f"Case_{i:03d}" for i in (*range(10), 900)}
+
+
+def test_subset_is_a_seeded_part_of_the_labelled_cases_and_only_it_is_read(ten_cases: Path, tmp_path: Path) -> None:
+    """M3 trains on a random 10 % of BraTS 2021 (seed 42): here 30 % of ten, chosen before any check."""
+    data = make_datalist(ten_cases, folds=2, subset_fraction=0.3, subset_seed=42)
+    chosen = [i["case_id"] for i in data["training"]]
+    assert len(chosen) == 3 and data["subset_fraction"] == 0.3 and data["subset_seed"] == 42
+    assert chosen == [i["case_id"] for i in make_datalist(ten_cases, folds=2, subset_fraction=0.3)["training"]]
+    other = [i["case_id"] for i in make_datalist(ten_cases, folds=2, subset_fraction=0.3, subset_seed=1)["training"]]
+    assert other != chosen
+    assert chosen == sorted(chosen), "kept in discovery order"
+    # a broken case outside the subset is never read; inside it, it stops the run
+    copy = tmp_path / "copy"
+    shutil.copytree(ten_cases, copy)
+    outside = next(f"Case_{i:03d}" for i in range(10) if f"Case_{i:03d}" not in chosen)
+    (copy / outside / f"{outside}_t2.nii.gz").write_bytes(b"not a NIfTI file")
+    assert [i["case_id"] for i in make_datalist(copy, folds=2, subset_fraction=0.3)["training"]] == chosen
+    (copy / chosen[0] / f"{chosen[0]}_t2.nii.gz").write_bytes(b"not a NIfTI file")
+    with pytest.raises(DataError, match=chosen[0]):
+        make_datalist(copy, folds=2, subset_fraction=0.3)
+
+
+@pytest.mark.parametrize("key", ["holdout_fraction", "subset_fraction"])
+def test_a_fraction_outside_0_1_is_one_sentence(ten_cases: Path, key: str) -> None:
+    with pytest.raises(DataError, match=rf"^{key}: 1\.5 is not a fraction between 0 and 1$"):
+        make_datalist(ten_cases, **{key: 1.5})
+
+
+def test_prepare_command_takes_the_holdout_and_subset(ten_cases: Path, tmp_path: Path) -> None:
+    import fire
+
+    from bundle.cli import COMMANDS
+
+    out = tmp_path / "d.json"
+    args = ["prepare", str(ten_cases), "--output", str(out), "--folds", "2", "--holdout_fraction", "0.2"]
+    fire.Fire(COMMANDS, command=[*args, "--subset_fraction", "0.5", "--subset_seed", "3"])
+    data = json.loads(out.read_text())
+    assert len(data["holdout"]) == 1 and len(data["training"]) == 4
+    assert (data["holdout_fraction"], data["subset_fraction"], data["subset_seed"]) == (0.2, 0.5, 3)
 
 
 def test_folds_are_deterministic_and_balanced() -> None:

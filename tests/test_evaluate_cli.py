@@ -382,3 +382,20 @@ def test_evaluate_datalist_checks_headers_first(folders: tuple[Path, Path], tmp_
     with pytest.raises(ValueError, match=r"Case_2_seg\.nii\.gz: prediction affine differs .*Case_2_seg\.nii\.gz"):
         evaluate_datalist(pred_dir, items, tmp_path / "eval", verbose=False)
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_config_scores_the_held_out_test_set_alone(tmp_path: Path) -> None:
+    """``--datalist_file F --split holdout``: the cases kept out of every fold, nothing else."""
+    from bundle.data import prepare
+
+    data = generate_demo_dataset(tmp_path / "data", num_cases=5, num_test_cases=0, shape=(16, 16, 12))
+    datalist = prepare(str(data), str(tmp_path / "datalist.json"), folds=2, holdout_fraction=0.2)
+    held = [i["case_id"] for i in json.loads(Path(datalist).read_text())["holdout"]]
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "configs" / c) for c in ("inference.yaml", "evaluate.yaml")])
+    parser.update({"datalist_file": datalist, "split": "holdout"})
+    assert [i["case_id"] for i in parser.get_parsed_content("labelled_cases")] == held
+    parser["split"] = None
+    parser["fold"] = 1
+    val = [i["case_id"] for i in parser.get_parsed_content("labelled_cases", lazy=False)]
+    assert val and not set(val) & set(held)

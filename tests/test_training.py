@@ -18,6 +18,7 @@ from bundle.data import DataError, generate_demo_dataset
 
 TINY = {
     "num_folds": 2,
+    "holdout_fraction": 0.0,  # all four tiny cases in the two folds (tests/test_cv.py runs the 20 % hold-out)
     "roi_size": [32, 32, 32],
     "network_factory#filters": [4, 8, 16, 32, 64],
     "epochs": 1,
