@@ -42,7 +42,7 @@ from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
 from bundle.constants import REGION_NAMES
-from bundle.errors import NonFiniteError
+from bundle.errors import NonFiniteError, OptionError
 from bundle.files import write_metrics_table
 from bundle.metrics import hd95
 
@@ -313,3 +313,28 @@ class StopOnNonFiniteLoss:
                 f"training stopped at the end of epoch {engine.state.epoch}: {len(bad)} weight tensors hold NaN or "
                 f"Inf (e.g. {bad[0]}), so nothing of this epoch was saved; lower learning_rate or check the inputs"
             )
+
+
+def patience_in_validations(epochs: int, val_interval: int) -> int:
+    """MONAI's ``EarlyStopHandler`` counts validations; papers give patience in epochs.
+
+    ``ceil(epochs / val_interval)`` validations, so training stops after at least ``epochs`` epochs
+    without improvement (exactly when ``val_interval`` divides ``epochs``; docs/methods.md).
+    """
+    if int(epochs) < 1 or int(val_interval) < 1:
+        raise OptionError(f"early_stop_patience {epochs} and val_interval {val_interval} must be at least 1")
+    return max(1, -(-int(epochs) // int(val_interval)))
+
+
+def improvement_score(metric: str) -> Callable[[Engine], float]:
+    """The score ``EarlyStopHandler`` maximises for ``metric``: a loss (``*loss``) negated, any other as it is."""
+    sign = -1.0 if metric.endswith("loss") else 1.0
+
+    def score(engine: Engine) -> float:
+        if metric not in engine.state.metrics:
+            raise OptionError(
+                f"monitor: the validation computes no {metric!r} (it has {', '.join(sorted(engine.state.metrics))})"
+            )
+        return sign * float(engine.state.metrics[metric])
+
+    return score

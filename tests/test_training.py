@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import subprocess
 import sys
@@ -172,3 +174,56 @@ def test_disk_cache_keeps_affines_and_is_keyed_by_transforms(tmp_path: Path, tin
     other = Compose([*load, ScaleIntensityd(keys="label")])
     make_dataset(items, other, cache="disk", cache_dir=str(tmp_path / "c"))[0]
     assert len(list((tmp_path / "c").glob("*.pt"))) == 2, "different transforms must not share cache entries"
+
+
+# ------------------------------------------------------------------ stopping on the validation loss (M4)
+
+
+def test_patience_is_given_in_epochs_and_counted_in_validations() -> None:
+    from bundle.errors import OptionError
+    from bundle.handlers import improvement_score, patience_in_validations
+
+    assert patience_in_validations(10, 2) == 5  # M4: 10 epochs, a validation every 2
+    assert patience_in_validations(10, 3) == 4  # at least 10 epochs
+    assert patience_in_validations(30, 2) == 15  # M2
+    with pytest.raises(OptionError):
+        patience_in_validations(0, 2)
+
+    class _Engine:
+        class state:  # noqa: N801 - stands for ignite's engine.state
+            metrics = {"val_loss": 0.25, "val_mean_dice": 0.5}
+
+    assert improvement_score("val_loss")(_Engine) == -0.25  # a loss is minimised
+    assert improvement_score("val_mean_dice")(_Engine) == 0.5
+    with pytest.raises(OptionError, match="monitor: the validation computes no 'val_dice'"):
+        improvement_score("val_dice")(_Engine)
+
+
+def test_configs_stop_on_what_each_paper_says() -> None:
+    from monai.bundle import ConfigParser
+
+    def parsed(*files: str) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config([str(REPO_ROOT / "configs" / f) for f in files])
+        return parser
+
+    m4 = parsed("train.yaml")
+    assert (m4["monitor"], m4["early_stop_patience"], m4["val_interval"]) == ("val_loss", 10, 2)
+    assert m4.get_parsed_content("lr_scheduler#mode") == "min"
+    m2 = parsed("train.yaml", "train_2d.yaml", "variants/m2_resunet_tversky.yaml")
+    assert (m2["monitor"], m2["early_stop_patience"]) == ("val_loss", 30)
+    gate = parsed("train.yaml", "train_2d.yaml", "train_gate.yaml")
+    assert gate["monitor"] == "val_auc" and gate.get_parsed_content("lr_scheduler#mode") == "max"
+
+
+def test_training_stops_when_the_validation_loss_stops_improving(tmp_path: Path, tiny_demo: Path) -> None:
+    """Learning rate 0: the validation loss never improves, so 2 epochs' patience ends 10 epochs after 3."""
+    workflow = _workflow(tmp_path, tiny_demo, epochs=10, learning_rate=0.0, early_stop_patience=2)
+    workflow.initialize()
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 3
+    rows = list(csv.DictReader((tmp_path / "out" / "metrics_per_epoch.csv").open()))
+    losses = {float(r["val_loss"]) for r in rows}
+    assert len(rows) == 3 and len(losses) == 1 and all(math.isfinite(v) for v in losses)
+    workflow.finalize()
