@@ -268,11 +268,13 @@ def cv(
     datalist: str | None = None,
     output_dir: str = "runs/cv",
     seed: int = 42,
+    include_disjoint: bool | str | None = None,
     **overrides: Any,
 ) -> str:
     """K-fold cross-validation (bundle.cv.run_cv): train each fold, score its validation cases, pool them.
 
-    Any other ``--key value`` overrides the training config. Writes ``cv_metrics.csv`` and
+    ``--include_disjoint true`` also scores NCR and ED (default: the config's ``validate_disjoint``,
+    true for M3). Any other ``--key value`` overrides the training config. Writes ``cv_metrics.csv`` and
     ``cv_summary.json`` in ``output_dir`` and prints the fold summary; returns the summary's path.
     """
     from bundle.cv import parse_fold_ids, run_cv
@@ -281,7 +283,17 @@ def cv(
     with _user_errors():
         parse_fold_ids(fold_ids, folds)
     with _user_errors(DataError):
-        run_cv(config_file, folds, fold_ids, dataset_dir, datalist, output_dir, seed, **overrides)
+        run_cv(
+            config_file,
+            folds,
+            fold_ids,
+            dataset_dir,
+            datalist,
+            output_dir,
+            seed,
+            include_disjoint=include_disjoint,
+            **overrides,
+        )
     return str(Path(output_dir) / "cv_summary.json")
 
 

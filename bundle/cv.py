@@ -60,6 +60,8 @@ class CaseMetricsCollector:
     Args:
         names: channel names (default ``WT, TC, ET``; one channel alone is called ``WT``).
         lesion_wise: also compute the BraTS lesion-wise scores.
+        include_disjoint: with WT, TC, ET channels, also score the disjoint classes NCR (TC without
+            ET) and ED (WT without TC), as M3 reports them.
         extra: constant columns added to every row, e.g. ``{"fold": 2}``.
         pred_key, label_key: keys of the items in ``engine.state.output``.
         name_key: key of the case id in ``engine.state.batch`` items (fallback: the label's file name).
@@ -73,9 +75,11 @@ class CaseMetricsCollector:
         pred_key: str = "pred",
         label_key: str = "label",
         name_key: str = "case_id",
+        include_disjoint: bool = False,
     ) -> None:
         self.names = None if names is None else tuple(names)
         self.lesion_wise = lesion_wise
+        self.include_disjoint = include_disjoint
         self.extra = dict(extra or {})
         self.pred_key, self.label_key, self.name_key = pred_key, label_key, name_key
         self.rows: list[dict] = []
@@ -104,6 +108,11 @@ class CaseMetricsCollector:
         packed_pred = ((_numpy(pred) > 0.5) * weights).sum(0)
         packed_true = ((_numpy(label) > 0.5) * weights).sum(0)
         regions = {n: tuple(v for v in range(1, 2**channels) if v >> i & 1) for i, n in enumerate(names)}
+        if self.include_disjoint and tuple(names) == REGION_NAMES:
+            bit = {n: 1 << i for i, n in enumerate(names)}
+            values = range(1, 2**channels)
+            regions["NCR"] = tuple(v for v in values if v & bit["TC"] and not v & bit["ET"])
+            regions["ED"] = tuple(v for v in values if v & bit["WT"] and not v & bit["TC"])
         spacing = spacing_of(label, label.ndim - 1)
         if spacing is None:
             logger.warning("label without an affine (not a MetaTensor): distances and volumes in voxels")
@@ -191,6 +200,7 @@ def run_cv(
     seed: int = 42,
     lesion_wise: bool = True,
     verbose: bool = True,
+    include_disjoint: bool | str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train and evaluate the chosen folds of a ``folds``-fold cross-validation; return the CV summary.
@@ -205,6 +215,8 @@ def run_cv(
         seed: seed of the fold assignment and of training.
         lesion_wise: also compute the lesion-wise scores per case.
         verbose: print the fold summary table.
+        include_disjoint: also score the disjoint classes NCR and ED; default: the config's
+            ``validate_disjoint`` (true for M3, which reports them).
         overrides: any top-level key of the training config (``epochs``, ``roi_size``, ``network_def#filters``...).
     """
     from monai.bundle import ConfigWorkflow
@@ -217,6 +229,9 @@ def run_cv(
     # one datalist for every fold: folds trained in separate calls still share the split, with the
     # hold-out and subset the config stack asks for (train.yaml: 20 % held out; M3: a 10 % subset)
     split = split_settings(configs, overrides)
+    if include_disjoint is None:
+        include_disjoint = config_value(configs, overrides, "validate_disjoint", False)
+    include_disjoint = as_bool(include_disjoint, "include_disjoint")
     datalist_file = resolve_datalist(dataset_dir, datalist, str(out), folds=folds, seed=seed, **split)
     declared = json.loads(Path(datalist_file).read_text()).get("num_folds")
     if declared is not None and int(declared) != folds:
@@ -248,9 +263,13 @@ def run_cv(
         workflow.initialize()
         workflow.run()
         best = Path(settings["ckpt_dir"]) / "model.pt"
-        fold_rows = _evaluate_fold(workflow, best, k, lesion_wise)
+        fold_rows = _evaluate_fold(workflow, best, k, lesion_wise, include_disjoint=include_disjoint)
         # the held-out test cases, scored by this fold's model: reported apart from the validation folds
-        fold_holdout = _evaluate_fold(workflow, best, k, lesion_wise, cases=holdout) if holdout else []
+        fold_holdout = (
+            _evaluate_fold(workflow, best, k, lesion_wise, cases=holdout, include_disjoint=include_disjoint)
+            if holdout
+            else []
+        )
         workflow.finalize()
         save_evaluation(fold_rows, fold_dir, verbose=False)
         if fold_holdout:
@@ -280,17 +299,35 @@ HOLDOUT_CSV = "holdout_metrics.csv"
 SPLIT_KEYS = ("holdout_fraction", "subset_fraction", "subset_seed")
 
 
-def split_settings(configs: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The datalist's hold-out and subset settings of a training config stack (and the overrides)."""
+def _config(configs: Sequence[str]) -> Any:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(list(configs))
+    return parser
+
+
+def config_value(configs: Sequence[str], overrides: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A plain top-level value of a training config stack, as ``overrides`` would set it."""
+    if key in overrides:
+        return overrides[key]
+    parser = _config(configs)
+    return parser.get(key, default)
+
+
+def split_settings(configs: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The datalist's hold-out and subset settings of a training config stack (and the overrides)."""
+    parser = _config(configs)
     return {k: overrides.get(k, parser.get(k)) for k in SPLIT_KEYS if k in overrides or k in parser}
 
 
 def _evaluate_fold(
-    workflow: Any, best: Path, fold: int, lesion_wise: bool, cases: Sequence[dict] | None = None
+    workflow: Any,
+    best: Path,
+    fold: int,
+    lesion_wise: bool,
+    cases: Sequence[dict] | None = None,
+    include_disjoint: bool = False,
 ) -> list[dict]:
     """Per-case rows of one fold's validation cases (or of ``cases``), predicted by its best checkpoint.
 
@@ -312,7 +349,7 @@ def _evaluate_fold(
     parser = workflow.parser
     network = parser.get_parsed_content("network")
     device = parser.get_parsed_content("device")
-    collector = CaseMetricsCollector(lesion_wise=lesion_wise, extra={"fold": fold})
+    collector = CaseMetricsCollector(lesion_wise=lesion_wise, extra={"fold": fold}, include_disjoint=include_disjoint)
     evaluator = SupervisedEvaluator(
         device=device,
         val_data_loader=DataLoader(

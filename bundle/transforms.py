@@ -178,3 +178,34 @@ class LabelsToRegionsd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(torch.as_tensor(d[key]) if not isinstance(d[key], torch.Tensor) else d[key])
         return d
+
+
+class RegionsToDisjointd(MapTransform):
+    """Nested region masks ``(WT, TC, ET, *spatial)`` -> the disjoint classes ``(NCR, ED, *spatial)``.
+
+    NCR = TC without ET and ED = WT without TC, the classes M3 reports (ET is the ET region itself).
+    MONAI has no region -> class conversion; validation scores these with its Dice and HD95 metrics.
+    Outputs go to ``output_keys`` (one per key); the affine and metadata are kept.
+    """
+
+    def __init__(self, keys: KeysCollection, output_keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = [output_keys] if isinstance(output_keys, str) else list(output_keys)
+        if len(self.output_keys) != len(self.keys):
+            raise ValueError(f"one output key per key: {self.keys} -> {self.output_keys}")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Add the disjoint-class channels of every key present."""
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            regions = torch.as_tensor(d[key]) > 0.5
+            if regions.shape[0] != len(REGIONS):
+                raise ValueError(
+                    f"{key}: expected the {len(REGIONS)} region channels WT, TC, ET, got {regions.shape[0]}"
+                )
+            wt, tc, et = regions
+            classes = torch.stack([tc & ~et, wt & ~tc]).to(torch.float32)
+            if isinstance(d[key], MetaTensor):
+                classes = MetaTensor(classes, meta=d[key].meta)
+            d[out_key] = classes
+        return d

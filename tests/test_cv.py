@@ -165,3 +165,18 @@ def test_fold_ids_runs_a_subset_and_pools_earlier_folds(tmp_path: Path, tiny_dem
     assert [r["dice"] for r in fold_0] == [r["dice"] for r in first]
     summary = json.loads((out / "cv_summary.json").read_text())
     assert summary["folds"] == [0, 1] and summary["holdout"]["folds"] == [0, 1]  # the hold-out pooled too
+
+
+def test_collector_scores_the_disjoint_classes_from_the_region_channels() -> None:
+    """M3 reports NCR (TC without ET) and ED (WT without TC); cv offers them next to WT/TC/ET."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=(2, 12, 10, 8))  # internal labels: 1 NCR, 2 ED, 3 ET
+    regions = np.stack([np.isin(labels, v) for v in ((1, 2, 3), (1, 3), (3,))], axis=1).astype(np.float32)
+    pred, truth = torch.as_tensor(regions[0]), MetaTensor(torch.as_tensor(regions[1]), torch.eye(4))
+    rows = CaseMetricsCollector(lesion_wise=False, include_disjoint=True).score(pred, truth, "c")
+    by_region = {r["region"]: r for r in rows}
+    assert list(by_region) == ["WT", "TC", "ET", "NCR", "ED"]
+    for name, value in (("NCR", 1), ("ED", 2)):
+        p, t = labels[0] == value, labels[1] == value
+        assert by_region[name]["dice"] == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()))
+    assert [r["region"] for r in CaseMetricsCollector(lesion_wise=False).score(pred, truth, "c")] == ["WT", "TC", "ET"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,26 @@ def test_region_metrics_in_a_monai_supervised_evaluator(tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and float(rows[1]["val_hd95_TC"]) == pytest.approx(MAX_DISTANCE_MM / 2)
     assert float(rows[0]["loss"]) > 0
+
+
+def test_regions_to_disjoint_classes_and_the_m3_validation_reports_them() -> None:
+    from monai.bundle import ConfigParser
+
+    from bundle.transforms import RegionsToDisjointd
+
+    labels = torch.tensor([0, 1, 2, 3, 1, 2]).reshape(1, 6, 1, 1)  # bg, NCR, ED, ET, NCR, ED
+    regions = torch.cat([torch.isin(labels, torch.tensor(v)) for v in ((1, 2, 3), (1, 3), (3,))]).float()
+    out = RegionsToDisjointd(keys="pred", output_keys="pred_classes")({"pred": regions})["pred_classes"]
+    assert out[0].flatten().tolist() == [0, 1, 0, 0, 1, 0]  # NCR
+    assert out[1].flatten().tolist() == [0, 0, 1, 0, 0, 1]  # ED
+    with pytest.raises(ValueError, match="expected the 3 region channels"):
+        RegionsToDisjointd(keys="pred", output_keys="x")({"pred": regions[:1]})
+    root = Path(__file__).resolve().parents[1] / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(root / f) for f in ("train.yaml", "train_2d.yaml", "variants/m3_resse_lka_unet.yaml")])
+    assert parser.get_parsed_content("validate_disjoint") is True
+    metrics = parser.get_parsed_content("validate#additional_metrics")
+    assert {"val_dice_classes", "val_hd95_classes"} <= set(metrics)
+    plain = ConfigParser()
+    plain.read_config(str(root / "train.yaml"))
+    assert not {"val_dice_classes", "val_hd95_classes"} & set(plain.get_parsed_content("validate#additional_metrics"))

@@ -181,6 +181,7 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         lambda p: p.get_parsed_content("train#trainer#amp") and p.get_parsed_content("validate#evaluator#amp"),
     ),
     "resume": (TRAIN, _resume_probe),
+    "validate_disjoint": (TRAIN, lambda p: p.get_parsed_content("validate#disjoint_classes") is not None),
     "channels_last": (TRAIN, _channels_last_probe),
     "skip_empty_slices": (
         ["configs/train.yaml", "configs/train_2d.yaml"],
