@@ -41,7 +41,7 @@ OUTPUT_CHANNELS: dict[str, tuple[str, ...]] = {
     "regions": REGION_NAMES,
     "classes": tuple(CLASS_NAMES[i] for i in sorted(CLASS_NAMES)),
     "binary": ("WT",),
-    "gate": ("tumour_present",),
+    "gate": ("no_tumour", "tumour"),
 }
 METADATA = BUNDLE_ROOT / "configs" / "metadata.json"
 
@@ -97,7 +97,7 @@ class ModelRecord:
     Args:
         network: the network (built by :func:`build_network`) or the callable-mode component.
         output_type: ``regions`` (sigmoid WT/TC/ET), ``classes`` (softmax background/NCR/ED/ET),
-            ``binary`` (one sigmoid WT channel) or ``gate`` (one logit: slice holds tumour).
+            ``binary`` (one sigmoid WT channel) or ``gate`` (softmax over no tumour / tumour per slice).
         patch_size: the training patch (3-D) or slice size (2-D), the default inference window.
         input_channels: the input channels in order.
     """

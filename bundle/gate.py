@@ -1,10 +1,10 @@
 """M2's tumour-presence gate: a 2-D slice classifier decides which slices the segmenter sees.
 
-The classifier itself is MONAI's ``resnet18`` / ``resnet50`` (``spatial_dims=2``,
-``n_input_channels=4``, ``num_classes=1``), trained from scratch by
-``configs/train_gate.yaml`` on slice labels derived from the masks
-(:func:`tumour_present`). At inference :class:`GatedSliceInferer` runs it on every slice and the
-segmenter only on the slices it calls positive; the others get an empty mask.
+The classifier is :class:`bundle.networks.SliceGateClassifier` (ResNet-50, the paper's two-layer
+head, softmax over no tumour / tumour), trained by ``configs/train_gate.yaml`` on slice labels
+derived from the masks (:func:`tumour_class`), from scratch or from ResNet-50 weights the user
+gives. At inference :class:`GatedSliceInferer` runs it on every slice and the segmenter only on the
+slices it calls positive; the others get an empty mask.
 """
 
 from __future__ import annotations
@@ -18,12 +18,24 @@ from torch import nn
 from bundle.checkpoints import load_model
 from bundle.slices import ResizedSliceInferer
 
-__all__ = ["GatedSliceInferer", "load_gate", "tumour_present"]
+__all__ = ["GatedSliceInferer", "load_gate", "tumour_class", "tumour_present", "tumour_probability"]
 
 
 def tumour_present(label: torch.Tensor) -> torch.Tensor:
     """Slice label for the gate: ``1.0`` if any voxel of the channel-first mask is tumour (non-zero), shape ``(1,)``."""
     return torch.as_tensor(label).ne(0).any().float().reshape(1)
+
+
+def tumour_class(label: torch.Tensor) -> torch.Tensor:
+    """The gate's two-class target ``(no tumour, tumour)``, one-hot ``(2,)``, for its softmax and cross-entropy."""
+    present = tumour_present(label)
+    return torch.cat([1.0 - present, present])
+
+
+def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
+    """P(tumour) ``(N,)`` from the gate's logits: softmax over two classes, or the sigmoid of one logit."""
+    logits = logits.float().reshape(logits.shape[0], -1)
+    return torch.softmax(logits, dim=1)[:, 1] if logits.shape[1] == 2 else torch.sigmoid(logits[:, 0])
 
 
 def load_gate(checkpoint: str, device: torch.device | str = "cpu") -> nn.Module:
@@ -104,7 +116,7 @@ class GatedSliceInferer(ResizedSliceInferer):
                 logits = self.gate(self.resize(x, size))
         finally:
             self.gate.train(was_training)
-        return torch.sigmoid(logits.float().reshape(x.shape[0], -1)[:, 0]) >= self.threshold
+        return tumour_probability(logits) >= self.threshold
 
     def empty_output(self, n: int, size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         """Logits of ``n`` tumour-free slices ``(n, out_channels, *size)``."""

@@ -45,7 +45,7 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
     "m1_la_resunet.yaml": {"slice_size": [96, 96], "network_factory#channels": DEMO_WIDTH},
     "m2_resunet_tversky.yaml": {"slice_size": [96, 96], "network_factory#channels": DEMO_WIDTH},
     "m3_resse_lka_unet.yaml": {"slice_size": [64, 64], "network_factory#channels": DEMO_WIDTH},
-    GATE: {"slice_size": [96, 96], "network_factory#_target_": "monai.networks.nets.resnet18"},
+    GATE: {"slice_size": [96, 96]},  # the paper's ResNet-50 classifier (bundle.networks.SliceGateClassifier)
 }
 
 

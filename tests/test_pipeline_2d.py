@@ -17,7 +17,7 @@ from torch import nn
 
 from bundle.checkpoints import save_model
 from bundle.data import generate_demo_dataset
-from bundle.gate import GatedSliceInferer, tumour_present
+from bundle.gate import GatedSliceInferer, tumour_class, tumour_present
 from bundle.slices import ResizedSliceInferer, SliceSamplingWeightsd
 from bundle.transforms_2d import (
     CLAHEd,
@@ -345,3 +345,84 @@ def test_one_2d_epoch_through_the_bundle(variant: str, tmp_path: Path, tiny_demo
     # the network saw 2-D slices of the configured size
     network = workflow.parser.get_parsed_content("network")
     assert next(network.parameters()).ndim == 4  # 2-D convolutions
+
+
+# ------------------------------------------------------------------------------------ M2's gate
+
+
+def test_gate_network_is_the_papers_resnet50_with_a_two_layer_softmax_head() -> None:
+    from bundle.networks import SliceGateClassifier
+
+    gate = SliceGateClassifier(in_channels=4).eval()
+    assert gate.backbone.conv1.stride == (2, 2) and gate.backbone.conv1.kernel_size == (7, 7)  # standard stem
+    assert not gate.backbone.no_max_pool
+    linears = [m for m in gate.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2048, 256), (256, 2)]
+    assert any(isinstance(m, torch.nn.ReLU) for m in gate.head) and any(
+        isinstance(m, torch.nn.Dropout) for m in gate.head
+    )
+    with torch.no_grad():
+        assert gate(torch.randn(3, 4, 64, 64)).shape == (3, 2)
+    assert tumour_class(torch.zeros(1, 4, 4)).tolist() == [1.0, 0.0]
+    assert tumour_class(torch.ones(1, 4, 4)).tolist() == [0.0, 1.0]
+
+
+def test_gate_takes_resnet50_weights_from_a_file_adapting_the_first_convolution(tmp_path: Path) -> None:
+    """ImageNet weights have 3 input channels: each of the 4 gets the RGB mean x 3/4; the rest by name."""
+    from monai.networks.nets import resnet50
+
+    from bundle.errors import UserError
+    from bundle.networks import SliceGateClassifier, load_pretrained_backbone
+
+    torch.manual_seed(0)
+    # torchvision's ResNet-50 layout: 3 channels, standard stem, no shortcut bias, a 1000-class fc
+    imagenet = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, bias_downsample=False)
+    torch.save(imagenet.state_dict(), tmp_path / "resnet50.pt")
+    gate = load_pretrained_backbone(SliceGateClassifier(in_channels=4), tmp_path / "resnet50.pt")
+    rgb = imagenet.conv1.weight
+    expected = rgb.mean(dim=1, keepdim=True).repeat(1, 4, 1, 1) * 0.75
+    torch.testing.assert_close(gate.backbone.conv1.weight, expected)
+    torch.testing.assert_close(gate.backbone.layer4[2].conv3.weight, imagenet.layer4[2].conv3.weight)
+    with pytest.raises(UserError, match=r"missing\.pt: pretrained_weights file does not exist"):
+        load_pretrained_backbone(gate, tmp_path / "missing.pt")
+    torch.save({"conv1.weight": rgb}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match=r"partial\.pt: not ResNet-50 weights"):
+        load_pretrained_backbone(gate, tmp_path / "partial.pt")
+
+
+def test_one_gate_epoch_through_the_bundle(tmp_path: Path) -> None:
+    """configs/train_gate.yaml trains and validates the classifier and writes gate.pt with its record."""
+    from bundle.checkpoints import read_record
+    from bundle.gate import load_gate
+
+    # 48 x 48 x 40 phantoms: some axial slices of the brain hold no tumour (at 32 x 32 x 24 all do)
+    data = generate_demo_dataset(tmp_path / "demo", num_cases=4, num_test_cases=0, shape=(48, 48, 40))
+
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in ("train.yaml", "train_2d.yaml", "train_gate.yaml")],
+        workflow_type="train",
+        run_id="training",
+        bundle_root=str(REPO_ROOT),
+        dataset_dir=str(data),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        # one fold: validation on all four cases, so both tumour-free and tumour slices are there (AUC defined)
+        **{
+            **{k: v for k, v in TINY_2D.items() if not k.startswith("network_factory")},
+            "slice_size": [64, 64],
+            "num_folds": 1,
+        },
+    )
+    workflow.initialize()
+    slices = [float(item["label"][1]) for item in workflow.parser.get_parsed_content("validate#dataset")]
+    assert 0 < sum(slices) < len(slices), "both classes among the validation slices"
+    workflow.run()
+    metrics = workflow.parser.get_parsed_content("validate#evaluator").state.metrics
+    workflow.finalize()
+    assert 0.0 <= metrics["val_auc"] <= 1.0 and 0.0 <= metrics["val_accuracy"] <= 1.0
+    record = read_record(tmp_path / "models" / "gate.pt")
+    assert record["network"]["_target_"] == "bundle.networks.classifier.SliceGateClassifier"
+    assert record["output_type"] == "gate" and record["patch_size"] == [64, 64]
+    gate = load_gate(str(tmp_path / "models" / "gate.pt"))
+    with torch.no_grad():
+        assert gate(torch.zeros(2, 4, 64, 64)).shape == (2, 2)

@@ -8,6 +8,7 @@ from bundle.networks.blocks import (
     ResSEBlock,
     UpResidualBlock,
 )
+from bundle.networks.classifier import SliceGateClassifier, adapt_first_conv, load_pretrained_backbone
 from bundle.networks.nets import ResSELKAUNet, ResUNet
 
 __all__ = [
@@ -18,5 +19,8 @@ __all__ = [
     "ResSELKAUNet",
     "ResUNet",
     "ResidualBlock",
+    "SliceGateClassifier",
     "UpResidualBlock",
+    "adapt_first_conv",
+    "load_pretrained_backbone",
 ]
