@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from bundle.constants import BRATS2021_SUFFIXES, BRATS2023_SUFFIXES, MODALITIES, MSD_CHANNEL_ORDER
 
@@ -75,6 +76,19 @@ def write_msd(root: Path, num_train: int = 3, num_test: int = 1) -> Path:
         '{"name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}'
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``).
+
+    Training small networks in-process on the shared 2-core machine: with two OpenMP threads and other
+    processes busy, an epoch measured here took up to 100 times longer than with one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
