@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from bundle.constants import BRATS2021_SUFFIXES, BRATS2023_SUFFIXES, MODALITIES, MSD_CHANNEL_ORDER
 
@@ -75,6 +76,27 @@ def write_msd(root: Path, num_train: int = 3, num_test: int = 1) -> Path:
         '{"name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}'
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four labelled 32 x 32 x 24 demo phantoms in the BraTS 2021 layout (modules may define their own)."""
+    from bundle.data import generate_demo_dataset
+
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``).
+
+    Training small networks in-process on the shared 2-core machine: with two OpenMP threads and other
+    processes busy, an epoch measured here took up to 100 times longer than with one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

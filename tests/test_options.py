@@ -185,7 +185,7 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     "channels_last": (TRAIN, _channels_last_probe),
     "skip_empty_slices": (
         ["configs/train.yaml", "configs/train_2d.yaml"],
-        lambda p: p.get_parsed_content("train#slice_transforms#0").skip_empty,
+        lambda p: p.get_parsed_content("train#dataset#skip_empty_slices"),
     ),
     "clahe": (
         ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m3_resse_lka_unet.yaml"],

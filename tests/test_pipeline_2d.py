@@ -11,14 +11,13 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
-from monai.data import set_track_meta
 from monai.transforms import Compose
 from torch import nn
 
 from bundle.checkpoints import save_model
 from bundle.data import generate_demo_dataset
 from bundle.gate import GatedSliceInferer, tumour_class, tumour_present
-from bundle.slices import ResizedSliceInferer, SliceSamplingWeightsd
+from bundle.slices import ResizedSliceInferer
 from bundle.transforms_2d import (
     CLAHEd,
     ClipNonzeroPercentilesd,
@@ -28,6 +27,7 @@ from bundle.transforms_2d import (
     opencv_to_skimage_clip_limit,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 CONFIGS = REPO_ROOT / "configs"
 VARIANTS = {
     "m1": "m1_la_resunet.yaml",
@@ -49,65 +49,6 @@ def _parser(*names: str, **overrides: Any) -> ConfigParser:
     for key, value in overrides.items():
         parser[key] = value
     return parser
-
-
-def _volume(depth: int = 40, tumour: range = range(10, 14), empty: range = range(30, 40)) -> dict[str, torch.Tensor]:
-    """A 4 x 24 x 20 x depth volume; tumour in the ``tumour`` slices, no brain in the ``empty`` ones."""
-    rng = np.random.default_rng(0)
-    image = torch.as_tensor(rng.uniform(1, 2, size=(4, 24, 20, depth)), dtype=torch.float32)
-    image[..., list(empty)] = 0
-    label = torch.zeros(3, 24, 20, depth)
-    label[:, 8:12, 6:10, list(tumour)] = 1
-    return {"image": image, "label": label}
-
-
-# ------------------------------------------------------------------------------------ slice sampling
-
-
-@pytest.fixture
-def no_meta() -> Any:
-    """Plain tensors instead of MetaTensors (6x faster per sample; sampling statistics need thousands)."""
-    set_track_meta(False)
-    yield
-    set_track_meta(True)
-
-
-def _tumour_slice_fraction(ratio: float | None, skip_empty: bool, n: int = 2000) -> tuple[float, float]:
-    parser = _parser(tumour_slice_ratio=ratio, skip_empty_slices=skip_empty, num_samples=n, slice_size=[16, 16])
-    sampler = Compose(parser.get_parsed_content("train#slice_transforms"))
-    sampler.set_random_state(seed=123)
-    samples = sampler(_volume())
-    assert len(samples) == n
-    tumour = np.mean([float(s["label"].sum() > 0) for s in samples])
-    empty = np.mean([float(s["image"].abs().sum() == 0) for s in samples])
-    assert all(tuple(s["image"].shape) == (4, 16, 16) and "slice_weight" not in s for s in samples)
-    return tumour, empty
-
-
-@pytest.mark.parametrize("ratio", [0.5, 0.8])
-def test_slice_sampling_ratio_holds(ratio: float, no_meta: None) -> None:
-    tumour, empty = _tumour_slice_fraction(ratio, skip_empty=True)
-    # binomial standard error at n=2000 is < 0.0112; 4 sigma
-    assert abs(tumour - ratio) < 0.045
-    assert empty == 0.0
-
-
-def test_slice_sampling_natural_frequency_and_kept_empty_slices(no_meta: None) -> None:
-    # ratio None: every kept slice equally likely; empty slices kept: 4 tumour slices of 40
-    tumour, empty = _tumour_slice_fraction(None, skip_empty=False)
-    assert abs(tumour - 4 / 40) < 0.027
-    assert abs(empty - 10 / 40) < 0.039
-
-
-def test_slice_weights_case_without_tumour_slices() -> None:
-    data = _volume()
-    data["label"].zero_()
-    weights = SliceSamplingWeightsd("label", tumour_ratio=0.5)(data)["slice_weight"]
-    per_slice = weights[0, 0, 0]  # every voxel of a slice holds that slice's probability
-    assert torch.allclose(per_slice[:30], torch.full((30,), 1 / 30))
-    assert per_slice[30:].sum() == 0
-    # the weight map is a broadcast view of one value per slice, not a volume
-    assert weights.stride()[1:3] == (0, 0)
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -193,7 +134,7 @@ def test_augmentations_keep_shape_dtype_and_are_reproducible(variant: str) -> No
 
 
 def test_m3_augmentation_numbers() -> None:
-    parser = _parser(VARIANTS["m3"], demo=False)
+    parser = _parser(VARIANTS["m3"])
     transforms = {type(t).__name__: t for t in parser.get_parsed_content("train#augmentations")}
     assert transforms["SpatialPadd"].padder.spatial_size == [160, 160]
     assert set(transforms["SpatialPadd"].mode) == {"reflect"}
@@ -304,32 +245,31 @@ TINY_2D = {
     "epochs": 1,
     "val_interval": 1,
     "num_workers": 0,
-    "batch_size": 2,
-    "num_samples": 2,
+    "batch_size": 4,
     "learning_rate": 1e-3,
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four labelled 32 x 32 x 24 demo phantoms."""
-    return generate_demo_dataset(tmp_path_factory.mktemp("demo2d"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
+def train_workflow(files: list[str], tmp_path: Path, dataset_dir: Path, **settings: Any) -> ConfigWorkflow:
+    """An initialised training workflow of the config ``files`` on ``dataset_dir``, writing under ``tmp_path``."""
+    workflow = ConfigWorkflow(
+        config_file=files,
+        workflow_type="train",
+        run_id="training",
+        bundle_root=str(REPO_ROOT),
+        dataset_dir=str(dataset_dir),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        **settings,
+    )
+    workflow.initialize()
+    return workflow
 
 
 @pytest.mark.parametrize("variant", ["m1", "m2", "m3"])
 def test_one_2d_epoch_through_the_bundle(variant: str, tmp_path: Path, tiny_demo: Path) -> None:
-    workflow = ConfigWorkflow(
-        config_file=_stack(VARIANTS[variant]),
-        workflow_type="train",
-        run_id="training",
-        bundle_root=str(REPO_ROOT),
-        dataset_dir=str(tiny_demo),
-        output_dir=str(tmp_path / "out"),
-        ckpt_dir=str(tmp_path / "models"),
-        **TINY_2D,
-        **({"warmup_epochs": 1} if variant == "m3" else {}),
-    )
-    workflow.initialize()
+    extra = {"warmup_epochs": 1} if variant == "m3" else {}
+    workflow = train_workflow(_stack(VARIANTS[variant]), tmp_path, tiny_demo, **TINY_2D, **extra)
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
@@ -398,24 +338,24 @@ def test_one_gate_epoch_through_the_bundle(tmp_path: Path) -> None:
     # 48 x 48 x 40 phantoms: some axial slices of the brain hold no tumour (at 32 x 32 x 24 all do)
     data = generate_demo_dataset(tmp_path / "demo", num_cases=4, num_test_cases=0, shape=(48, 48, 40))
 
-    workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in ("train.yaml", "train_2d.yaml", "train_gate.yaml")],
-        workflow_type="train",
-        run_id="training",
-        bundle_root=str(REPO_ROOT),
-        dataset_dir=str(data),
-        output_dir=str(tmp_path / "out"),
-        ckpt_dir=str(tmp_path / "models"),
+    workflow = train_workflow(
+        [str(CONFIGS / f) for f in ("train.yaml", "train_2d.yaml", "train_gate.yaml")],
+        tmp_path,
+        data,
         # one fold: validation on all four cases, so both tumour-free and tumour slices are there (AUC defined)
         **{
             **{k: v for k, v in TINY_2D.items() if not k.startswith("network_factory")},
             "slice_size": [64, 64],
             "num_folds": 1,
+            "slices_per_volume": 1,  # a short run: 4 slices (tests/test_epoch_2d.py checks whole epochs)
+            "tumour_slice_ratio": 0.5,
         },
     )
-    workflow.initialize()
-    slices = [float(item["label"][1]) for item in workflow.parser.get_parsed_content("validate#dataset")]
+    validation = workflow.parser.get_parsed_content("validate#dataset")
+    slices = [float(item["label"][1]) for item in validation]
     assert 0 < sum(slices) < len(slices), "both classes among the validation slices"
+    depths = [volume["image"].shape[1] for volume in validation.volumes]
+    assert len(slices) == sum(depths), "every axial slice of the (cropped) validation volumes"
     workflow.run()
     metrics = workflow.parser.get_parsed_content("validate#evaluator").state.metrics
     workflow.finalize()
