@@ -111,9 +111,12 @@ def test_each_config_checks_its_boolean_keys_before_any_work(path: Path) -> None
 
 
 def _postprocessing_flag(name: str) -> Callable[[ConfigParser], bool]:
+    """Whether the step ``name`` is in the post-processing (a step that is off is not there: ``_disabled_``)."""
+
     def probe(parser: ConfigParser) -> bool:
-        (transform,) = [t for t in parser.get_parsed_content("postprocessing").transforms if type(t).__name__ == name]
-        return bool(transform.enabled)
+        steps = [t for t in parser.get_parsed_content("postprocessing").transforms if type(t).__name__ == name]
+        assert len(steps) <= 1
+        return bool(steps)
 
     return probe
 
