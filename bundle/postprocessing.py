@@ -10,7 +10,8 @@ or a flag):
    probability is below 0.9, all its ET becomes NCR (an empty ET prediction on a case without ET
    scores Dice 1, a few false voxels score 0);
 3. :class:`RemoveSmallTumourComponentsd` - isolated whole-tumour components below a size go;
-4. :class:`CloseTumourRegionsd` - dilation then erosion (closing) of the nested WT, TC and ET masks.
+4. :class:`CloseTumourRegionsd` - dilation then erosion (closing) of the nested WT, TC and ET masks
+   by a small structuring element (a cross by default).
 
 Label maps are ``(1, *spatial)`` with internal labels (0 bg, 1 NCR, 2 ED, 3 ET), numpy or torch
 (CPU or CUDA, MetaTensor included); every function returns the same type on the same device with
@@ -30,7 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_data_type, convert_to_dst_type
 
-from bundle.constants import BACKGROUND, ED, ET, NCR, REGION_NAMES
+from bundle.constants import BACKGROUND, ED, ET, NCR, REGION_NAMES, STRUCTURING_ELEMENTS
 from bundle.label_maps import bounding_box, connected_components
 
 __all__ = [
@@ -141,31 +142,45 @@ def remove_small_tumour_components(
     return _assign(labels, box, small[cc], BACKGROUND)
 
 
-def binary_dilation(mask: torch.Tensor, radius: int = 1, spatial_dims: int | None = None) -> torch.Tensor:
-    """Dilation of a boolean tensor ``(..., *spatial)`` by a cube of side ``2 * radius + 1``; outside counts as 0.
+def binary_dilation(
+    mask: torch.Tensor, radius: int = 1, spatial_dims: int | None = None, element: str = "cube"
+) -> torch.Tensor:
+    """Dilation of a boolean tensor ``(..., *spatial)`` by ``element`` of ``radius``; outside counts as 0.
 
-    Same result as MONAI's ``monai.transforms.utils_morphological_ops.dilate`` (tested), which
-    convolves float masks with a ones kernel: the cube is separable, so shifted logical ORs along
-    each axis do it on the tensor's device with about 1/10 of the arithmetic (MONAI's took 4.9 s
-    on a full volume here).
+    ``element``: ``"cube"`` of side ``2 * radius + 1``, or ``"cross"`` (face neighbours) repeated
+    ``radius`` times, the L1 ball of that radius.
+
+    The cube gives the same result as MONAI's ``monai.transforms.utils_morphological_ops.dilate``
+    (tested), which convolves float masks with a ones kernel: the cube is separable, so shifted
+    logical ORs along each axis do it on the tensor's device with about 1/10 of the arithmetic
+    (MONAI's took 4.9 s on a full volume here). MONAI has no cross; scipy's
+    ``binary_dilation(structure=generate_binary_structure(ndim, 1), iterations=radius)`` is the
+    reference (tested), which runs on the CPU only.
     """
-    return _separable_morphology(mask, radius, spatial_dims, torch.Tensor.logical_or_)
+    return _shifted_morphology(mask, radius, spatial_dims, element, torch.Tensor.logical_or_)
 
 
-def binary_erosion(mask: torch.Tensor, radius: int = 1, spatial_dims: int | None = None) -> torch.Tensor:
-    """Erosion of a boolean tensor by a cube of side ``2 * radius + 1``; outside counts as 1 (MONAI's ``erode``)."""
-    return _separable_morphology(mask, radius, spatial_dims, torch.Tensor.logical_and_)
+def binary_erosion(
+    mask: torch.Tensor, radius: int = 1, spatial_dims: int | None = None, element: str = "cube"
+) -> torch.Tensor:
+    """Erosion of a boolean tensor by ``element`` of ``radius``; outside counts as 1 (MONAI's ``erode``)."""
+    return _shifted_morphology(mask, radius, spatial_dims, element, torch.Tensor.logical_and_)
 
 
-def _separable_morphology(mask: torch.Tensor, radius: int, spatial_dims: int | None, op: Callable) -> torch.Tensor:
+def _shifted_morphology(
+    mask: torch.Tensor, radius: int, spatial_dims: int | None, element: str, op: Callable
+) -> torch.Tensor:
+    if element not in STRUCTURING_ELEMENTS:
+        raise ValueError(f"element must be one of {STRUCTURING_ELEMENTS}, got {element!r}.")
     spatial_dims = mask.ndim if spatial_dims is None else spatial_dims
+    dims = [d for d in range(mask.ndim - spatial_dims, mask.ndim) if mask.shape[d] > 1]
     out = mask.to(torch.bool, copy=True)  # never modify the caller's mask in place
-    for dim in range(mask.ndim - spatial_dims, mask.ndim):
-        n = out.shape[dim]
-        if n < 2:
-            continue
-        for _ in range(radius):
-            prev = out.clone()
+    # cube: one axis after the other (separable); cross: every axis from the same previous step
+    passes = [[d] for d in dims for _ in range(radius)] if element == "cube" else [dims] * radius
+    for axes in passes:
+        prev = out.clone()
+        for dim in axes:
+            n = out.shape[dim]
             # each voxel combines with its two neighbours along ``dim``; the missing neighbour at the
             # border is the padding value, which leaves the voxel unchanged, so it is simply skipped
             op(out.narrow(dim, 1, n - 1), prev.narrow(dim, 0, n - 1))
@@ -173,15 +188,18 @@ def _separable_morphology(mask: torch.Tensor, radius: int, spatial_dims: int | N
     return out
 
 
-def close_tumour_regions(labels: NdarrayOrTensor, filter_size: int = 3) -> NdarrayOrTensor:
-    """Morphological closing (dilation then erosion by a cube of side ``filter_size``) of each nested region.
+def close_tumour_regions(labels: NdarrayOrTensor, filter_size: int = 3, element: str = "cross") -> NdarrayOrTensor:
+    """Morphological closing (dilation, then erosion) of each nested region by ``element`` of side ``filter_size``.
 
-    docs/methods.md M4, the fourth step ("dilation/erosion to smooth borders"). The WT, TC and ET
-    masks are closed separately and recombined with the region rule, so the result stays nested
-    (closing is monotone: ET inside TC inside WT) and never shrinks a region (closing is
-    extensive). A background hole inside the tumour takes the innermost region that closes over
-    it. Runs on the label map's device, on the tumour's bounding box grown by ``filter_size - 1``
-    (twice the radius: enough that the box border sees the same neighbourhood as the full volume).
+    docs/methods.md M4, the fourth step ("dilation/erosion to smooth borders"); the element is ours:
+    the cross (face neighbours; radius ``(filter_size - 1) / 2``) by default, the smallest 3-D
+    element, because the 3 x 3 x 3 cube already lowers the ET Dice of BraTS ground truths by up to
+    4.4 points (it closes the necrotic gaps of the thin enhancing rim; docs/inference.md). The WT,
+    TC and ET masks are closed separately and recombined with the region rule, so the result stays
+    nested (closing is monotone: ET inside TC inside WT) and never shrinks a region (closing is
+    extensive). A background hole inside the tumour takes the innermost region that closes over it.
+    Runs on the label map's device, on the tumour's bounding box grown by ``filter_size - 1`` (twice
+    the radius: enough that the box border sees the same neighbourhood as the full volume).
     """
     if filter_size < 1 or filter_size % 2 == 0:
         raise ValueError(f"filter_size must be a positive odd number, got {filter_size}.")
@@ -195,7 +213,8 @@ def close_tumour_regions(labels: NdarrayOrTensor, filter_size: int = 3) -> Ndarr
         return labels
     crop = lab_t[0][box]
     regions = torch.stack([crop != BACKGROUND, (crop == NCR) | (crop == ET), crop == ET])
-    closed = binary_erosion(binary_dilation(regions, radius, crop.ndim), radius, crop.ndim)
+    dilated = binary_dilation(regions, radius, crop.ndim, element)
+    closed = binary_erosion(dilated, radius, crop.ndim, element)
     wt, tc, et = closed[0], closed[1], closed[2]
     new = torch.full_like(crop, BACKGROUND)
     new[wt] = ED
@@ -315,12 +334,17 @@ class RemoveSmallTumourComponentsd(_LabelMapStepd):
 class CloseTumourRegionsd(_LabelMapStepd):
     """Dictionary version of :func:`close_tumour_regions`."""
 
-    def __init__(self, keys: KeysCollection, filter_size: int = 3, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, filter_size: int = 3, element: str = "cross", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if filter_size < 1 or filter_size % 2 == 0:
             raise ValueError(f"filter_size must be a positive odd number, got {filter_size}.")
+        if element not in STRUCTURING_ELEMENTS:
+            raise ValueError(f"element must be one of {STRUCTURING_ELEMENTS}, got {element!r}.")
         self.filter_size = filter_size
+        self.element = element
 
     def step(self, labels: NdarrayOrTensor, data: Mapping[Hashable, Any]) -> NdarrayOrTensor:
         """Close each nested tumour region and relabel."""
-        return close_tumour_regions(labels, self.filter_size)
+        return close_tumour_regions(labels, self.filter_size, self.element)

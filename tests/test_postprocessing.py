@@ -7,6 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
+from scipy import ndimage
 
 from bundle.constants import BACKGROUND, ED, ET, NCR
 from bundle.postprocessing import (
@@ -262,12 +263,47 @@ def test_boolean_morphology_equals_monai(shape, filter_size):
         assert 0 < changed.float().mean() < 1 and not torch.equal(changed, mask if density < 0.5 else ~mask)
 
 
+@pytest.mark.parametrize("shape, radius", [((9, 8, 7), 1), ((9, 8, 7), 2), ((11, 10), 1)])
+def test_cross_morphology_equals_scipy(shape, radius):
+    """The cross (face neighbours, repeated): scipy's binary morphology with the 1-connectivity element."""
+    torch.manual_seed(11)
+    structure = ndimage.generate_binary_structure(len(shape), 1)
+    for density in (0.05, 0.9):
+        mask = torch.rand(*shape) < density
+        dilated = binary_dilation(mask, radius, element="cross")
+        eroded = binary_erosion(mask, radius, element="cross")
+        expected_d = ndimage.binary_dilation(mask.numpy(), structure, iterations=radius)
+        expected_e = ndimage.binary_erosion(mask.numpy(), structure, iterations=radius, border_value=1)
+        np.testing.assert_array_equal(dilated.numpy(), expected_d)
+        np.testing.assert_array_equal(eroded.numpy(), expected_e)
+        # and it is not the cube: the check can tell the two elements apart
+        assert not torch.equal(
+            dilated if density < 0.5 else eroded, (binary_dilation if density < 0.5 else binary_erosion)(mask, radius)
+        )
+    with pytest.raises(ValueError, match="element"):
+        binary_dilation(mask, 1, element="ball")
+
+
+def test_cross_closing_changes_less_than_the_cube():
+    """A one-voxel gap between two plates closes under both; a diagonal notch only under the cube."""
+    lab = _blank(dtype=torch.uint8)
+    lab[0, 4:12, 4:12, 4:12] = ET
+    lab[0, 8, 4:12, 4:12] = NCR  # a one-voxel NCR layer between two ET plates: both elements close ET over it
+    lab[0, 11, 11, 12] = ET  # a voxel touching the cube along a face
+    lab[0, 12, 12, 12] = ED  # a corner-touching voxel of another label
+    cross = close_tumour_regions(lab, 3, "cross")
+    cube = close_tumour_regions(lab, 3, "cube")
+    assert (cross[0, 8, 5:11, 5:11] == ET).all() and (cube[0, 8, 5:11, 5:11] == ET).all()
+    assert int((cross != lab).sum()) < int((cube != lab).sum())
+    assert ((cross != BACKGROUND) | (lab == BACKGROUND)).all() and ((cube != BACKGROUND) | (lab == BACKGROUND)).all()
+
+
 def test_closing_on_the_bounding_box_equals_closing_on_the_whole_volume():
     torch.manual_seed(10)
     lab = torch.zeros(1, 30, 30, 30, dtype=torch.int64)
     blob = torch.randint(0, 4, (12, 12, 12)) * (torch.rand(12, 12, 12) > 0.3)
     lab[0, 0:12, 10:22, 17:29] = blob  # touching one border of the volume, close to another
-    out = close_tumour_regions(lab, filter_size=5)
+    out = close_tumour_regions(lab, filter_size=5, element="cube")
     # reference: the same rule on the whole volume with MONAI's morphology (no cropping)
     from monai.transforms.utils_morphological_ops import dilate, erode
 
