@@ -45,11 +45,21 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def _checkpoint(path: Path, net_config: dict, seed: int = 0, patch_size=(16, 16, 16)) -> Path:
-    """A checkpoint as training writes it: weights and the model record (network spec, patch, ...)."""
+def training_recipe(*files: str) -> dict:
+    """The inference recipe a training config stack records (default: configs/train.yaml's, M4's)."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in (files or ("train.yaml",))])
+    return parser.get_parsed_content("inference_recipe")
+
+
+def _checkpoint(
+    path: Path, net_config: dict, seed: int = 0, patch_size=(16, 16, 16), output_type: str = "regions", recipe=None
+) -> Path:
+    """A checkpoint as training writes it: weights and the model record (network spec, patch, M4's recipe, ...)."""
     torch.manual_seed(seed)
     factory = ConfigParser({"net": {**net_config, "_mode_": "callable"}}).get_parsed_content("net")
-    return save_model(path, build_network(factory), patch_size=patch_size)
+    recipe = training_recipe() if recipe is None else recipe
+    return save_model(path, build_network(factory), output_type, patch_size, recipe, {"spacing": None})
 
 
 def _oblique_lps_affine(spacing=(1.2, 0.9, 2.0)) -> np.ndarray:
