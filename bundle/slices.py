@@ -1,6 +1,6 @@
 """Axial slices from cached 3-D volumes: slice-sampling weights and a resizing slice-by-slice inferer.
 
-The 2-D methods (M1, M2, M3 in METHODS.md) train on axial slices of the preprocessed 4-channel
+The 2-D methods (M1, M2, M3 in docs/methods.md) train on axial slices of the preprocessed 4-channel
 volume. Nothing is written to disk twice: the deterministic part of ``configs/train.yaml``
 (load, reorient, crop, normalise) is cached once per case by MONAI's ``CacheDataset``; every
 iteration then draws whole axial slices from the cached volume with MONAI's
