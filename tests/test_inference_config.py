@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import shared_samples_dir
 from monai.bundle import ConfigParser
 
 from bundle.checkpoints import build_network, read_record, save_model
@@ -17,7 +18,7 @@ from bundle.constants import MODALITIES
 from bundle.data import DataError, select_cases
 from bundle.infer import BUNDLE_ROOT, check_checkpoint, infer
 
-BRATS_SAMPLES = BUNDLE_ROOT.parent / "shared" / "brats_samples"
+BRATS_SAMPLES = shared_samples_dir()  # ../shared/brats_samples or $BRATS_SAMPLES_DIR, None without them
 
 # a small network of the same family as train.yaml's, so the tests run in seconds on a CPU
 TINY_NET = {
@@ -231,7 +232,7 @@ def test_truncated_file_is_named_and_leaves_no_output(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BRATS_SAMPLES.is_dir(), reason="no BraTS samples in ../shared/brats_samples")
+@pytest.mark.skipif(BRATS_SAMPLES is None, reason="no BraTS samples in ../shared/brats_samples")
 def test_real_brats_case_shape_affine_and_labels(tmp_path):
     case_dir = sorted(p for p in BRATS_SAMPLES.iterdir() if p.is_dir())[0]
     written = _run(tmp_path, str(case_dir), roi_size=[96, 96, 96], tta=False)

@@ -149,6 +149,22 @@ def test_training_records_the_checked_recipe_and_refuses_a_bad_one(tmp_path: Pat
     assert str(find_user_error(raised.value)).startswith("inference_recipe#et_min_volume: -3 is not a whole number")
 
 
+@pytest.mark.parametrize("method", ["m3", "m2"])
+def test_a_2d_methods_training_config_records_its_recipe_and_settings(method: str) -> None:
+    """train.yaml's model_record with a variant over it: what model.pt and every last checkpoint hold."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in STACKS[method]])
+    parser["network_factory#channels"] = [4, 8, 16, 32, 64]
+    parser["device"] = "$torch.device('cpu')"
+    if method == "m3":
+        parser["clahe"] = "yes"
+    record = parser.get_parsed_content("model_record").state_dict()
+    assert record["inference_recipe"] == normalise_recipe({"m3": M3, "m2": M2}[method], record["output_type"])
+    assert record["output_type"] == {"m3": "classes", "m2": "binary"}[method]
+    expected_settings = {"spacing": None, **({"clahe": True} if method == "m3" else {})}
+    assert record["train_settings"] == expected_settings
+
+
 # ------------------------------------------------------------------------------------ resolving a run's recipe
 
 
@@ -285,10 +301,16 @@ def test_m3_checkpoint_runs_one_pass_argmax_and_nothing_else_by_default(case: Pa
     parser.read_config(str(CONFIGS / "inference.yaml"))
     parser["checkpoint"] = str(checkpoint)
     names = [type(t).__name__ for t in parser.get_parsed_content("intensity_transform").transforms]
-    assert names[0] == "ClipNonzeroPercentilesd" and names[-1] == "NormalizeIntensityd"
+    assert names == ["ClipNonzeroPercentilesd", "Identityd", "NormalizeIntensityd"]
+    # a model trained with CLAHE is preprocessed with it (the record's train_settings)
+    parser["checkpoint"] = str(_checkpoint(tmp_path / "clahe.pt", "classes", M3, 2, {"spacing": None, "clahe": True}))
+    names = [type(t).__name__ for t in parser.get_parsed_content("intensity_transform").transforms]
+    assert names == ["ClipNonzeroPercentilesd", "CLAHEd", "NormalizeIntensityd"]
 
-    # explicit options override the recipe: the same model with M4's clean-up and TTA (the same config
-    # through python -m bundle infer's function, in-process)
+
+def test_explicit_options_override_m3s_recipe(case: Path, tmp_path: Path) -> None:
+    """The same M3 model with TTA and M4's first and third steps, through python -m bundle infer's function."""
+    checkpoint = _checkpoint(tmp_path / "m3.pt", "classes", M3, 2, {"spacing": None, "clahe": False})
     infer(str(case), output=str(tmp_path / "out2"), checkpoint=str(checkpoint), tta="yes", et_components_to_ncr="true",
           remove_small_components=True, save_probabilities=True, save_uncertainty=True)  # fmt: skip
     seg2, prob2, std2 = _files(tmp_path / "out2")
