@@ -1,6 +1,6 @@
 """Axial slices from cached 3-D volumes: slice-sampling weights and a resizing slice-by-slice inferer.
 
-The 2-D methods (M1, M2, M3 in docs/methods.md) train on axial slices of the preprocessed 4-channel
+The 2-D methods (M1, M2, M3 in METHODS.md) train on axial slices of the preprocessed 4-channel
 volume. Nothing is written to disk twice: the deterministic part of ``configs/train.yaml``
 (load, reorient, crop, normalise) is cached once per case by MONAI's ``CacheDataset``; every
 iteration then draws whole axial slices from the cached volume with MONAI's
@@ -21,12 +21,13 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.inferers import SliceInferer
 from monai.transforms import MapTransform
 from torch.nn import functional as F
 
-__all__ = ["ResizedSliceInferer", "SliceSamplingWeightsd", "slice_classes"]
+__all__ = ["ResizedSliceInferer", "SliceSamplingWeightsd", "slice_classes", "training_config"]
 
 
 def slice_classes(
@@ -177,3 +178,18 @@ class ResizedSliceInferer(SliceInferer):
             raise NotImplementedError("ResizedSliceInferer does not support a condition input")
         resized = lambda s, *a, **k: self.run_network(network, s, *a, **k)  # noqa: E731
         return super().network_wrapper(resized, x, None, *args, **kwargs)
+
+
+def training_config(files: Sequence[str] | str, **overrides: Any) -> ConfigParser:
+    """The parsed training config stack of a model (e.g. train.yaml + train_2d.yaml + a variant), with overrides.
+
+    ``configs/inference_2d.yaml`` reads the model's deterministic preprocessing from the very files
+    it was trained with (so a variant's changes, such as M3's percentile clip or M2's [0, 1] scaling,
+    also apply at inference; the network, slice size and output type come from the checkpoint's
+    record); ``overrides`` set keys such as ``label_layout`` before anything is parsed.
+    """
+    parser = ConfigParser()
+    parser.read_config(list(files) if not isinstance(files, str) else files)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
