@@ -21,7 +21,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import yaml
-from monai.bundle import ConfigParser
 from monai.data import Dataset
 from monai.transforms import SaveImaged
 
@@ -165,19 +164,21 @@ def log_recipe(
 
 
 def variant_recipe(config_file: str | Path) -> dict[str, Any]:
-    """The ``inference_recipe`` block a training config file (a variant) gives its models, merged over train.yaml.
+    """The ``inference_recipe`` block a training config file (a variant) gives its models.
 
     ``python -m bundle infer --config_file configs/variants/X.yaml`` runs that method's recipe; a
-    variant without its own block trains (and so infers) with ``configs/train.yaml``'s.
+    variant without its own block trains (and so infers) with ``configs/train.yaml``'s. A recipe is
+    plain values, so the block is read from the file as it is: merging a variant into a config stack
+    would need the rest of its stack (a 2-D variant overrides ids of ``configs/train_2d.yaml``).
     """
-    parser = ConfigParser()
-    parser.read_config(resolve_config_files(["configs/train.yaml", str(config_file)]))
-    with working_directory(BUNDLE_ROOT):
-        parser.resolve_macro_and_relative_ids()
-    recipe = parser.get("inference_recipe")
-    if not isinstance(recipe, Mapping):
-        raise OptionError(f"{config_file}: inference_recipe is not a block of keys")
-    return dict(recipe)
+    for path in resolve_config_files([str(config_file), "configs/train.yaml"]):
+        content = yaml.safe_load(Path(path).read_text()) or {}
+        if "inference_recipe" in content:
+            recipe = content["inference_recipe"]
+            if not isinstance(recipe, Mapping):
+                raise OptionError(f"{path}: inference_recipe is not a block of keys")
+            return dict(recipe)
+    raise OptionError(f"{config_file}: no inference_recipe, and configs/train.yaml has none either")
 
 
 def _is_training_config(path: str) -> bool:

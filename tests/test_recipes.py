@@ -218,9 +218,16 @@ def test_a_checkpoint_without_a_recipe_runs_m4s_and_says_so(caplog: pytest.LogCa
     assert set(binary) <= set(RECIPE_KEYS)
 
 
-def test_bundle_infer_takes_a_variants_recipe_from_config_file() -> None:
+def test_bundle_infer_takes_a_variants_recipe_from_config_file(tmp_path: Path) -> None:
     assert variant_recipe("configs/variants/m3_resse_lka_unet.yaml") == M3
     assert variant_recipe("configs/variants/segresnet.yaml") == M4  # a baseline trains, and infers, as train.yaml
+    # a variant that overrides ids of another file of its stack (a 2-D one: train_2d.yaml's) is read as it is
+    variant = tmp_path / "mine.yaml"
+    variant.write_text("network_factory: {_target_: UNet}\ntrain#slice_only#x: 1\ninference_recipe: {tta: false}\n")
+    assert variant_recipe(variant) == {"tta": False}
+    variant.write_text("inference_recipe: [tta]\n")
+    with pytest.raises(OptionError, match="inference_recipe is not a block of keys"):
+        variant_recipe(variant)
 
 
 # ------------------------------------------------------------------------------------ end to end
