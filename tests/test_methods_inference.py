@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from monai.bundle import ConfigParser
+from test_methods_table import _split_top_level
 
 from bundle.recipes import normalise_recipe
 
@@ -43,25 +44,14 @@ def _rows(method: str) -> list[list[str]]:
 
 def _values(cell: str) -> list[object]:
     """The plain values of a value cell (before any ``;``), split at top-level commas; None for prose."""
-    parts, depth, current = [], 0, ""
-    for char in cell.split(";")[0]:
-        depth += char in "[("
-        depth -= char in "])"
-        if char == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += char
     values = []
-    for part in [*parts, current.strip()]:
+    for part in _split_top_level(cell.split(";")[0]):
         try:
             value = yaml.safe_load(part)
         except yaml.YAMLError:
             value = None
-        plain = isinstance(value, (int, float, bool, list)) or (
-            isinstance(value, str) and re.fullmatch(r"[a-z_]+", value)
-        )
-        values.append(value if plain else None)
+        name = isinstance(value, str) and re.fullmatch(r"[a-z_]+", value)  # e.g. gaussian, classes, cross
+        values.append(value if name or isinstance(value, (int, float, bool, list)) else None)
     return values
 
 
