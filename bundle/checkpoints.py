@@ -3,9 +3,10 @@
 Every model this bundle saves (``models/model.pt``, the resumable last checkpoint, M2's gate) holds,
 next to the weights, a *model record*: the network's constructor and its arguments, the input
 channels in order, the output type and channel names, the label convention, the patch the model
-was trained on and the bundle version. Inference, ``python -m bundle infer``, the model-zoo export
-and MONAI Label build the network from the record, so demo-width weights work on any folder and
-nothing guesses a width.
+was trained on, its method's inference recipe and the training settings its preprocessing depends
+on, and the bundle version. Inference, ``python -m bundle infer``, the model-zoo export and MONAI
+Label build the network from the record and run its recipe (:mod:`bundle.recipes`), so demo-width
+weights work on any folder, an M3 model runs M3's inference, and nothing guesses.
 
 In a training config the network is a MONAI component in callable mode (``network_factory``,
 ``_mode_: callable``): MONAI then hands over the constructor with its resolved arguments
@@ -33,6 +34,7 @@ from bundle.constants import CLASS_NAMES, LABEL_SCHEMES, MODALITIES, REGION_NAME
 from bundle.data import DataError
 from bundle.errors import OptionError
 from bundle.paths import BUNDLE_ROOT
+from bundle.recipes import recipe_for
 
 MODEL_KEY = "model"
 RECORD_KEY = "model_record"
@@ -100,6 +102,12 @@ class ModelRecord:
             ``binary`` (one sigmoid WT channel) or ``gate`` (softmax over no tumour / tumour per slice).
         patch_size: the training patch (3-D) or slice size (2-D), the default inference window.
         input_channels: the input channels in order.
+        inference_recipe: the method's inference recipe (a training config's ``inference_recipe``
+            block, :mod:`bundle.recipes`), checked against ``output_type`` and its ``train_config``
+            files checked to exist, so a bad block stops training before it starts. Not recorded for
+            a ``gate`` model, which inference never runs as a segmenter.
+        train_settings: the training run's values of the top-level keys its deterministic
+            preprocessing reads besides the files (``spacing``; M3: ``clahe``), plain values.
     """
 
     def __init__(
@@ -108,10 +116,13 @@ class ModelRecord:
         output_type: str = "regions",
         patch_size: Sequence[int] | None = None,
         input_channels: Sequence[str] = MODALITIES,
+        inference_recipe: Mapping[str, Any] | None = None,
+        train_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if output_type not in OUTPUT_CHANNELS:
             raise OptionError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_CHANNELS)}")
         spec = getattr(network, "bundle_network_spec", None)
+        recipe = recipe_for(inference_recipe, output_type)
         self.record: dict[str, Any] = {
             "network": spec if spec is not None else network_spec(network),
             "input_channels": list(input_channels),
@@ -120,6 +131,8 @@ class ModelRecord:
             # internal label values (what output channels and class indices refer to) and each dataset's
             "label_convention": {"internal": {str(k): v for k, v in CLASS_NAMES.items()}, "schemes": LABEL_SCHEMES},
             "patch_size": [int(s) for s in patch_size] if patch_size is not None else None,
+            "inference_recipe": recipe,
+            "train_settings": dict(train_settings or {}),
             "bundle_version": bundle_version(),
         }
 
@@ -189,9 +202,29 @@ def save_model(
     network: torch.nn.Module,
     output_type: str = "regions",
     patch_size: Sequence[int] | None = None,
+    inference_recipe: Mapping[str, Any] | None = None,
+    train_settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``{"model": weights, "model_record": record}`` as training does (for tools and tests)."""
     path = Path(path)
-    record = ModelRecord(network, output_type=output_type, patch_size=patch_size)
+    record = ModelRecord(
+        network,
+        output_type=output_type,
+        patch_size=patch_size,
+        inference_recipe=inference_recipe,
+        train_settings=train_settings,
+    )
     torch.save({MODEL_KEY: network.state_dict(), RECORD_KEY: record.state_dict()}, path)
     return path
+
+
+def spatial_dims(record: Mapping[str, Any]) -> int:
+    """2 for a model that runs on slices, 3 for one that runs on volumes: its network's ``spatial_dims``.
+
+    Every network of this bundle and of MONAI's that a config builds states it; a record without it
+    falls back to the length of the training patch, and then to 3.
+    """
+    dims = record["network"].get("spatial_dims")
+    if dims is None and record.get("patch_size"):
+        dims = len(record["patch_size"])
+    return int(dims or 3)

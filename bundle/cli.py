@@ -164,15 +164,17 @@ def infer(
     input: str | list[str],
     output: str = "runs/inference",
     checkpoint: str | None = None,
-    tta: bool = True,
+    tta: bool | str | None = None,
     device: str | None = None,
     overwrite: bool | str = False,
     **overrides: Any,
 ) -> list[str]:
     """Segment a dataset folder, a case folder or one case's files with configs/inference.yaml (bundle.infer.infer).
 
-    Cases whose outputs already exist in ``output`` are skipped (logged), so rerunning a killed run
-    continues it; ``--overwrite true`` redoes them. Returns every case's segmentation file.
+    The checkpoint's own inference recipe runs unless ``--tta``, another recipe key or ``--config_file
+    <variant>`` overrides it. Cases whose outputs already exist in ``output`` are skipped (logged), so
+    rerunning a killed run continues it; ``--overwrite true`` redoes them. Returns every case's
+    segmentation file.
     """
     from bundle.infer import infer as _infer
 
@@ -191,7 +193,7 @@ def evaluate(
     plots: bool = False,
     overlays: int = 5,
     checkpoint: str | None = None,
-    tta: bool = True,
+    tta: bool | str | None = None,
     config_file: str | list[str] | None = None,
     **overrides: Any,
 ) -> str:
@@ -201,13 +203,14 @@ def evaluate(
     the summary table; ``--plots`` adds the Dice box plot and overlays of the ``overlays`` worst cases.
     With ``--checkpoint`` instead of ``--pred``, the labelled cases of the dataset ``--truth`` are first
     segmented by configs/evaluate.yaml over configs/inference.yaml (predictions and tables in
-    ``output_dir``, default ``runs/evaluate``); ``--config_file`` adds configs after those two (a variant)
-    and other ``--key value`` pairs are their keys. Returns the output folder.
+    ``output_dir``, default ``runs/evaluate``) with the checkpoint's inference recipe; ``--config_file``
+    adds configs after those two (a variant: its inference recipe) and other ``--key value`` pairs are
+    their keys. Returns the output folder.
     """
     from bundle.evaluation import check_predictions_exist, evaluate_folder, evaluation_plots
 
     lesion_wise, include_disjoint = as_bool(lesion_wise, "lesion_wise"), as_bool(include_disjoint, "include_disjoint")
-    plots, tta = as_bool(plots, "plots"), as_bool(tta, "tta")
+    plots, tta = as_bool(plots, "plots"), None if tta is None else as_bool(tta, "tta")  # None: the recipe's
     if (pred is None) == (checkpoint is None) or truth is None:
         raise SystemExit("error: give --truth and either --pred (predictions on disk) or --checkpoint")
     if checkpoint is not None:

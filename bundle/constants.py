@@ -38,6 +38,10 @@ LABEL_SCHEMES: dict[str, dict[int, int]] = {
 BRATS2021_SUFFIXES: dict[str, str] = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}
 BRATS2023_SUFFIXES: dict[str, str] = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
 
+#: Structuring elements of the morphological post-processing (bundle.postprocessing): the cross of face
+#: neighbours (6-connected in 3-D) and the full cube (26-connected).
+STRUCTURING_ELEMENTS: tuple[str, ...] = ("cross", "cube")
+
 #: Channel order of MSD Task01's 4-D images, and the permutation onto ``MODALITIES``.
 MSD_CHANNEL_ORDER: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 MSD_TO_CANONICAL: tuple[int, ...] = tuple(MSD_CHANNEL_ORDER.index(m) for m in MODALITIES)

@@ -16,8 +16,8 @@ import nibabel as nib
 import numpy as np
 
 from bundle.atomic import write_text_atomic
-from bundle.constants import LABEL_SCHEMES
 from bundle.data import NIFTI_SUFFIXES, read_voxels
+from bundle.label_maps import scheme_values, to_internal, unknown_label_values
 
 _SEG_TAGS = ("_seg", "-seg", "_label", "-label", "_pred", "-pred")
 
@@ -94,17 +94,12 @@ def load_label_map(path: str | Path, label_scheme: str) -> tuple[np.ndarray, tup
     Returns ``(labels, spacing_mm, affine)``. Raises ``ValueError`` naming the file if it holds a value the
     scheme does not know (e.g. a BraTS 2021 file read with the ``brats2023`` scheme).
     """
-    if label_scheme not in LABEL_SCHEMES:
-        raise ValueError(f"unknown label scheme {label_scheme!r}; expected one of {sorted(LABEL_SCHEMES)}")
+    known = scheme_values(label_scheme)
     data, spacing, affine = read_label_map(path)
-    scheme = LABEL_SCHEMES[label_scheme]
-    unknown = sorted(set(np.unique(data).tolist()) - set(scheme))
+    unknown = unknown_label_values(data, label_scheme)
     if unknown:
-        raise ValueError(f"{path}: label values {unknown} are not in the {label_scheme!r} scheme {sorted(scheme)}")
-    lut = np.zeros(max(scheme) + 1, dtype=np.uint8)
-    for value, internal in scheme.items():
-        lut[value] = internal
-    return lut[data], spacing, affine
+        raise ValueError(f"{path}: label values {unknown} are not in the {label_scheme!r} scheme {sorted(known)}")
+    return to_internal(data, label_scheme).astype(np.uint8), spacing, affine
 
 
 def write_metrics_csv(rows: Sequence[dict], path: str | Path) -> None:

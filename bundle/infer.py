@@ -1,9 +1,10 @@
-"""Inference entry points: input discovery and checks, atomic NIfTI writing, and the ``infer`` CLI function.
+"""Inference entry points: input and option checks, atomic NIfTI writing, and the ``infer`` CLI function.
 
 ``configs/inference.yaml`` is the one inference pipeline; :func:`infer` (exposed as
 ``python -m bundle infer``) runs that same config through MONAI's ``ConfigWorkflow``, exactly as
 ``python -m monai.bundle run --config_file configs/inference.yaml`` does, only with the command
-line's arguments as overrides.
+line's arguments as overrides; a training variant given as ``--config_file`` contributes its
+inference recipe (:mod:`bundle.recipes`).
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import yaml
 from monai.data import Dataset
 from monai.transforms import SaveImaged
 
 from bundle.atomic import atomic_path
-from bundle.checkpoints import model_state, read_record
+from bundle.checkpoints import model_state, read_record, spatial_dims
 from bundle.data import DataError, _strip_nifti
-from bundle.errors import find_user_error
+from bundle.errors import OptionError, find_user_error
+from bundle.label_maps import INTERNAL, scheme_values
 from bundle.options import as_bool
 from bundle.paths import BUNDLE_ROOT, output_path, resolve_config_files, working_directory
+from bundle.recipes import RULE_KEYS, STEPS
 
 __all__ = [
     "AtomicSaveImaged",
@@ -36,6 +40,9 @@ __all__ = [
     "check_checkpoint",
     "check_output_dir",
     "infer",
+    "log_recipe",
+    "output_label_scheme",
+    "variant_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +105,88 @@ def check_checkpoint(checkpoint: str, network: torch.nn.Module) -> str:
             f"{read_record(path)['network']['_target_']}: leave network_def unset to use the network it records"
         )
     return str(path)
+
+
+# ------------------------------------------------------------------------------------- the recipe
+
+
+def output_label_scheme(scheme: str | None, output_type: str) -> str:
+    """The label values written: ``scheme``, or by default BraTS 2021's, and 0/1 for a binary model.
+
+    A binary (whole-tumour) model's mask has no NCR, ED or ET to map onto a dataset's values, so a
+    scheme other than ``internal`` for it is an error rather than a silently different file.
+    """
+    if scheme is None:
+        return INTERNAL if output_type == "binary" else "brats2021"
+    try:
+        scheme_values(str(scheme))
+    except ValueError as err:
+        raise OptionError(f"output_label_scheme: {err}") from None
+    if output_type == "binary" and scheme != INTERNAL:
+        raise OptionError(
+            f"output_label_scheme: {scheme!r} maps NCR, ED and ET, but this binary model writes a whole-tumour "
+            "mask (0/1); leave it unset or use internal"
+        )
+    return str(scheme)
+
+
+def log_recipe(
+    recipe: Mapping[str, Any],
+    record: Mapping[str, Any],
+    checkpoint: str,
+    gate_checkpoint: str | None = None,
+    label_scheme: str = "brats2021",
+) -> dict[str, Any]:
+    """Log in one line what this run does to each case; a gate given for a 3-D model is an error.
+
+    An ``initialize`` step: evaluating ``recipe`` there checks every option before any case is read.
+    """
+    dims = spatial_dims(record)
+    if gate_checkpoint and dims != 2:
+        raise OptionError(
+            f"gate_checkpoint: {gate_checkpoint} gates the slices of a 2-D model; {checkpoint} holds a 3-D model"
+        )
+    rule = {"regions": "thresholds", "binary": "mask threshold", "classes": "argmax"}[record["output_type"]]
+    numbers = [f"{key} {recipe[key]}" for key in RULE_KEYS[record["output_type"]]]
+    logger.info(
+        "%s: %s %s model, %s, %s%s, post-processing: %s; labels as %s; preprocessing of %s",
+        checkpoint,
+        f"{dims}-D",
+        record["output_type"],
+        "flip TTA" if recipe["tta"] else "one pass",
+        rule,
+        f" ({', '.join(numbers)})" if numbers else "",
+        ", ".join(step for step in STEPS if recipe[step]) or "none",
+        label_scheme,
+        ", ".join(recipe["train_config"]),
+    )
+    return dict(recipe)
+
+
+def variant_recipe(config_file: str | Path) -> dict[str, Any]:
+    """The ``inference_recipe`` block a training config file (a variant) gives its models.
+
+    ``python -m bundle infer --config_file configs/variants/X.yaml`` runs that method's recipe; a
+    variant without its own block trains (and so infers) with ``configs/train.yaml``'s. A recipe is
+    plain values, so the block is read from the file as it is: merging a variant into a config stack
+    would need the rest of its stack (a 2-D variant overrides ids of ``configs/train_2d.yaml``).
+    """
+    for path in resolve_config_files([str(config_file), "configs/train.yaml"]):
+        content = yaml.safe_load(Path(path).read_text()) or {}
+        if "inference_recipe" in content:
+            recipe = content["inference_recipe"]
+            if not isinstance(recipe, Mapping):
+                raise OptionError(f"{path}: inference_recipe is not a block of keys")
+            return dict(recipe)
+    raise OptionError(f"{config_file}: no inference_recipe, and configs/train.yaml has none either")
+
+
+def _is_training_config(path: str) -> bool:
+    """A training variant (it has a ``network_factory`` or an ``inference_recipe``), not an inference overlay."""
+    content = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(content, Mapping):
+        return False
+    return "network_factory" in content or isinstance(content.get("inference_recipe"), Mapping)
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -228,7 +317,7 @@ def infer(
     input: str | Sequence[str],
     output: str = "runs/inference",
     checkpoint: str | None = None,
-    tta: bool = True,
+    tta: bool | str | None = None,
     device: str | None = None,
     save_probabilities: bool = False,
     save_uncertainty: bool = False,
@@ -239,12 +328,16 @@ def infer(
 ) -> list[str]:
     """Segment a case folder, a dataset folder or explicit files with ``configs/inference.yaml``.
 
+    The checkpoint's model record says how: its network, window or slice size, preprocessing and its
+    method's inference recipe (:mod:`bundle.recipes`); ``tta``, any other recipe key in
+    ``overrides`` and a variant in ``config_file`` override the recipe.
+
     Args:
         input: a dataset folder (BraTS 2021 / 2023 / MSD), one case folder, or the files of one case
             (four volumes T1, T1ce, T2, FLAIR, or one 4-D image).
         output: folder for ``<case>_seg.nii.gz`` (and ``_prob`` / ``_uncertainty``).
         checkpoint: model weights, default ``models/model.pt`` of the bundle.
-        tta: 8-flip test-time augmentation (``False``: one pass).
+        tta: flip test-time augmentation on or off; ``None``: as the recipe says (M4 on, M1-M3 off).
         device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
         save_probabilities: also write the averaged probability maps.
         save_uncertainty: also write the per-voxel std across flips.
@@ -252,8 +345,11 @@ def infer(
         overwrite: redo cases whose outputs already exist; ``False`` skips them, so rerunning a
             killed batch run continues it. ``None``: the config's ``overwrite`` (``False`` in
             ``inference.yaml``, ``True`` in ``evaluate.yaml``).
-        config_file: other/extra config files (e.g. a variant after ``configs/inference.yaml``).
-        overrides: any other top-level config key (``roi_size``, ``output_label_scheme``, ...).
+        config_file: the inference configs (default ``configs/inference.yaml``, which is added when
+            only other files are given); a training variant among them (a file with its own
+            ``network_factory`` or ``inference_recipe``, e.g. ``configs/variants/m3_resse_lka_unet.yaml``)
+            gives its inference recipe instead of the checkpoint's.
+        overrides: any other top-level config key (``roi_size``, ``closing``, ``output_label_scheme``, ...).
 
     Returns:
         The segmentation file of every case, the ones written now and the ones skipped as done.
@@ -267,19 +363,29 @@ def infer(
         "dataset_dir": inputs[0] if is_folder else None,
         "input_files": None if is_folder else inputs,
         "output_dir": str(Path(output).resolve()),
-        "tta": as_bool(tta, "tta"),
         "save_probabilities": as_bool(save_probabilities, "save_probabilities"),
         "save_uncertainty": as_bool(save_uncertainty, "save_uncertainty"),
         "layout": layout,
     }
+    if tta is not None:
+        settings["tta"] = as_bool(tta, "tta")
     if overwrite is not None:
         settings["overwrite"] = as_bool(overwrite, "overwrite")
     if checkpoint is not None:
         settings["checkpoint"] = str(Path(checkpoint).resolve())
     if device is not None:
         settings["device"] = f"$torch.device({device!r})"
+    configs, variants = [], []
+    for path in resolve_config_files(["configs/inference.yaml"] if config_file is None else config_file):
+        (variants if _is_training_config(path) else configs).append(path)
+    if len(variants) > 1:
+        raise OptionError(f"config_file: {', '.join(variants)} are several training variants; give one")
+    if variants:
+        settings["inference_recipe"] = variant_recipe(variants[0])
+        logger.info("running the inference recipe of %s", variants[0])
+    if not configs:
+        configs = resolve_config_files(["configs/inference.yaml"])
     settings.update(overrides)
-    configs = resolve_config_files(["configs/inference.yaml"] if config_file is None else config_file)
     with working_directory(BUNDLE_ROOT), _unwrapped_data_errors():
         workflow = ConfigWorkflow(config_file=configs, workflow_type="inference", **settings)
         workflow.initialize()

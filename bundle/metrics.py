@@ -32,6 +32,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from bundle.constants import DISJOINT_CLASSES, REGIONS
+from bundle.label_maps import bounding_box, connected_components
 
 #: HD95 penalty in mm for a missing or spurious structure (the BraTS 2023 lesion-wise code uses 374 mm,
 #: roughly the diagonal of the 240 x 240 x 155 SRI-24 volume).
@@ -97,19 +98,14 @@ def _overlap_from_confusion(cm: np.ndarray) -> dict[str, float]:
 
 
 def _crop_to(*masks: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
-    """Bounding box of the union of ``masks`` grown by ``margin`` voxels (clamped to the image).
+    """Bounding box of the union of ``masks`` grown by ``margin`` voxels (clamped to the image); all of it if empty.
 
     Distances are unchanged by the crop because every surface voxel stays inside it and the margin keeps
     the erosion at the crop's edge from inventing surface voxels.
     """
     union = np.logical_or.reduce([np.asarray(m, bool) for m in masks])
-    idx = np.nonzero(union)
-    if len(idx[0]) == 0:
-        return tuple(slice(None) for _ in union.shape)
-    return tuple(
-        slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, s))
-        for i, s in zip(idx, union.shape, strict=True)
-    )
+    box = bounding_box(union, margin)
+    return box if box is not None else tuple(slice(None) for _ in union.shape)
 
 
 def surface_distances(
@@ -198,13 +194,6 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def _components(mask: np.ndarray, connectivity: int | None = None) -> tuple[np.ndarray, int]:
-    """Connected components; default full connectivity (26 in 3-D, 8 in 2-D) as ``cc3d``'s default."""
-    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim if connectivity is None else connectivity)
-    labelled, n = ndimage.label(mask, structure=structure)
-    return labelled, int(n)
-
-
 @dataclass
 class LesionWiseResult:
     """BraTS 2023 lesion-wise scores of one region (see :func:`lesion_wise_brats2023`)."""
@@ -248,10 +237,10 @@ def lesion_wise_brats2023(
     spacing = _spacing(spacing, pred.ndim)
     voxel_volume = float(np.prod(spacing))
     dil_struct = ndimage.generate_binary_structure(pred.ndim, 2)
-    pred_cc, _ = _components(pred)
-    truth_cc, n_truth_raw = _components(truth)
-    if n_truth_raw:
-        dilated_cc, _ = _components(ndimage.binary_dilation(truth, dil_struct, iterations=dilation_iterations))
+    pred_cc, _ = connected_components(pred)
+    truth_cc, truth_sizes = connected_components(truth)
+    if truth_sizes.size > 1:
+        dilated_cc, _ = connected_components(ndimage.binary_dilation(truth, dil_struct, iterations=dilation_iterations))
         truth_cc = np.where(truth, dilated_cc, 0)
     truth_ids = [int(i) for i in np.unique(truth_cc) if i]
     pred_slices = ndimage.find_objects(pred_cc)
@@ -329,15 +318,14 @@ def lesion_wise_matched(
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     spacing = _spacing(spacing, pred.ndim)
     connectivity = pred.ndim if pred.ndim >= 3 else 1
-    pred_cc, n_pred = _components(pred, connectivity)
-    truth_cc, n_truth = _components(truth, connectivity)
+    pred_cc, p_size = connected_components(pred, connectivity)
+    truth_cc, t_size = connected_components(truth, connectivity)
+    n_pred, n_truth = p_size.size - 1, t_size.size - 1
     matches: list[tuple[int, int]] = []
     if n_pred and n_truth:
         # every overlapping (truth, pred) pair's Dice from one joint histogram of the overlap
         both = (truth_cc > 0) & (pred_cc > 0)
         pairs, counts = np.unique(np.stack([truth_cc[both], pred_cc[both]]), axis=1, return_counts=True)
-        t_size = np.bincount(truth_cc.ravel(), minlength=n_truth + 1)
-        p_size = np.bincount(pred_cc.ravel(), minlength=n_pred + 1)
         cost = np.full((n_truth, n_pred), 1.0 + 1e-6)
         for (t, p), inter in zip(pairs.T, counts, strict=True):
             d = 2.0 * inter / (t_size[t] + p_size[p])

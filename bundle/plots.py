@@ -30,6 +30,7 @@ from bundle.constants import (
     REGION_NAMES,
 )
 from bundle.files import case_id_from_path, find_segmentations, load_label_map, read_metrics_csv
+from bundle.label_maps import bounding_box
 
 #: RGB colour (0-1) of each internal tumour label in overlays.
 LABEL_COLOURS: dict[int, tuple[float, float, float]] = {NCR: (1.0, 0.0, 0.0), ED: (0.0, 1.0, 0.0), ET: (1.0, 1.0, 0.0)}
@@ -109,10 +110,9 @@ def plot_overlay(
     spacing = tuple(float(s) for s in spacing)
     # show the head, not the empty field of view: crop every view to the non-zero image (+ labels) box
     content = (image != 0) | (truth > 0) | (rows[-1][1] > 0)
-    found = np.argwhere(content) if content.any() else np.argwhere(np.ones_like(content))
-    lo = np.maximum(found.min(axis=0) - crop_margin, 0)
-    hi = np.minimum(found.max(axis=0) + crop_margin + 1, image.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    box = bounding_box(content, crop_margin) or tuple(slice(0, s) for s in image.shape)
+    lo = [b.start for b in box]
+    hi = [b.stop for b in box]
     image = image[box]
     rows = [(name, labels[box]) for name, labels in rows]
     centre = tuple(int(np.clip(c - a, 0, b - a - 1)) for c, a, b in zip(centre, lo, hi, strict=True))

@@ -25,6 +25,7 @@ from monai.transforms.traits import ThreadUnsafe
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS
 from bundle.data import DataError
+from bundle.label_maps import scheme_values, to_internal, unknown_label_values
 
 __all__ = ["LabelsToRegions", "LabelsToRegionsd", "ThreadUnsafeLoadImaged", "ToInternalConventiond", "map_label_values"]
 
@@ -73,18 +74,15 @@ def _refuse_non_finite(image: Any, source: Any) -> None:
 
 
 def map_label_values(label: torch.Tensor | np.ndarray, scheme: str) -> torch.Tensor | np.ndarray:
-    """Map a dataset's label values onto the internal convention (values outside raise)."""
-    mapping = LABEL_SCHEMES[scheme]
-    is_tensor = isinstance(label, torch.Tensor)
-    values = torch.unique(label).tolist() if is_tensor else np.unique(label).tolist()
-    unknown = [v for v in values if int(v) != v or int(v) not in mapping]
+    """Map a dataset's label values onto the internal convention (values outside the scheme raise).
+
+    The mapping is :func:`bundle.label_maps.to_internal` (MONAI's ``MapLabelValue``).
+    """
+    unknown = unknown_label_values(label, scheme)
     if unknown:
-        raise ValueError(f"unknown label values {unknown} for scheme {scheme} (expected {sorted(mapping)})")
-    out = label.clone() if is_tensor else label.copy()
-    for source, target in mapping.items():
-        if source != target:
-            out[label == source] = target
-    return out
+        expected = sorted(scheme_values(scheme))
+        raise ValueError(f"unknown label values {unknown} for scheme {scheme} (expected {expected})")
+    return to_internal(label, scheme)
 
 
 class ToInternalConventiond(MapTransform):

@@ -210,7 +210,8 @@ def main() -> None:
     with _Cwd(ROOT):
         network = parser.get_parsed_content("network_def")
         patch = parser.get_parsed_content("roi_size")
-    save_model(work / "model.pt", network, patch_size=patch)
+        recipe = parser.get_parsed_content("inference_recipe")  # M4's: flips, thresholds, the four steps
+    save_model(work / "model.pt", network, patch_size=patch, inference_recipe=recipe, train_settings={"spacing": None})
     roi = [args.roi] * 3 if args.roi else patch
     if args.roi:
         overrides["roi_size"] = roi

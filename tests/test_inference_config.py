@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import shared_samples_dir
 from monai.bundle import ConfigParser
 
 from bundle.checkpoints import build_network, read_record, save_model
@@ -17,7 +18,7 @@ from bundle.constants import MODALITIES
 from bundle.data import DataError, select_cases
 from bundle.infer import BUNDLE_ROOT, check_checkpoint, infer
 
-BRATS_SAMPLES = BUNDLE_ROOT.parent / "shared" / "brats_samples"
+BRATS_SAMPLES = shared_samples_dir()  # ../shared/brats_samples or $BRATS_SAMPLES_DIR, None without them
 
 # a small network of the same family as train.yaml's, so the tests run in seconds on a CPU
 TINY_NET = {
@@ -45,11 +46,21 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def _checkpoint(path: Path, net_config: dict, seed: int = 0, patch_size=(16, 16, 16)) -> Path:
-    """A checkpoint as training writes it: weights and the model record (network spec, patch, ...)."""
+def training_recipe(*files: str) -> dict:
+    """The inference recipe a training config stack records (default: configs/train.yaml's, M4's)."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in (files or ("train.yaml",))])
+    return parser.get_parsed_content("inference_recipe")
+
+
+def _checkpoint(
+    path: Path, net_config: dict, seed: int = 0, patch_size=(16, 16, 16), output_type: str = "regions", recipe=None
+) -> Path:
+    """A checkpoint as training writes it: weights and the model record (network spec, patch, M4's recipe, ...)."""
     torch.manual_seed(seed)
     factory = ConfigParser({"net": {**net_config, "_mode_": "callable"}}).get_parsed_content("net")
-    return save_model(path, build_network(factory), patch_size=patch_size)
+    recipe = training_recipe() if recipe is None else recipe
+    return save_model(path, build_network(factory), output_type, patch_size, recipe, {"spacing": None})
 
 
 def _oblique_lps_affine(spacing=(1.2, 0.9, 2.0)) -> np.ndarray:
@@ -221,7 +232,7 @@ def test_truncated_file_is_named_and_leaves_no_output(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BRATS_SAMPLES.is_dir(), reason="no BraTS samples in ../shared/brats_samples")
+@pytest.mark.skipif(BRATS_SAMPLES is None, reason="no BraTS samples in ../shared/brats_samples")
 def test_real_brats_case_shape_affine_and_labels(tmp_path):
     case_dir = sorted(p for p in BRATS_SAMPLES.iterdir() if p.is_dir())[0]
     written = _run(tmp_path, str(case_dir), roi_size=[96, 96, 96], tta=False)

@@ -32,6 +32,7 @@ import bundle.evaluation
 import bundle.infer
 from bundle.errors import OptionError, find_user_error
 from bundle.options import as_bool
+from bundle.recipes import STEPS
 
 CONFIGS = REPO_ROOT / "configs"
 TRUE_SPELLINGS = ["true", "True", "TRUE", "1", "yes", "Yes", "on"]
@@ -66,11 +67,16 @@ def _config_files() -> list[Path]:
     return sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "variants").glob("*.yaml"))
 
 
+#: inference.yaml's boolean options of the model's inference recipe: null there ("as the checkpoint's recipe"),
+#: read by bundle.recipes.resolve_recipe (with as_bool) when the initialize step evaluates @recipe
+RECIPE_FLAGS = {"tta", *STEPS}
+
+
 def _boolean_keys(path: Path) -> set[str]:
-    """Top-level keys whose default is a YAML boolean, plus the computed one (amp)."""
+    """Top-level keys whose default is a YAML boolean, plus the computed one (amp) and the recipe's flags."""
     config = yaml.safe_load(path.read_text()) or {}
     keys = {k for k, v in config.items() if isinstance(v, bool) and "#" not in k}  # not nested overrides
-    return keys | ({"amp"} & set(config))
+    return keys | ({"amp"} & set(config)) | (RECIPE_FLAGS & {k for k, v in config.items() if v is None})
 
 
 ALL_BOOLEAN_KEYS = sorted(set().union(*(_boolean_keys(p) for p in _config_files())))
@@ -82,11 +88,15 @@ def test_the_boolean_keys_found_are_the_documented_ones() -> None:
 
 @pytest.mark.parametrize("key", ALL_BOOLEAN_KEYS)
 def test_every_use_of_a_boolean_key_goes_through_as_bool(key: str) -> None:
-    """Textually: each ``@key`` outside a ``check_flags(...)`` call is ``as_bool(@key, 'key')``."""
+    """Textually: each ``@key`` outside a ``check_flags(...)`` call is ``as_bool(@key, 'key')``.
+
+    The recipe's flags are handed to ``resolve_recipe(...)`` whole (null: the checkpoint's value), which
+    reads each one with ``as_bool`` (tests/test_recipes.py).
+    """
     pattern = re.compile(rf"@{key}\b")
     for path in _config_files():
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if "check_flags(" in line:
+            if "check_flags(" in line or (key in RECIPE_FLAGS and "resolve_recipe(" in line):
                 continue
             for match in pattern.finditer(line):
                 start = match.start()
@@ -96,7 +106,8 @@ def test_every_use_of_a_boolean_key_goes_through_as_bool(key: str) -> None:
 
 
 def _check_flags_calls(*paths: Path) -> str:
-    return " ".join(" ".join(re.findall(r"check_flags\(([^)]*)\)", p.read_text())) for p in paths)
+    """The arguments of every ``check_flags(...)`` and ``resolve_recipe(...)`` call (which reads the recipe flags)."""
+    return " ".join(" ".join(re.findall(r"(?:check_flags|resolve_recipe)\(([^)]*)\)", p.read_text())) for p in paths)
 
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: p.name)
@@ -111,9 +122,12 @@ def test_each_config_checks_its_boolean_keys_before_any_work(path: Path) -> None
 
 
 def _postprocessing_flag(name: str) -> Callable[[ConfigParser], bool]:
+    """Whether the step ``name`` is in the post-processing (a step that is off is not there: ``_disabled_``)."""
+
     def probe(parser: ConfigParser) -> bool:
-        (transform,) = [t for t in parser.get_parsed_content("postprocessing").transforms if type(t).__name__ == name]
-        return bool(transform.enabled)
+        steps = [t for t in parser.get_parsed_content("postprocessing").transforms if type(t).__name__ == name]
+        assert len(steps) <= 1
+        return bool(steps)
 
     return probe
 
@@ -233,7 +247,14 @@ def test_monai_bundle_run_reads_each_boolean_key_as_typed(
                 parser["checkpoint"] = str(tiny_checkpoint)
             assert bool(probe(parser)) is expected, f"--{key} {word}"
     parser = _monai_bundle_run(monkeypatch, configs, key, "ture")
-    flags = next(i for i, step in enumerate(parser["initialize"]) if "check_flags" in str(step) and key in str(step))
+    if "checkpoint" in parser:
+        parser["checkpoint"] = str(tiny_checkpoint)
+    checks = "@recipe" if key in RECIPE_FLAGS else "check_flags"  # the step that reads the key before any work
+    flags = next(
+        i
+        for i, step in enumerate(parser["initialize"])
+        if checks in str(step) and (key in str(step) or checks == "@recipe")
+    )
     with pytest.raises(RuntimeError) as info:
         parser.get_parsed_content(f"initialize#{flags}")
     assert str(find_user_error(info.value)).startswith(f"{key}: 'ture' is not a boolean")

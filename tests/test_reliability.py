@@ -20,6 +20,7 @@ import torch
 from conftest import AFFINE, REPO_ROOT, write_brats_case
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
+from test_inference_config import TINY_NET, _checkpoint
 
 from bundle.data import DataError, generate_demo_dataset, make_datalist
 from bundle.errors import find_user_error
@@ -176,7 +177,9 @@ def test_monai_label_inference_config_refuses_a_nan_case(tmp_path: Path) -> None
     image[0, 0, 0, 1] = np.nan
     path = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(image, AFFINE), path)
-    parser = ConfigParser(app_inference_config(REPO_ROOT, {"demo": True, "tta": False}))
+    # the preprocessing is the checkpoint's (its recipe names the training configs it comes from)
+    checkpoint = str(_checkpoint(tmp_path / "model.pt", TINY_NET))
+    parser = ConfigParser(app_inference_config(REPO_ROOT, {"demo": True, "tta": False, "checkpoint": checkpoint}))
     preprocessing = parser.get_parsed_content("preprocessing")
     message = _user_error(lambda: preprocessing({"image": str(path)}))  # MONAI's Compose wraps it
     assert message == f"{path}: 1 of 3840 voxels are not finite (NaN or Inf)"

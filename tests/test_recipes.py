@@ -1,0 +1,472 @@
+"""Each method's inference recipe: recorded by training, run by inference, overridden by the user (bundle/recipes.py).
+
+The end-to-end tests run small checkpoints of each output type through the entry points users type
+(``python -m monai.bundle run --config_file configs/inference.yaml``, ``python -m bundle infer``) and
+read the effect off the files written: with ``save_probabilities`` the label map of a recipe without
+post-processing is exactly the rule applied to the written probabilities, and M4's is exactly its
+four steps applied to them by hand; ``save_uncertainty`` (the std across flips) is zero for one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, shared_samples_dir
+from monai.bundle import ConfigParser
+from scipy import ndimage
+from test_inference_config import _write_case, single_thread, training_recipe  # noqa: F401 (an autouse fixture)
+
+from bundle.checkpoints import ModelRecord, build_network, read_record, save_model
+from bundle.constants import ED, ET, NCR
+from bundle.errors import OptionError, find_user_error
+from bundle.files import load_label_map
+from bundle.infer import infer, variant_recipe
+from bundle.label_maps import bounding_box, to_internal
+from bundle.postprocessing import (
+    close_tumour_regions,
+    remove_small_tumour_components,
+    small_et_components_to_ncr,
+    small_et_volume_to_ncr,
+)
+from bundle.probs_to_labels import regions_to_labels
+from bundle.recipes import RECIPE_KEYS, STEPS, normalise_recipe, recipe_for, resolve_recipe, training_config
+
+CONFIGS = REPO_ROOT / "configs"
+VARIANTS = sorted((CONFIGS / "variants").glob("*.yaml"))
+TWO_D = ("m1_la_resunet", "m2_resunet_tversky", "m3_resse_lka_unet", "unet_2d")
+STACKS = {
+    "m1": ("train.yaml", "train_2d.yaml", "variants/m1_la_resunet.yaml"),
+    "m2": ("train.yaml", "train_2d.yaml", "variants/m2_resunet_tversky.yaml"),
+    "m3": ("train.yaml", "train_2d.yaml", "variants/m3_resse_lka_unet.yaml"),
+}
+M4 = training_recipe()
+M1, M2, M3 = (training_recipe(*STACKS[m]) for m in ("m1", "m2", "m3"))
+
+
+def _stack(variant: Path) -> list[str]:
+    two_d = variant.stem in TWO_D
+    return [str(CONFIGS / "train.yaml")] + ([str(CONFIGS / "train_2d.yaml")] if two_d else []) + [str(variant)]
+
+
+# ------------------------------------------------------------------------------------ the recipes themselves
+
+
+def test_each_method_states_its_inference_and_the_papers_numbers() -> None:
+    assert normalise_recipe(M4, "regions") == {
+        "train_config": ["configs/train.yaml"],
+        "tta": True,
+        "wt_threshold": 0.45,
+        "tc_threshold": 0.40,
+        "et_threshold": 0.45,
+        "et_components_to_ncr": True,
+        "et_component_min_size": 16,
+        "et_component_min_prob": 0.9,
+        "et_volume_to_ncr": True,
+        "et_min_volume": 73,
+        "et_volume_min_prob": 0.9,
+        "remove_small_components": True,
+        "min_component_size": 50,
+        "closing": True,
+        "closing_size": 3,
+        "closing_element": "cross",
+    }
+    # M1-M3: one pass, their own rule, no post-processing
+    for recipe, output_type in ((M1, "regions"), (M2, "binary"), (M3, "classes")):
+        checked = normalise_recipe(recipe, output_type)
+        assert checked["tta"] is False and not any(checked[step] for step in STEPS), recipe
+    assert (M1["wt_threshold"], M1["tc_threshold"], M1["et_threshold"]) == (0.5, 0.5, 0.5)
+    assert M2["binary_threshold"] == 0.5 and "wt_threshold" not in M2 and "wt_threshold" not in M3
+
+
+@pytest.mark.parametrize("variant", [CONFIGS / "train.yaml", *VARIANTS], ids=lambda p: p.stem)
+def test_a_recipes_training_configs_give_the_models_preprocessing(variant: Path) -> None:
+    """``train_config`` must reproduce the preprocessing of the stack the model trains with: a variant that
+    changes the intensity steps and forgets to name itself there would run its models on other inputs."""
+    stack = [str(variant)] if variant.name == "train.yaml" else _stack(variant)
+    full = ConfigParser()
+    full.read_config(stack)
+    recipe = full.get_parsed_content("inference_recipe")
+    output_type = full.get_parsed_content("output_type")
+    assert recipe_for(recipe, output_type) is not None
+    recorded = training_config(recipe["train_config"], REPO_ROOT)
+    for key in ("intensity_transform", "label_transform", "deterministic_transforms"):
+        assert recorded.get(key) == full.get(key), f"{variant.name}: {key} differs from the recipe's train_config"
+    if variant.stem in ("m1_la_resunet", "m2_resunet_tversky", "m3_resse_lka_unet"):
+        # each paper's method states its own inference (the block is its own, not train.yaml's)
+        assert recipe["train_config"][-1] == f"configs/variants/{variant.name}" and recipe["tta"] is False
+
+
+@pytest.mark.parametrize(
+    ("change", "output_type", "message"),
+    [
+        ({"tta": "ture"}, "regions", r"inference_recipe#tta: 'ture' is not a boolean"),
+        ({"typo_threshold": 0.5}, "regions", r"inference_recipe#typo_threshold: not a recipe key"),
+        ({"wt_threshold": 1.5}, "regions", r"inference_recipe#wt_threshold: 1.5 is not a probability"),
+        ({"et_min_volume": 7.5}, "regions", r"inference_recipe#et_min_volume: 7.5 is not a whole number"),
+        ({"closing_size": 4}, "regions", r"inference_recipe#closing_size: 4 is not odd"),
+        ({"train_config": []}, "regions", r"inference_recipe#train_config: \[\] is not a list of config files"),
+        ({}, "classes", r"inference_recipe#wt_threshold: a class model \(softmax, argmax\) has no such rule"),
+        ({}, "binary", r"inference_recipe#binary_threshold: missing; a binary model"),
+    ],
+)
+def test_a_bad_recipe_is_one_sentence_naming_the_key(change: dict, output_type: str, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        normalise_recipe({**M4, **change}, output_type)
+
+
+def test_steps_need_their_numbers_and_binary_models_have_no_et() -> None:
+    no_size = {k: v for k, v in M4.items() if k != "min_component_size"}
+    with pytest.raises(OptionError, match="min_component_size: missing; the remove_small_components step is on"):
+        normalise_recipe(no_size, "regions")
+    assert "min_component_size" not in normalise_recipe({**no_size, "remove_small_components": False}, "regions")
+    with pytest.raises(OptionError, match=r"et_components_to_ncr: a binary model .* has no ET"):
+        normalise_recipe({**M2, "et_components_to_ncr": True, "et_component_min_size": 16}, "binary")
+
+
+def test_training_records_the_checked_recipe_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    net = torch.nn.Conv3d(4, 3, 1)
+    net.bundle_network_spec = {"_target_": "torch.nn.Conv3d", "in_channels": 4, "out_channels": 3, "kernel_size": 1}
+    record = ModelRecord(net, "regions", [8, 8, 8], inference_recipe={**M4, "tta": "false"}, train_settings={"a": 1})
+    state = record.state_dict()
+    assert state["inference_recipe"]["tta"] is False and state["train_settings"] == {"a": 1}
+    assert ModelRecord(net, "gate", [8, 8], inference_recipe=M4).state_dict()["inference_recipe"] is None
+    with pytest.raises(OptionError, match=r"train_config: .*nowhere.yaml does not exist"):
+        ModelRecord(net, "regions", inference_recipe={**M4, "train_config": ["configs/nowhere.yaml"]})
+    # training's initialize step stops on a bad block before any case is read
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser["inference_recipe#et_min_volume"] = -3
+    step = next(i for i, s in enumerate(parser["initialize"]) if "recipe_for" in str(s))
+    with pytest.raises(RuntimeError) as raised:
+        parser.get_parsed_content(f"initialize#{step}")
+    assert str(find_user_error(raised.value)).startswith("inference_recipe#et_min_volume: -3 is not a whole number")
+
+
+@pytest.mark.parametrize("method", ["m3", "m2"])
+def test_a_2d_methods_training_config_records_its_recipe_and_settings(method: str) -> None:
+    """train.yaml's model_record with a variant over it: what model.pt and every last checkpoint hold."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in STACKS[method]])
+    parser["network_factory#channels"] = [4, 8, 16, 32, 64]
+    parser["device"] = "$torch.device('cpu')"
+    if method == "m3":
+        parser["clahe"] = "yes"
+    record = parser.get_parsed_content("model_record").state_dict()
+    assert record["inference_recipe"] == normalise_recipe({"m3": M3, "m2": M2}[method], record["output_type"])
+    assert record["output_type"] == {"m3": "classes", "m2": "binary"}[method]
+    expected_settings = {"spacing": None, **({"clahe": True} if method == "m3" else {})}
+    assert record["train_settings"] == expected_settings
+
+
+# ------------------------------------------------------------------------------------ resolving a run's recipe
+
+
+def _record(output_type: str, recipe: dict | None) -> dict:
+    return {
+        "output_type": output_type,
+        "inference_recipe": None if recipe is None else normalise_recipe(recipe, output_type),
+    }
+
+
+def test_the_checkpoints_recipe_runs_and_options_override_it() -> None:
+    assert resolve_recipe(_record("classes", M3), M4) == normalise_recipe(M3, "classes")
+    assert resolve_recipe(_record("regions", M4), M4, tta="false", closing=False)["tta"] is False
+    # a variant's block given for this run replaces the checkpoint's
+    assert resolve_recipe(_record("regions", M4), M4, given_recipe=M1) == normalise_recipe(M1, "regions")
+    # a step switched on for M3 takes M4's numbers (the steps are M4's), or the user's
+    on = resolve_recipe(_record("classes", M3), M4, et_volume_to_ncr=True, et_min_volume=30)
+    assert (on["et_volume_to_ncr"], on["et_min_volume"], on["et_volume_min_prob"]) == (True, 30, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("output_type", "recipe", "options", "message"),
+    [
+        ("classes", M3, {"wt_threshold": 0.3}, r"^wt_threshold: a class model .* this checkpoint cannot use it"),
+        ("binary", M2, {"et_components_to_ncr": "yes"}, r"^et_components_to_ncr: a binary model .* has no ET"),
+        ("regions", M4, {"binary_threshold": 0.5}, r"^binary_threshold: a region model .* cannot use it"),
+        ("classes", M3, {"et_min_volume": 10}, r"^et_min_volume: the et_volume_to_ncr step is off .*set .* true"),
+        ("regions", M4, {"closing": "ture"}, r"^closing: 'ture' is not a boolean"),
+        ("regions", M4, {"overlap_size": 3}, r"^overlap_size: not a recipe option"),
+    ],
+)
+def test_an_option_the_recipe_cannot_honour_is_an_error(output_type, recipe, options, message) -> None:
+    with pytest.raises(OptionError, match=message):
+        resolve_recipe(_record(output_type, recipe), M4, **options)
+
+
+def test_another_methods_recipe_must_fit_the_model() -> None:
+    with pytest.raises(OptionError, match=r"inference_recipe#wt_threshold: missing; a region model"):
+        resolve_recipe(_record("regions", M4), M4, given_recipe=M3)
+
+
+def test_a_checkpoint_without_a_recipe_runs_m4s_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="bundle.recipes"):
+        assert resolve_recipe(_record("regions", None), M4, checkpoint="old.pt") == normalise_recipe(M4, "regions")
+    assert "old.pt records no inference recipe" in caplog.text and "running M4's recipe" in caplog.text
+    # as inference ran such checkpoints before: class models argmax, binary models a 0.5 mask, no ET steps
+    classes = resolve_recipe(_record("classes", None), M4)
+    assert "wt_threshold" not in classes and classes["tta"] and classes["closing"]
+    binary = resolve_recipe(_record("binary", None), M4)
+    assert binary["binary_threshold"] == 0.5 and not binary["et_components_to_ncr"] and not binary["et_volume_to_ncr"]
+    assert set(binary) <= set(RECIPE_KEYS)
+
+
+def test_bundle_infer_takes_a_variants_recipe_from_config_file(tmp_path: Path) -> None:
+    assert variant_recipe("configs/variants/m3_resse_lka_unet.yaml") == M3
+    assert variant_recipe("configs/variants/segresnet.yaml") == M4  # a baseline trains, and infers, as train.yaml
+    # a variant that overrides ids of another file of its stack (a 2-D one: train_2d.yaml's) is read as it is
+    variant = tmp_path / "mine.yaml"
+    variant.write_text("network_factory: {_target_: UNet}\ntrain#slice_only#x: 1\ninference_recipe: {tta: false}\n")
+    assert variant_recipe(variant) == {"tta": False}
+    variant.write_text("inference_recipe: [tta]\n")
+    with pytest.raises(OptionError, match="inference_recipe is not a block of keys"):
+        variant_recipe(variant)
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def _checkpoint(path: Path, output_type: str, recipe: dict, spatial_dims: int, settings: dict | None = None) -> Path:
+    """A one-layer network with random (so flip-dependent) 3x3 weights, saved as training saves models."""
+    out_channels = {"regions": 3, "classes": 4, "binary": 1}[output_type]
+    conv = "torch.nn.Conv3d" if spatial_dims == 3 else "torch.nn.Conv2d"
+    spec = {"_target_": conv, "in_channels": 4, "out_channels": out_channels, "kernel_size": 3, "padding": 1}
+    torch.manual_seed(3)
+    network = build_network(ConfigParser({"net": {**spec, "_mode_": "callable"}}).get_parsed_content("net"))
+    with torch.no_grad():
+        network.weight.mul_(4.0)  # confident and speckled: small components for the steps to act on
+        if output_type == "binary":  # tumour where T1ce is bright (M2's inputs are scaled to [0, 1])
+            network.weight.zero_()
+            network.weight[(0, 1, *[1] * spatial_dims)] = 10.0
+            network.bias.fill_(-5.0)
+    patch = [16] * spatial_dims
+    return save_model(path, network, output_type, patch, recipe, settings or {"spacing": None})
+
+
+def _files(out: Path, case: str = "Case_001") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read(postfix: str) -> np.ndarray:
+        return np.asarray(nib.load(out / f"{case}_{postfix}.nii.gz").dataobj)
+
+    return read("seg"), read("prob"), read("uncertainty")
+
+
+def _channels_first(prob: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.moveaxis(prob, -1, 0) if prob.ndim == 4 else prob[None]).float()
+
+
+def _brain_box(case: Path) -> tuple[slice, ...]:
+    """The brain's bounding box in the files' grid (where configs/train.yaml's CropForegroundd crops)."""
+    images = [np.asarray(nib.load(f).dataobj) for f in sorted(case.glob("*.nii.gz"))]
+    return bounding_box(np.any([image != 0 for image in images], axis=0))
+
+
+def _inside(box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[box] = True
+    return mask
+
+
+def _run(entry: str, case: Path, out: Path, checkpoint: Path, *flags: str) -> str:
+    if entry == "bundle":
+        command = ["-m", "bundle", "infer", str(case), "--output", str(out)]
+    else:
+        command = ["-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml"]
+        command += ["--dataset_dir", str(case), "--output_dir", str(out)]
+    command += ["--checkpoint", str(checkpoint), "--save_probabilities", "true", "--save_uncertainty", "true"]
+    command += ["--amp", "false", *flags]
+    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_case(tmp_path_factory.mktemp("data"), "Case_001")
+
+
+def test_m3_checkpoint_runs_one_pass_argmax_and_nothing_else_by_default(case: Path, tmp_path: Path) -> None:
+    """``python -m monai.bundle run --config_file configs/inference.yaml`` with no flag: M3's recipe."""
+    checkpoint = _checkpoint(tmp_path / "m3.pt", "classes", M3, 2, {"spacing": None, "clahe": False})
+    output = _run("monai.bundle", case, tmp_path / "out", checkpoint)
+    assert "2-D classes model, one pass, argmax, post-processing: none" in output
+    seg, prob, std = _files(tmp_path / "out")
+    assert float(std.max()) == 0.0  # one pass: nothing varies across flips
+    argmax = prob.argmax(-1)  # class indices are the internal labels
+    internal = to_internal(torch.as_tensor(seg.astype(np.int64)), "brats2021").numpy()
+    np.testing.assert_array_equal(internal, argmax)  # the argmax itself: no post-processing changed it
+    assert len(np.unique(internal)) == 4  # every class occurs, so the test could see a step act
+    # M3's own preprocessing, from the recorded training configs (percentile clip before the z-score)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    parser["checkpoint"] = str(checkpoint)
+    names = [type(t).__name__ for t in parser.get_parsed_content("intensity_transform").transforms]
+    assert names == ["ClipNonzeroPercentilesd", "Identityd", "NormalizeIntensityd"]
+    # a model trained with CLAHE is preprocessed with it (the record's train_settings)
+    parser["checkpoint"] = str(_checkpoint(tmp_path / "clahe.pt", "classes", M3, 2, {"spacing": None, "clahe": True}))
+    names = [type(t).__name__ for t in parser.get_parsed_content("intensity_transform").transforms]
+    assert names == ["ClipNonzeroPercentilesd", "CLAHEd", "NormalizeIntensityd"]
+
+
+def test_explicit_options_override_m3s_recipe(case: Path, tmp_path: Path) -> None:
+    """The same M3 model with TTA and M4's first and third steps, through python -m bundle infer's function."""
+    checkpoint = _checkpoint(tmp_path / "m3.pt", "classes", M3, 2, {"spacing": None, "clahe": False})
+    infer(str(case), output=str(tmp_path / "out2"), checkpoint=str(checkpoint), tta="yes", et_components_to_ncr="true",
+          remove_small_components=True, save_probabilities=True, save_uncertainty=True)  # fmt: skip
+    seg2, prob2, std2 = _files(tmp_path / "out2")
+    assert float(std2.max()) > 0.0
+    internal2 = to_internal(torch.as_tensor(seg2.astype(np.int64)), "brats2021").numpy()
+    probs = _channels_first(prob2)
+    by_hand = remove_small_tumour_components(
+        small_et_components_to_ncr(probs.argmax(0, keepdim=True), probs[3], 16, 0.9), 50
+    )[0].numpy()
+    np.testing.assert_array_equal(internal2, by_hand)
+    assert (internal2 != probs.argmax(0).numpy()).sum() > 0
+
+
+def test_m4_checkpoint_runs_its_recipe_and_the_user_overrides_it(case: Path, tmp_path: Path) -> None:
+    """``python -m bundle infer`` with no flag: 8 flips, 0.45/0.40/0.45, the four steps in the paper's order."""
+    checkpoint = _checkpoint(tmp_path / "m4.pt", "regions", M4, 3)
+    output = _run("bundle", case, tmp_path / "out", checkpoint)
+    assert "3-D regions model, flip TTA" in output
+    assert "et_components_to_ncr, et_volume_to_ncr, remove_small_components, closing" in output
+    seg, prob, std = _files(tmp_path / "out")
+    assert float(std.max()) > 0.0  # the flips disagree: TTA ran
+    # post-processing runs on the preprocessed grid, cropped to the brain: outside it, nothing
+    box = _brain_box(case)
+    assert not seg[~_inside(box, seg.shape)].any()
+    seg, probs = seg[box], _channels_first(prob)[(slice(None), *box)]
+    labels = regions_to_labels(probs, 0.45, 0.40, 0.45)
+    by_hand = close_tumour_regions(
+        remove_small_tumour_components(
+            small_et_volume_to_ncr(small_et_components_to_ncr(labels, probs[2], 16, 0.9), probs[2], 73, 0.9), 50
+        ),
+        3,
+    )
+    internal = to_internal(torch.as_tensor(seg.astype(np.int64)), "brats2021").numpy()
+    np.testing.assert_array_equal(internal, by_hand[0].numpy())
+    assert (internal != labels[0].numpy()).sum() > 0  # the steps changed something the check can see
+
+    # the user's options override single keys of the recipe
+    infer(str(case), output=str(tmp_path / "off"), checkpoint=str(checkpoint), tta=False, closing="no",
+          remove_small_components=False, et_components_to_ncr=False, et_volume_to_ncr=False, wt_threshold=0.6,
+          save_probabilities=True, save_uncertainty=True)  # fmt: skip
+    seg, prob, std = _files(tmp_path / "off")
+    assert float(std.max()) == 0.0
+    plain = regions_to_labels(_channels_first(prob), 0.6, 0.40, 0.45)[0].numpy()
+    np.testing.assert_array_equal(to_internal(torch.as_tensor(seg.astype(np.int64)), "brats2021").numpy(), plain)
+
+
+def test_a_variant_given_as_config_file_brings_its_recipe(case: Path, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "m4.pt", "regions", M4, 3)
+    infer(str(case), output=str(tmp_path / "out"), checkpoint=str(checkpoint), save_probabilities=True,
+          save_uncertainty=True, config_file="configs/variants/m1_la_resunet.yaml")  # fmt: skip
+    seg, prob, std = _files(tmp_path / "out")
+    assert float(std.max()) == 0.0
+    plain = regions_to_labels(_channels_first(prob), 0.5, 0.5, 0.5)[0].numpy()
+    np.testing.assert_array_equal(to_internal(torch.as_tensor(seg.astype(np.int64)), "brats2021").numpy(), plain)
+    with pytest.raises(OptionError, match="wt_threshold: missing; a region model"):
+        infer(str(case), output=str(tmp_path / "m3"), checkpoint=str(checkpoint),
+              config_file="configs/variants/m3_resse_lka_unet.yaml")  # fmt: skip
+
+
+def test_m2_checkpoint_writes_its_mask_and_refuses_et_rules(case: Path, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "m2.pt", "binary", M2, 2)
+    (seg_file,) = infer(str(case), output=str(tmp_path / "out"), checkpoint=str(checkpoint), save_probabilities=True)
+    seg = np.asarray(nib.load(seg_file).dataobj)
+    prob = np.asarray(nib.load(tmp_path / "out" / "Case_001_prob.nii.gz").dataobj)
+    np.testing.assert_array_equal(seg, (prob >= 0.5).astype(np.uint8).reshape(seg.shape))
+    assert set(np.unique(seg).tolist()) == {0, 1}
+    with pytest.raises(OptionError, match=r"^et_components_to_ncr: a binary model"):
+        infer(str(case), output=str(tmp_path / "x"), checkpoint=str(checkpoint), et_components_to_ncr=True)
+    with pytest.raises(OptionError, match=r"^output_label_scheme: 'msd' maps NCR, ED and ET"):
+        infer(str(case), output=str(tmp_path / "x"), checkpoint=str(checkpoint), output_label_scheme="msd")
+    m4 = _checkpoint(tmp_path / "m4.pt", "regions", M4, 3)
+    with pytest.raises(OptionError, match=r"^gate_checkpoint: .* gates the slices of a 2-D model"):
+        infer(str(case), output=str(tmp_path / "x"), checkpoint=str(m4), gate_checkpoint=str(checkpoint))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_saved_before_recipes_runs_m4s_recipe(
+    case: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = _checkpoint(tmp_path / "old.pt", "regions", M4, 3)
+    state = torch.load(checkpoint, weights_only=True)
+    for key in ("inference_recipe", "train_settings"):
+        del state["model_record"][key]  # what checkpoints held before
+    torch.save(state, checkpoint)
+    assert "inference_recipe" not in read_record(checkpoint)
+    infer(str(case), output=str(tmp_path / "out"), checkpoint=str(checkpoint), save_uncertainty=True)
+    logged = capsys.readouterr().out  # configs/logging.conf, which the workflow installs, logs to stdout
+    assert "old.pt records no inference recipe (saved before recipes were recorded): running M4's recipe" in logged
+    assert "3-D regions model, flip TTA" in logged
+    assert float(np.asarray(nib.load(tmp_path / "out" / "Case_001_uncertainty.nii.gz").dataobj).max()) > 0.0
+
+
+# ------------------------------------------------------------------------------------ M4's steps on a real case
+
+
+def _region_probabilities(labels: np.ndarray, inside: float = 0.97, outside: float = 0.02) -> torch.Tensor:
+    """WT, TC, ET probabilities of internal labels: ``inside`` in each region, ``outside`` elsewhere."""
+    masks = [labels > 0, (labels == NCR) | (labels == ET), labels == ET]
+    return torch.as_tensor(np.stack([np.where(m, inside, outside) for m in masks])).float()
+
+
+@pytest.mark.skipif(shared_samples_dir() is None, reason="no BraTS samples beside the repository (BRATS_SAMPLES_DIR)")
+def test_m4_steps_on_a_real_cases_truth_with_constructed_errors() -> None:
+    """BraTS2021_00000's truth as confident probabilities, plus the errors each step is for."""
+    case = sorted(p for p in shared_samples_dir().iterdir() if p.is_dir())[0]
+    truth, _, _ = load_label_map(next(case.glob("*_seg.nii.gz")), "brats2021")
+    brain = np.asarray(nib.load(next(case.glob("*_flair.nii.gz"))).dataobj) > 0
+    probs = _region_probabilities(truth)
+    # 1. a small unconfident ET blob inside the edema (a false ET component)
+    deep_in_edema = np.argwhere(ndimage.binary_erosion(truth == ED, iterations=3))  # 3 voxels from any ET
+    x, y, z = deep_in_edema[len(deep_in_edema) // 2]
+    blob = (slice(x, x + 2), slice(y, y + 2), slice(z, z + 2))
+    assert (truth[blob] == ED).all()
+    probs[1][blob], probs[2][blob] = 0.9, 0.6
+    # 3. an isolated false tumour far from the tumour (in the brain's other half)
+    distance = ndimage.distance_transform_edt(truth == 0)
+    x, y, z = np.argwhere(brain & (distance > 20) & (distance < 30))[0]
+    spot = (slice(x, x + 3), slice(y, y + 3), slice(z, z + 3))
+    assert not (truth[spot] > 0).any() and brain[spot].all()
+    probs[0][spot] = 0.9
+    recipe = normalise_recipe(M4, "regions")
+    labels = regions_to_labels(probs, recipe["wt_threshold"], recipe["tc_threshold"], recipe["et_threshold"])
+    assert (labels[0][blob] == ET).all() and (labels[0][spot] == ED).all()
+    step1 = small_et_components_to_ncr(labels, probs[2], recipe["et_component_min_size"], 0.9)
+    assert (step1[0][blob] == NCR).all()  # the unconfident 8-voxel ET blob became NCR
+    assert int((step1[0] == ET).sum()) == int((truth == ET).sum())  # the real ET (large, confident) stays
+    step2 = small_et_volume_to_ncr(step1, probs[2], recipe["et_min_volume"], recipe["et_volume_min_prob"])
+    assert torch.equal(step2, step1)  # thousands of confident ET voxels: the case keeps its ET
+    step3 = remove_small_tumour_components(step2, recipe["min_component_size"])
+    assert not (step3[0][spot] > 0).any()  # the 27-voxel isolated false tumour is gone
+    truth_regions = [truth > 0, np.isin(truth, (NCR, ET)), truth == ET]
+    dice = {}
+    for element in ("cross", "cube"):
+        result = close_tumour_regions(step3, recipe["closing_size"], element)[0].numpy()
+        result_regions = [result > 0, np.isin(result, (NCR, ET)), result == ET]
+        for name, t, r in zip(("WT", "TC", "ET"), truth_regions, result_regions, strict=True):
+            assert (r | ~t).all()  # closing never removes tumour
+            dice[element, name] = 2 * (t & r).sum() / (t.sum() + r.sum())
+    # the recipe's cross barely changes a correct prediction; the cube closes the thin ET rim's gaps
+    assert recipe["closing_element"] == "cross" and min(dice["cross", n] for n in ("WT", "TC", "ET")) > 0.98
+    assert dice["cube", "ET"] < dice["cross", "ET"] - 0.01
+    # 2. the same case with its ET replaced by 40 unconfident voxels: all of them become NCR
+    no_et = np.where(truth == ET, NCR, truth)
+    probs = _region_probabilities(no_et)
+    core = np.argwhere(no_et == NCR)[:40]
+    probs[2][tuple(core.T)] = 0.7
+    labels = regions_to_labels(probs, 0.45, 0.40, 0.45)
+    assert int((labels == ET).sum()) == 40
+    demoted = small_et_volume_to_ncr(labels, probs[2], 73, 0.9)
+    assert int((demoted == ET).sum()) == 0 and int((demoted == NCR).sum()) == int((no_et == NCR).sum())
+    probs[2][tuple(core.T)] = 0.95  # confident: kept
+    assert int((small_et_volume_to_ncr(labels, probs[2], 73, 0.9) == ET).sum()) == 40
