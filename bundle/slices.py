@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset, get_track_meta, set_track_meta
 from monai.inferers import SliceInferer
@@ -51,7 +50,6 @@ __all__ = [
     "SliceDraw",
     "check_slice_options",
     "slice_classes",
-    "training_config",
 ]
 
 #: Where :class:`SliceClassesd` keeps the per-slice classes of a cached volume.
@@ -427,18 +425,3 @@ class ResizedSliceInferer(SliceInferer):
             raise NotImplementedError("ResizedSliceInferer does not support a condition input")
         resized = lambda s, *a, **k: self.run_network(network, s, *a, **k)  # noqa: E731
         return super().network_wrapper(resized, x, None, *args, **kwargs)
-
-
-def training_config(files: Sequence[str] | str, **overrides: Any) -> ConfigParser:
-    """The parsed training config stack of a model (e.g. train.yaml + train_2d.yaml + a variant), with overrides.
-
-    ``configs/inference_2d.yaml`` reads the model's deterministic preprocessing from the very files
-    it was trained with (so a variant's changes, such as M3's percentile clip or M2's [0, 1] scaling,
-    also apply at inference; the network, slice size and output type come from the checkpoint's
-    record); ``overrides`` set keys such as ``label_layout`` before anything is parsed.
-    """
-    parser = ConfigParser()
-    parser.read_config(list(files) if not isinstance(files, str) else files)
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
