@@ -334,7 +334,7 @@ VARIANTS = {
     "m1_la_resunet": ("ResUNet", 2),
     "m2_resunet_tversky": ("ResUNet", 2),
     "m3_resse_lka_unet": ("ResSELKAUNet", 2),
-    "m4_resunet_ds": ("ResUNet", 3),
+    "m4_resunet_ds": ("M4UNet", 3),
     "unet": ("UNet", 3),
     "attention_unet": ("AttentionUnet", 3),
     "segresnet": ("SegResNet", 3),

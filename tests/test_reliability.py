@@ -21,6 +21,7 @@ from conftest import AFFINE, REPO_ROOT, write_brats_case
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
+from bundle.checkpoints import save_model
 from bundle.data import DataError, generate_demo_dataset, make_datalist
 from bundle.errors import find_user_error
 from bundle.infer import infer
@@ -176,7 +177,12 @@ def test_monai_label_inference_config_refuses_a_nan_case(tmp_path: Path) -> None
     image[0, 0, 0, 1] = np.nan
     path = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(image, AFFINE), path)
-    parser = ConfigParser(app_inference_config(REPO_ROOT, {"demo": True, "tta": False}))
+    # the preprocessing is the recorded model's (M4's best adds a channel), so the app needs a checkpoint
+    train = ConfigParser()
+    train.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
+    train["network_factory#filters"] = TRAIN_OVERRIDES["network_factory#filters"]
+    checkpoint = save_model(tmp_path / "model.pt", train.get_parsed_content("network_def"), patch_size=[32, 32, 32])
+    parser = ConfigParser(app_inference_config(REPO_ROOT, {"checkpoint": str(checkpoint), "tta": False}))
     preprocessing = parser.get_parsed_content("preprocessing")
     message = _user_error(lambda: preprocessing({"image": str(path)}))  # MONAI's Compose wraps it
     assert message == f"{path}: 1 of 3840 voxels are not finite (NaN or Inf)"

@@ -85,8 +85,11 @@ def test_one_epoch_through_the_bundle_cli(tmp_path: Path, tiny_demo: Path) -> No
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("input_block") for k in best["model"]), "model.pt holds the network's state dict"
     record = best["model_record"]  # and what built it (bundle.checkpoints)
-    assert record["network"]["_target_"] == "monai.networks.nets.dynunet.DynUNet"
+    assert record["network"]["_target_"] == "bundle.networks.nets.M4UNet"
     assert record["network"]["filters"] == TINY["network_factory#filters"]
+    assert record["network"]["strides"] == [1, 2, 2, 2, 2]  # the depth follows the filters
+    assert record["network"]["upsample_heads"] is False  # M4's deep supervision: heads at their own size
+    assert record["input_channels"] == ["t1", "t1ce", "t2", "flair"] and record["network"]["in_channels"] == 4
     assert record["patch_size"] == TINY["roi_size"] and record["output_type"] == "regions"
 
 
