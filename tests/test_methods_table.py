@@ -1,8 +1,10 @@
 """docs/methods.md's tables against the configs: a paper's number lives in one config key, and says so.
 
-Each method section names its config file; every table row whose ``key`` cells are top-level config
-keys and whose ``value`` cell (before any ``;``) lists one plain value per key is compared with what
-that config stack parses to. A row that drifts from its config fails here.
+Each method section names its config file; every table row whose ``key`` cells are config ids (top-level
+keys or ``network_factory#filters``-style paths) and whose ``value`` cell (before any ``;``) lists one
+plain value per key is compared with what that config stack parses to. A row that drifts from its
+config fails here. Tables with a fourth column give each row a verdict: MATCH (the paper's value) or
+CHOSEN (the paper is silent or cannot be followed here, with the reason).
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def _plain(text: str) -> object:
     return value if isinstance(value, (int, float, bool, list)) else None
 
 
-def _rows() -> list[tuple[str, str, list[str], list[object]]]:
-    """(section config, row text, keys, values) of every table row that can be checked mechanically."""
+def _table_rows() -> list[tuple[str, list[str]]]:
+    """(section config, cells) of every body row of the method tables (3 or 4 columns)."""
     rows, config = [], None
     for line in METHODS.read_text().splitlines():
         if line.startswith("## "):
@@ -63,8 +65,16 @@ def _rows() -> list[tuple[str, str, list[str], list[object]]]:
         if config is None or not line.startswith("| ") or line.startswith("| paper") or line.startswith("|---"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 3:
-            continue
+        if len(cells) in (3, 4):
+            rows.append((config, cells))
+    return rows
+
+
+def _rows() -> list[tuple[str, str, list[str], list[object]]]:
+    """(section config, row text, keys, values) of every table row that can be checked mechanically."""
+    rows = []
+    for config, cells in _table_rows():
+        line = "| " + " | ".join(cells) + " |"
         keys = re.findall(r"`([a-z_#]+)`", cells[1])  # top-level keys and nested ids (network_factory#...)
         if not keys or len(keys) != len(re.findall(r"`[^`]+`", cells[1])):
             continue  # a key cell that names nested ids or prose
@@ -85,7 +95,22 @@ def test_the_table_rows_that_hold_paper_numbers_are_checked() -> None:
     assert ("train", ("monitor", "early_stop_patience", "val_interval")) in checked
     assert ("m2_resunet_tversky", ("monitor", "early_stop_patience")) in checked
     assert ("m3_resse_lka_unet", ("slice_size",)) in checked
+    # M4's network, loss and deep supervision (the paper's baseline) and its best setting
+    assert ("train", ("network_factory#filters",)) in checked
+    assert ("train", ("network_factory#strides",)) in checked
+    assert ("train", ("loss#loss#lambda_dice", "loss#loss#lambda_bce")) in checked
+    assert ("train", ("upsample_ds_heads",)) in checked
+    assert ("train", ("salient_channel", "network_factory#in_channels")) in checked
+    assert ("m4_resunet_ds", ("network_factory#filters",)) in checked
+    assert ("m4_resunet_ds", ("salient_channel", "network_factory#in_channels", "input_channels")) in checked
     assert len(ROWS) >= 4
+
+
+def test_every_row_of_a_four_column_table_has_a_verdict() -> None:
+    four = [(config, cells) for config, cells in _table_rows() if len(cells) == 4]
+    assert {Path(config).stem for config, _ in four} >= {"train", "m4_resunet_ds"}
+    for config, cells in four:
+        assert re.match(r"(MATCH|CHOSEN)\b", cells[3]), f"{config}: no MATCH / CHOSEN verdict: {cells}"
 
 
 @pytest.mark.parametrize(
