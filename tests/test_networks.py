@@ -293,6 +293,24 @@ def test_m4_deep_supervision_loss_compares_each_head_with_nearest_downsampled_la
         assert head.conv.conv.weight.grad.abs().sum() > 0
 
 
+def test_both_deep_supervision_forms_give_the_same_loss_on_labels_constant_over_each_heads_voxel() -> None:
+    """Where every 4 x 4 x 4 block of the labels is constant, comparing a head with the labels down-sampled
+    to it (M4) equals comparing it up-sampled with the full labels (DynUNet): the forms differ only at
+    boundaries finer than a head's voxel, which is where the paper's form is the coarser one."""
+    torch.manual_seed(0)
+    own_size = _m4().train()
+    upsampled = _m4(upsample_heads=True).train()
+    upsampled.load_state_dict(own_size.state_dict())
+    x = torch.randn(1, 4, 64, 64, 64)
+    loss = StackedDeepSupervisionLoss(RegionDiceBCELoss())
+    aligned = torch.zeros(1, 3, 64, 64, 64)
+    aligned[:, :, 16:48, 20:44, 24:40] = 1  # box edges on multiples of 4
+    torch.testing.assert_close(loss(own_size(x), aligned), loss(upsampled(x), aligned))
+    shifted = torch.zeros(1, 3, 64, 64, 64)
+    shifted[:, :, 17:47, 21:43, 25:39] = 1
+    assert not torch.isclose(loss(own_size(x), shifted), loss(upsampled(x), shifted))
+
+
 def test_m4_best_setting_seven_levels_and_the_salient_channel() -> None:
     """M4's best: 7 levels, 5 input channels; sizes are multiples of 64 (128 x 64 x 64: a 2-voxel bottleneck)."""
     net = _m4((2, 4, 4, 4, 4, 4, 4), in_channels=5)
