@@ -191,6 +191,14 @@ class LabelsToRegionsd(MapTransform):
         return d
 
 
+def _one_per_key(keys: Sequence[Hashable], names: str | Sequence[str], what: str) -> list[str]:
+    """The names a dictionary transform writes, one per key (a single name for a single key)."""
+    names = [names] if isinstance(names, str) else list(names)
+    if len(names) != len(keys):
+        raise ValueError(f"one {what} per key: {list(keys)} -> {names}")
+    return names
+
+
 class RegionsToDisjointd(MapTransform):
     """Nested region masks ``(WT, TC, ET, *spatial)`` -> the disjoint classes ``(NCR, ED, *spatial)``.
 
@@ -201,9 +209,7 @@ class RegionsToDisjointd(MapTransform):
 
     def __init__(self, keys: KeysCollection, output_keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.output_keys = [output_keys] if isinstance(output_keys, str) else list(output_keys)
-        if len(self.output_keys) != len(self.keys):
-            raise ValueError(f"one output key per key: {self.keys} -> {self.output_keys}")
+        self.output_keys = _one_per_key(self.keys, output_keys, "output key")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Add the disjoint-class channels of every key present."""
@@ -250,9 +256,7 @@ class SalientMaskd(MapTransform):
         self, keys: KeysCollection, mask_key: str | Sequence[str] = "salient", allow_missing_keys: bool = False
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.mask_keys = [mask_key] if isinstance(mask_key, str) else list(mask_key)
-        if len(self.mask_keys) != len(self.keys):
-            raise ValueError(f"one mask key per key: {self.keys} -> {self.mask_keys}")
+        self.mask_keys = _one_per_key(self.keys, mask_key, "mask key")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Add the mask of every image key present."""

@@ -15,7 +15,9 @@ multiply-add as two FLOPs and counts only matmul/convolution-like ops). The time
 ``--iters`` forward+backward passes (one for 3-D) in training mode (deep-supervision heads
 included) with batch 1, after one warm-up pass. A 3-D variant whose pass would take longer than
 ``--max-seconds`` at its size (estimated from its FLOPs and the throughput measured so far, or
-seen in its warm-up) is measured at the fallback size instead, and the table says so.
+seen in its warm-up) is measured at the fallback size instead, and the table says so (variants run in
+the order listed below, so the throughput is known before the large ones: keep ``m4_baseline`` in
+an ``--only`` list that has ``m4_resunet_ds``, whose 128^3 pass would need ~16 GB).
 """
 
 from __future__ import annotations
@@ -48,8 +50,7 @@ class Variant:
     config_files: tuple[str, ...]
     spatial_dims: int
     size: int
-    fallback_size: int | None = None
-    skip_reason: str | None = None
+    fallback_size: int | tuple[int, ...] | None = None
 
     def _parser(self):  # noqa: ANN202 - monai.bundle is imported in the child process only
         from monai.bundle import ConfigParser
@@ -108,11 +109,9 @@ def _variants() -> list[Variant]:
             (*TRAIN_3D, "configs/variants/m4_resunet_ds.yaml"),
             3,
             128,
-            skip_reason=(
-                "sizes must be multiples of 64 (no 96^3); at 64^3 the 1-voxel bottleneck breaks instance norm; "
-                "128^3 needs ~12 TFLOPs and an estimated ~16 GB per pass (activations scaled from the baseline "
-                "at 96^3: 2x channels, 2.4x voxels), most of this shared 23 GB machine"
-            ),
+            # sizes must be multiples of 64 (no 96^3) and 64^3 leaves a 1-voxel bottleneck (instance norm
+            # breaks); a 128^3 pass needs ~12 TFLOPs and ~16 GB (estimated), most of this shared machine
+            (128, 64, 64),
         ),
         Variant(
             "unet",
@@ -171,7 +170,18 @@ def count_parameters(variant: Variant) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def count_flops(variant: Variant, size: int) -> int:
+def input_shape(variant: Variant, size: int | tuple[int, ...]) -> tuple[int, ...]:
+    """``(1, channels, *spatial)`` for a cubic side or an explicit spatial shape."""
+    spatial = tuple(size) if isinstance(size, tuple) else (size,) * variant.spatial_dims
+    return (1, variant.in_channels, *spatial)
+
+
+def size_text(size: int | tuple[int, ...], spatial_dims: int = 3) -> str:
+    """``96^3`` for a cube, ``128x64x64`` otherwise."""
+    return "x".join(map(str, size)) if isinstance(size, tuple) else f"{size}^{spatial_dims}"
+
+
+def count_flops(variant: Variant, size: int | tuple[int, ...]) -> int:
     """Forward FLOPs for one input of batch 1: on the meta device, or on the CPU if the net needs real values."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -179,7 +189,7 @@ def count_flops(variant: Variant, size: int) -> int:
         try:
             with torch.device(device):
                 net = variant.build().eval()
-                x = torch.zeros(1, variant.in_channels, *([size] * variant.spatial_dims))
+                x = torch.zeros(input_shape(variant, size))
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 net(x)
@@ -206,11 +216,11 @@ def time_forward_backward(net: nn.Module, x: torch.Tensor, iters: int) -> float:
     return total / iters
 
 
-def run_one(variant: Variant, size: int, iters: int, max_seconds: float) -> dict:
+def run_one(variant: Variant, size: int | tuple[int, ...], iters: int, max_seconds: float) -> dict:
     """Benchmark one variant at one size in this process."""
     torch.manual_seed(0)
     net = variant.build().train()
-    x = torch.randn(1, variant.in_channels, *([size] * variant.spatial_dims))
+    x = torch.randn(input_shape(variant, size))
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     warmup = time_forward_backward(net, x, 1)
     result = {"name": variant.name, "size": size, "params": params, "warmup_s": round(warmup, 3)}
@@ -222,14 +232,15 @@ def run_one(variant: Variant, size: int, iters: int, max_seconds: float) -> dict
     return result
 
 
-def _child(name: str, size: int, iters: int, max_seconds: float, threads: int) -> None:
+def _child(name: str, size: int | tuple[int, ...], iters: int, max_seconds: float, threads: int) -> None:
     torch.set_num_threads(threads)
     variant = next(v for v in _variants() if v.name == name)
     print(json.dumps(run_one(variant, size, iters, max_seconds)))
 
 
-def _spawn(name: str, size: int, iters: int, max_seconds: float, threads: int) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--size", str(size), "--iters", str(iters)]
+def _spawn(name: str, size: int | tuple[int, ...], iters: int, max_seconds: float, threads: int) -> dict:
+    spec = "x".join(map(str, size)) if isinstance(size, tuple) else str(size)
+    command = [sys.executable, __file__, "--child", name, "--size", spec, "--iters", str(iters)]
     command += ["--max-seconds", str(max_seconds), "--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -250,10 +261,11 @@ def main() -> None:
     # one thread by default: on a shared, loaded 2-core machine two OpenMP threads ran 3-10x slower than one
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="0", help=argparse.SUPPRESS)  # a side, or a shape "128x64x64"
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.size, args.iters, args.max_seconds, args.threads)
+        size = tuple(int(n) for n in args.size.split("x")) if "x" in args.size else int(args.size)
+        _child(args.child, size, args.iters, args.max_seconds, args.threads)
         return
 
     selected = [v for v in _variants() if not args.only or v.name in args.only.split(",")]
@@ -266,27 +278,20 @@ def main() -> None:
         flops = count_flops(variant, variant.size)
         shape = "x".join([str(variant.in_channels)] + [str(variant.size)] * variant.spatial_dims)
         params = count_parameters(variant) / 1e6
-        if variant.skip_reason:
-            print(
-                f"| {variant.name} | {variant.description} | {shape} | {params:.2f} | {flops / 1e9:.1f} | "
-                f"{flops / 2e9:.1f} | not measured: {variant.skip_reason} | - |",
-                flush=True,
-            )
-            continue
         size, note = variant.size, ""
         if variant.fallback_size and measured_seconds > 0:
             # backward costs about twice the forward
             estimate = 3 * flops / (measured_flops / measured_seconds)
             if estimate > args.max_seconds:
                 size = variant.fallback_size
-                note = f" (at {size}^3: {variant.size}^3 estimated {estimate:.0f} s from its FLOPs)"
+                note = f" (at {size_text(size)}: {variant.size}^3 estimated {estimate:.0f} s from its FLOPs)"
         # at the fallback size there is nothing smaller to fall back to: measure however long it takes
         limit = args.max_seconds if size == variant.size else float("inf")
         result = _spawn(variant.name, size, iters, limit, args.threads)
         if size == variant.size and (result.get("too_slow") or "failed" in result) and variant.fallback_size:
             why = f"warm-up {result['warmup_s']} s" if result.get("too_slow") else f"failed: {result['failed']}"
             size = variant.fallback_size
-            note = f" (at {size}^3: {variant.size}^3 {why})"
+            note = f" (at {size_text(size)}: {variant.size}^3 {why})"
             result = _spawn(variant.name, size, iters, float("inf"), args.threads)
         if "seconds" in result:
             measured_flops += 3 * count_flops(variant, size) if size != variant.size else 3 * flops

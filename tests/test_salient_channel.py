@@ -18,6 +18,7 @@ from conftest import REPO_ROOT
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose
+from test_inference_config import single_thread  # noqa: F401 - its autouse fixture: one intra-op thread
 
 from bundle.checkpoints import (
     CheckpointError,
@@ -41,14 +42,6 @@ TINY_M4 = {
     "roi_size": [16, 16, 16],
     "num_workers": 0,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train_parser(salient: bool, **overrides: object) -> ConfigParser:
