@@ -205,3 +205,27 @@ def test_zoo_metadata_of_the_best_setting_says_five_channels() -> None:
         plain = ConfigParser()
         plain.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
         assert network_data_format(plain.get_parsed_content("model_record").state_dict(), default) == default
+
+
+@pytest.mark.slow  # the export runs MONAI's ckpt_export in a fresh interpreter (~30 s to 2 min here)
+def test_zoo_export_of_a_best_setting_checkpoint_says_five_channels(tmp_path: Path) -> None:
+    """``python -m bundle export`` of an m4_resunet_ds checkpoint: metadata and TorchScript take 5 channels."""
+    import subprocess
+    import sys
+
+    from bundle.export import bundle_env, export
+
+    checkpoint = _checkpoint(tmp_path / "best.pt", True)
+    out = Path(export(str(tmp_path / "exported"), checkpoint=str(checkpoint)))
+    image = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 5 and image["channel_def"]["4"] == SALIENT_CHANNEL
+    assert image["spatial_shape"] == ["8*n"] * 3  # the tiny 4-level net: three stride-2 levels
+    check = (
+        "import torch; ts = torch.jit.load('models/model.ts'); ts.eval(); "
+        "print(tuple(ts(torch.randn(1, 5, 16, 24, 32)).shape))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=out, env=bundle_env(out), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "(1, 3, 16, 24, 32)"
