@@ -33,8 +33,10 @@ from monai.utils import instantiate
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES, MODALITIES, REGION_NAMES
 from bundle.data import DataError
 from bundle.errors import OptionError
+from bundle.networks.nets import size_multiple
 from bundle.paths import BUNDLE_ROOT
 from bundle.recipes import recipe_for
+from bundle.transforms import input_channel_names
 
 MODEL_KEY = "model"
 RECORD_KEY = "model_record"
@@ -101,7 +103,9 @@ class ModelRecord:
         output_type: ``regions`` (sigmoid WT/TC/ET), ``classes`` (softmax background/NCR/ED/ET),
             ``binary`` (one sigmoid WT channel) or ``gate`` (softmax over no tumour / tumour per slice).
         patch_size: the training patch (3-D) or slice size (2-D), the default inference window.
-        input_channels: the input channels in order.
+        input_channels: the input channels in order (``input_channels`` of the training config: the
+            modalities, plus ``salient`` with M4's salient channel); a network argument
+            ``in_channels`` must count them.
         inference_recipe: the method's inference recipe (a training config's ``inference_recipe``
             block, :mod:`bundle.recipes`), checked against ``output_type`` and its ``train_config``
             files checked to exist, so a bad block stops training before it starts. Not recorded for
@@ -123,8 +127,15 @@ class ModelRecord:
             raise OptionError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_CHANNELS)}")
         spec = getattr(network, "bundle_network_spec", None)
         recipe = recipe_for(inference_recipe, output_type)
+        spec = spec if spec is not None else network_spec(network)
+        if "in_channels" in spec and spec["in_channels"] != len(input_channels):
+            raise OptionError(
+                f"network_factory#in_channels is {spec['in_channels']}, but the preprocessing gives the network "
+                f"{len(input_channels)} channels ({', '.join(input_channels)}): set in_channels to "
+                f"{len(input_channels)}, or change salient_channel"
+            )
         self.record: dict[str, Any] = {
-            "network": spec if spec is not None else network_spec(network),
+            "network": spec,
             "input_channels": list(input_channels),
             "output_type": output_type,
             "output_channels": list(OUTPUT_CHANNELS[output_type]),
@@ -147,6 +158,45 @@ class ModelRecord:
                 f"the checkpoint was saved by another network ({state.get('network', {}).get('_target_')} with other "
                 "arguments) than this config builds; resume with the config it was trained with"
             )
+
+
+def salient_channel(record: Mapping[str, Any]) -> bool:
+    """Whether the recorded model takes M4's salient channel; inference adds it because the record says so.
+
+    A record without ``input_channels`` (none is older) or with channels this bundle's preprocessing
+    cannot make is a :class:`CheckpointError`.
+    """
+    channels = list(record.get("input_channels") or [])
+    for salient in (False, True):
+        if channels == input_channel_names(salient):
+            return salient
+    raise CheckpointError(
+        f"the checkpoint's model takes the input channels {channels}; this bundle makes "
+        f"{input_channel_names(False)} or {input_channel_names(True)}"
+    )
+
+
+def network_data_format(record: Mapping[str, Any], data_format: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata.json``'s ``network_data_format`` for the recorded model (zoo export, MONAI Label).
+
+    ``data_format`` is the repository's (it describes the default network); the input and output
+    channels come from the record (M4's best setting: five inputs), and for networks with
+    ``strides`` (MONAI ``DynUNet``, :class:`bundle.networks.M4UNet`) the size multiple from their
+    product. Display names of known channels (``T1``, ``WT``, ...) are kept.
+    """
+    described = json.loads(json.dumps(data_format))
+    strides = record["network"].get("strides")
+    multiples = size_multiple(strides, int(record["network"].get("spatial_dims", 3))) if strides else None
+    for entry, channels in (
+        (described["inputs"]["image"], record["input_channels"]),
+        (described["outputs"]["pred"], record["output_channels"]),
+    ):
+        names = {name.lower(): name for name in entry.get("channel_def", {}).values()}
+        entry["num_channels"] = len(channels)
+        entry["channel_def"] = {str(i): names.get(c.lower(), c) for i, c in enumerate(channels)}
+        if multiples:
+            entry["spatial_shape"] = [f"{m}*n" for m in multiples]
+    return described
 
 
 def _root_cause(err: BaseException) -> str:
@@ -204,6 +254,7 @@ def save_model(
     patch_size: Sequence[int] | None = None,
     inference_recipe: Mapping[str, Any] | None = None,
     train_settings: Mapping[str, Any] | None = None,
+    input_channels: Sequence[str] = MODALITIES,
 ) -> Path:
     """Write ``{"model": weights, "model_record": record}`` as training does (for tools and tests)."""
     path = Path(path)
@@ -211,6 +262,7 @@ def save_model(
         network,
         output_type=output_type,
         patch_size=patch_size,
+        input_channels=input_channels,
         inference_recipe=inference_recipe,
         train_settings=train_settings,
     )

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 #: Canonical channel order of the 4-channel input image.
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+#: Name of M4's optional fifth input channel: 1 on the salient (brain: non-zero) voxels, 0 elsewhere.
+SALIENT_CHANNEL: str = "salient"
 
 #: Internal class indices (see module docstring).
 BACKGROUND, NCR, ED, ET = 0, 1, 2, 3

@@ -18,6 +18,7 @@ and left out of the zip (to be hosted at ``url_base``), everything else over it 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -27,15 +28,15 @@ from pathlib import Path
 
 import yaml
 
-from bundle.checkpoints import read_record
+from bundle.checkpoints import network_data_format, read_record
 from bundle.paths import BUNDLE_ROOT
 
 logger = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 25 * 1024 * 1024
 MODEL_FILES = ("models/model.pt", "models/model.ts")
-#: Input of the TorchScript trace: one 4-channel 64^3 patch (any size divisible by 16 works afterwards).
-TRACE_INPUT_SHAPE = (1, 4, 64, 64, 64)
+#: Patch of the TorchScript trace when the checkpoint records none (any valid size works afterwards).
+TRACE_PATCH = (64, 64, 64)
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp")
 
 
@@ -120,7 +121,14 @@ def export(
     (out / "models").mkdir()
     shutil.copy2(source, out / "models" / "model.pt")
 
-    network = read_record(out / "models" / "model.pt")["network"]  # inference.yaml builds it from the record
+    record = read_record(out / "models" / "model.pt")  # inference.yaml builds the network from the record
+    network = record["network"]
+    # the channels the recorded model takes (M4's best: 5), and one training patch to trace
+    metadata_file = out / "configs" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata["network_data_format"] = network_data_format(record, metadata["network_data_format"])
+    metadata_file.write_text(json.dumps(metadata, indent=4) + "\n")
+    trace_shape = [1, len(record["input_channels"]), *(record.get("patch_size") or TRACE_PATCH)]
     command = [
         sys.executable,
         "-m",
@@ -141,7 +149,7 @@ def export(
         "--use_trace",
         "True",
         "--input_shape",
-        str(list(TRACE_INPUT_SHAPE)).replace(" ", ""),
+        str(trace_shape).replace(" ", ""),
     ]
     result = subprocess.run(command, cwd=out, env=bundle_env(out), capture_output=True, text=True)
     if result.returncode != 0:

@@ -32,7 +32,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from bundle.checkpoints import read_record
+from bundle.checkpoints import network_data_format, read_record, salient_channel
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES
 from bundle.paths import BUNDLE_ROOT, working_directory
 
@@ -148,13 +148,16 @@ def assemble_app(
     common = {**APP_OVERRIDES, **(overrides or {})}
     # inference.json builds the network the checkpoint records; training continues that same network
     network = recorded_network_factory(target / "models" / "model.pt")
-    train = app_train_config(target, {"network_factory": network, **common})
+    record = read_record(target / "models" / "model.pt")
+    train = app_train_config(target, {"network_factory": network, "salient_channel": salient_channel(record), **common})
     infer = app_inference_config(target, common)
     ConfigParser.export_config_file(train, str(target / "configs" / "train.json"), indent=2)
     ConfigParser.export_config_file(infer, str(target / "configs" / "inference.json"), indent=2)
 
     metadata_file = target / "configs" / "metadata.json"
     metadata = json.loads(metadata_file.read_text())
+    # the recorded model's channels (M4's best: 5 inputs) and size multiple
+    metadata["network_data_format"] = network_data_format(record, metadata["network_data_format"])
     outputs = metadata["network_data_format"]["outputs"]
     pred = dict(outputs.pop(PRED_KEY, {}))
     pred["channel_def"] = label_channel_def(APP_LAYOUT)

@@ -23,7 +23,8 @@ Which loss each method uses (see ``docs/methods.md``):
   alpha/beta from the current errors); deep supervision with weights ``[1.0, 0.4, 0.3, 0.2]`` is
   ``StackedDeepSupervisionLoss(loss, weights=[1.0, 0.4, 0.3, 0.2])`` (MONAI's ``weights=``
   argument, passed through unchanged).
-- M4, sigmoid region Dice + BCE, batch Dice, 0.7 / 0.3: ``RegionDiceBCELoss`` below.
+- M4, sigmoid region Dice + BCE, batch Dice, 0.7 / 0.3: ``RegionDiceBCELoss`` below, inside
+  ``StackedDeepSupervisionLoss`` (two heads at their own resolution, labels down-sampled to each).
 """
 
 from __future__ import annotations
@@ -110,11 +111,16 @@ class RegionDiceBCELoss(nn.Module):
 class StackedDeepSupervisionLoss(DeepSupervisionLoss):
     """MONAI's ``DeepSupervisionLoss`` that also accepts heads stacked on dim 1.
 
-    MONAI networks with deep supervision (``DynUNet`` and this bundle's nets) return, in
-    training mode, one tensor ``(B, heads, C, *spatial)`` because TorchScript needs a single
-    return type; MONAI's ``DeepSupervisionLoss`` expects a list. This unbinds the stacked
-    tensor and otherwise behaves exactly like MONAI's class (weights, nearest-neighbour target
-    down-sampling for smaller heads). A plain ``(B, C, *spatial)`` tensor is passed through.
+    Two forms of deep-supervision output reach it (``bundle/networks/nets.py``):
+
+    * a list ``[main, head_1, ...]`` of heads at their own resolution (``M4UNet``, M4's and
+      nnU-Net's form): MONAI's class as is, which down-samples the target to each head with
+      nearest-neighbour interpolation (``interp_mode`` ``"nearest-exact"``);
+    * one tensor ``(B, heads, C, *spatial)`` of heads up-sampled to full size (MONAI's ``DynUNet``
+      and this bundle's ``ResUNet`` / ``ResSELKAUNet``, which return one tensor because TorchScript
+      needs a single return type): unbound into a list, then MONAI's class.
+
+    A plain ``(B, C, *spatial)`` tensor (eval mode, e.g. the validation loss) is passed through.
     """
 
     def forward(self, input: torch.Tensor | list[torch.Tensor] | None, target: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@
 * :class:`ThreadUnsafeLoadImaged` - MONAI's ``LoadImaged`` declared ``ThreadUnsafe``, so the
   threads of ``CacheDataset`` each get their own copy (see its docstring), and refusing images
   with NaN / Inf voxels.
+* :class:`SalientMaskd` - M4's salient (brain) mask of the raw image, which MONAI's
+  ``ConcatItemsd`` then appends as an input channel after normalisation (``salient_channel`` in
+  ``configs/train.yaml``); :func:`input_channel_names` names the channels the network then gets.
 """
 
 from __future__ import annotations
@@ -23,11 +26,19 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform, Transform
 from monai.transforms.traits import ThreadUnsafe
 
-from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS
+from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS, SALIENT_CHANNEL
 from bundle.data import DataError
 from bundle.label_maps import scheme_values, to_internal, unknown_label_values
 
-__all__ = ["LabelsToRegions", "LabelsToRegionsd", "ThreadUnsafeLoadImaged", "ToInternalConventiond", "map_label_values"]
+__all__ = [
+    "LabelsToRegions",
+    "LabelsToRegionsd",
+    "SalientMaskd",
+    "ThreadUnsafeLoadImaged",
+    "ToInternalConventiond",
+    "input_channel_names",
+    "map_label_values",
+]
 
 
 class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
@@ -178,6 +189,14 @@ class LabelsToRegionsd(MapTransform):
         return d
 
 
+def _one_per_key(keys: Sequence[Hashable], names: str | Sequence[str], what: str) -> list[str]:
+    """The names a dictionary transform writes, one per key (a single name for a single key)."""
+    names = [names] if isinstance(names, str) else list(names)
+    if len(names) != len(keys):
+        raise ValueError(f"one {what} per key: {list(keys)} -> {names}")
+    return names
+
+
 class RegionsToDisjointd(MapTransform):
     """Nested region masks ``(WT, TC, ET, *spatial)`` -> the disjoint classes ``(NCR, ED, *spatial)``.
 
@@ -188,9 +207,7 @@ class RegionsToDisjointd(MapTransform):
 
     def __init__(self, keys: KeysCollection, output_keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.output_keys = [output_keys] if isinstance(output_keys, str) else list(output_keys)
-        if len(self.output_keys) != len(self.keys):
-            raise ValueError(f"one output key per key: {self.keys} -> {self.output_keys}")
+        self.output_keys = _one_per_key(self.keys, output_keys, "output key")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Add the disjoint-class channels of every key present."""
@@ -206,4 +223,46 @@ class RegionsToDisjointd(MapTransform):
             if isinstance(d[key], MetaTensor):
                 classes = MetaTensor(classes, meta=d[key].meta)
             d[out_key] = classes
+        return d
+
+
+def input_channel_names(salient_channel: bool = False) -> list[str]:
+    """The network's input channels in order: the modalities, then M4's salient mask when it is added."""
+    return [*MODALITIES, SALIENT_CHANNEL] if salient_channel else list(MODALITIES)
+
+
+class SalientMaskd(MapTransform):
+    """M4's salient voxels: ``1`` where any modality of the raw image is non-zero, else ``0``.
+
+    The M4 paper's best setting adds an input channel that one-hot encodes the salient (brain,
+    non-zero) voxels. BraTS images are skull-stripped with the background exactly 0, so "non-zero
+    in any modality" is the brain. The mask is written to ``mask_key`` as a float ``(1, *spatial)``
+    image with the source's metadata; ``configs/train.yaml`` computes it after the brain crop and
+    before the intensity transform (the z-score can map a brain voxel to 0, and other intensity
+    transforms move the background off 0), and appends it as the last channel after that transform
+    (MONAI's ``NormalizeIntensityd(nonzero=True, channel_wise=True)`` would turn the constant mask
+    into zeros). MONAI's ``ForegroundMaskd`` thresholds intensities (Otsu by default) per channel
+    for pathology images, which is not the non-zero rule.
+
+    Args:
+        keys: the image key (one channel-first image per key).
+        mask_key: where the mask goes (one per key, or a single name for a single key).
+        allow_missing_keys: skip missing keys.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, mask_key: str | Sequence[str] = "salient", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_keys = _one_per_key(self.keys, mask_key, "mask key")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Add the mask of every image key present."""
+        d = dict(data)
+        for key, mask_key in self.key_iterator(d, self.mask_keys):
+            image = d[key] if isinstance(d[key], torch.Tensor) else torch.as_tensor(d[key])
+            mask = (image != 0).any(dim=0, keepdim=True).to(torch.float32)
+            if isinstance(image, MetaTensor):
+                mask = MetaTensor(mask.as_tensor(), meta=image.meta, applied_operations=image.applied_operations)
+            d[mask_key] = mask
         return d

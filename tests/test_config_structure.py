@@ -60,11 +60,11 @@ def test_the_demo_overlay_holds_every_demo_setting() -> None:
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "demo.yaml")])
     assert parser["epochs"] == 40 and parser["roi_size"] == [64, 64, 64] and parser["cache"] == "memory"
-    assert parser["network_factory"]["filters"] == [8, 16, 32, 64, 128]
+    assert parser["network_factory"]["filters"] == [8, 16, 32, 64, 80, 80]  # the default's 6 levels at 1/4 width
     plain = ConfigParser()
     plain.read_config(str(CONFIGS / "train.yaml"))
     assert plain["epochs"] == 300 and plain["roi_size"] == [128, 128, 128]
-    assert plain["network_factory"]["filters"] == [32, 64, 128, 256, 320]
+    assert plain["network_factory"]["filters"] == [32, 64, 128, 256, 320, 320]
 
 
 def test_training_without_data_says_what_to_do(tmp_path: Path) -> None:

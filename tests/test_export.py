@@ -133,7 +133,7 @@ def test_verify_net_in_out(exported: Path) -> None:
             "verify_net_in_out",
             "network_def",
             "--n",
-            "2",  # spatial_shape 16*n: n = 1 leaves a 1-voxel bottleneck, where instance norm is undefined
+            "2",  # spatial_shape 32*n: n = 1 leaves a 1-voxel bottleneck, where instance norm is undefined
             "--meta_file",
             "configs/metadata.json",
             "--config_file",
@@ -150,7 +150,7 @@ net = parser.get_parsed_content('network_def')
 net.load_state_dict(torch.load('models/model.pt', map_location='cpu', weights_only=True)['model']); net.eval()
 ts = torch.jit.load('models/model.ts', map_location='cpu'); ts.eval()
 torch.manual_seed(1)
-for shape in [(1, 4, 64, 64, 64), (1, 4, 32, 48, 64)]:
+for shape in [(1, 4, 64, 64, 64), (1, 4, 64, 96, 32)]:  # sizes: multiples of 32 (six levels)
     x = torch.randn(shape)
     with torch.no_grad():
         a, b = net(x), ts(x)

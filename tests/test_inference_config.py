@@ -191,12 +191,12 @@ def test_demo_checkpoint_runs_on_a_case_folder_without_any_flag(tmp_path):
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in ("train.yaml", "demo.yaml")])
     demo_net = parser.get_parsed_content("network_def")
-    save_model(tmp_path / "demo.pt", demo_net, patch_size=[32, 32, 32])  # 5 levels: a 2-voxel bottleneck
+    save_model(tmp_path / "demo.pt", demo_net, patch_size=[64, 64, 64])  # 6 levels: a 2-voxel bottleneck
     case_dir = _write_case(tmp_path / "data", "Case_001")
     (seg,) = infer(str(case_dir), output=str(tmp_path / "out"), checkpoint=str(tmp_path / "demo.pt"), tta=False)
     assert nib.load(seg).shape == (21, 18, 13)
     record = read_record(tmp_path / "demo.pt")
-    assert record["network"]["filters"] == [8, 16, 32, 64, 128]
+    assert record["network"]["filters"] == [8, 16, 32, 64, 80, 80]
     assert record["input_channels"] == list(MODALITIES)
     assert record["output_type"] == "regions" and record["output_channels"] == ["WT", "TC", "ET"]
 

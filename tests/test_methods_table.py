@@ -109,6 +109,14 @@ def test_the_table_rows_that_hold_paper_numbers_are_checked() -> None:
         assert (method, ("batch_size",)) in checked
         assert (method, ("slices_per_volume", "skip_empty_slices")) in checked
     assert ("m3_resse_lka_unet", ("warmup_start", "lr_decay")) in checked
+    # M4's network, loss and deep supervision (the paper's baseline) and its best setting
+    assert ("train", ("network_factory#filters",)) in checked
+    assert ("train", ("network_factory#strides",)) in checked
+    assert ("train", ("loss#loss#lambda_dice", "loss#loss#lambda_bce")) in checked
+    assert ("train", ("upsample_ds_heads",)) in checked
+    assert ("train", ("salient_channel", "network_factory#in_channels")) in checked
+    assert ("m4_resunet_ds", ("network_factory#filters",)) in checked
+    assert ("m4_resunet_ds", ("salient_channel", "network_factory#in_channels", "input_channels")) in checked
     assert len(ROWS) >= 4
 
 

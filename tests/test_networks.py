@@ -13,6 +13,7 @@ from bundle.losses import RegionDiceBCELoss, StackedDeepSupervisionLoss
 from bundle.networks import (
     ContextExtraction,
     LargeKernelAttention,
+    M4UNet,
     ModalityAwareStem,
     ResidualBlock,
     ResSEBlock,
@@ -132,7 +133,7 @@ NETWORKS: dict[str, tuple[Callable[[], nn.Module], int, int, int]] = {
         1,
     ),
     "resunet2d_m2_pool": (lambda: ResUNet(2, 4, 1, (4, 8, 16), downsample="pool"), 2, 1, 0),
-    "resunet3d_m4_ds": (
+    "resunet3d_ds": (
         lambda: ResUNet(3, 4, 3, (4, 8, 8, 16), norm="instance", act=LEAKY, deep_supervision=True, deep_supr_num=2),
         3,
         3,
@@ -192,7 +193,7 @@ def test_auxiliary_heads_are_ordered_finest_first() -> None:
     assert torch.all(out[:, 1] == 0) and out[:, 2].abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["resunet2d_m1_stem_ds", "resselkaunet2d_m3", "resunet3d_m4_ds"])
+@pytest.mark.parametrize("name", ["resunet2d_m1_stem_ds", "resselkaunet2d_m3", "resunet3d_ds"])
 def test_network_runs_under_bfloat16_autocast(name: str) -> None:
     factory, spatial_dims, out_channels, n_heads = NETWORKS[name]
     net = factory().train()
@@ -206,13 +207,135 @@ def test_network_runs_under_bfloat16_autocast(name: str) -> None:
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_deep_m4_setting_with_salient_channel() -> None:
-    """7 levels and 5 input channels (M4's best setting), tiny widths; 2-D at 128^2 keeps it fast and, like
-    128^3 in 3-D, leaves a 2-voxel bottleneck (instance norm in training needs more than one voxel)."""
-    net = ResUNet(2, 5, 3, (2, 4, 4, 4, 4, 4, 4), norm="instance", act=LEAKY, deep_supervision=True)
-    out = net.train()(torch.randn(1, 5, 128, 128))
-    assert out.shape == (1, 3, 3, 128, 128)
-    assert net.size_divisor == 64
+def _m4(filters: tuple[int, ...] = (4, 8, 8, 16, 16, 16), in_channels: int = 4, **kwargs: object) -> M4UNet:
+    """M4's network as configs/train.yaml builds it (the depth follows ``filters``), at tiny widths."""
+    levels = len(filters)
+    return M4UNet(
+        3,
+        in_channels,
+        3,
+        kernel_size=[3] * levels,
+        strides=[1] + [2] * (levels - 1),
+        upsample_kernel_size=[2] * (levels - 1),
+        filters=filters,
+        norm_name=("INSTANCE", {"affine": True}),
+        act_name=("LEAKYRELU", {"negative_slope": 0.01}),
+        deep_supervision=True,
+        deep_supr_num=2,
+        res_block=True,
+        **kwargs,
+    )
+
+
+def _monai_dynunet(net: M4UNet) -> nn.Module:
+    """MONAI's DynUNet with the same arguments and weights as ``net``."""
+    from monai.networks.nets import DynUNet
+
+    twin = DynUNet(
+        net.spatial_dims,
+        net.in_channels,
+        net.out_channels,
+        net.kernel_size,
+        net.strides,
+        net.upsample_kernel_size,
+        filters=net.filters,
+        norm_name=net.norm_name,
+        act_name=net.act_name,
+        deep_supervision=True,
+        deep_supr_num=net.deep_supr_num,
+        res_block=True,
+    )
+    twin.load_state_dict(net.state_dict())  # same keys: an M4UNet checkpoint is a DynUNet one
+    return twin
+
+
+def test_m4_heads_keep_their_own_resolution_and_eval_returns_the_main_output() -> None:
+    """M4 (nnU-Net): training returns [main, head 1/2, head 1/4]; MONAI's DynUNet would up-sample the heads."""
+    net = _m4().train()
+    x = torch.randn(2, 4, 64, 64, 64)
+    main, half, quarter = net(x)
+    assert main.shape == (2, 3, 64, 64, 64)
+    assert half.shape == (2, 3, 32, 32, 32) and quarter.shape == (2, 3, 16, 16, 16)
+    twin = _monai_dynunet(net).train()
+    stacked = twin(x)
+    assert stacked.shape == (2, 3, 3, 64, 64, 64)
+    torch.testing.assert_close(stacked[:, 0], main)
+    # MONAI's heads are ours up-sampled: the head itself is the same prediction at its own size
+    torch.testing.assert_close(stacked[:, 2, :, ::4, ::4, ::4], quarter)
+    net.eval(), twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), twin(x))
+        assert net(x).shape == (2, 3, 64, 64, 64)
+
+
+def test_m4_upsample_heads_is_monai_dynunet_exactly() -> None:
+    net = _m4(upsample_heads=True).train()
+    x = torch.randn(1, 4, 64, 32, 32)  # the smallest input of 6 levels: a 2 x 1 x 1 bottleneck
+    torch.testing.assert_close(net(x), _monai_dynunet(net).train()(x))
+
+
+def test_m4_deep_supervision_loss_compares_each_head_with_nearest_downsampled_labels() -> None:
+    net = _m4().train()
+    x = torch.randn(2, 4, 64, 64, 64)
+    labels = torch.zeros(2, 3, 64, 64, 64)
+    labels[:, :, 16:48, 20:44, 24:40] = 1
+    heads = net(x)
+    base = RegionDiceBCELoss()
+    got = StackedDeepSupervisionLoss(base)(heads, labels)
+    # the paper's: each head against the labels down-sampled to its size by nearest neighbour, weights 1, .5, .25
+    expected = sum(
+        w * base(h, nn.functional.interpolate(labels, size=h.shape[2:], mode="nearest-exact"))
+        for w, h in zip((1.0, 0.5, 0.25), heads)
+    )
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    for head in net.deep_supervision_heads:  # every head learns
+        assert head.conv.conv.weight.grad.abs().sum() > 0
+
+
+def test_both_deep_supervision_forms_give_the_same_loss_on_labels_constant_over_each_heads_voxel() -> None:
+    """Where every 4 x 4 x 4 block of the labels is constant, comparing a head with the labels down-sampled
+    to it (M4) equals comparing it up-sampled with the full labels (DynUNet): the forms differ only at
+    boundaries finer than a head's voxel, which is where the paper's form is the coarser one."""
+    torch.manual_seed(0)
+    own_size = _m4().train()
+    upsampled = _m4(upsample_heads=True).train()
+    upsampled.load_state_dict(own_size.state_dict())
+    x = torch.randn(1, 4, 64, 64, 64)
+    loss = StackedDeepSupervisionLoss(RegionDiceBCELoss())
+    aligned = torch.zeros(1, 3, 64, 64, 64)
+    aligned[:, :, 16:48, 20:44, 24:40] = 1  # box edges on multiples of 4
+    torch.testing.assert_close(loss(own_size(x), aligned), loss(upsampled(x), aligned))
+    shifted = torch.zeros(1, 3, 64, 64, 64)
+    shifted[:, :, 17:47, 21:43, 25:39] = 1
+    assert not torch.isclose(loss(own_size(x), shifted), loss(upsampled(x), shifted))
+
+
+def test_m4_best_setting_seven_levels_and_the_salient_channel() -> None:
+    """M4's best: 7 levels, 5 input channels; sizes are multiples of 64 (128 x 64 x 64: a 2-voxel bottleneck)."""
+    net = _m4((2, 4, 4, 4, 4, 4, 4), in_channels=5)
+    assert net.size_divisor == [64, 64, 64]
+    main, half, quarter = net.train()(torch.randn(1, 5, 128, 64, 64))
+    assert main.shape == (1, 3, 128, 64, 64) and half.shape == (1, 3, 64, 32, 32)
+    assert quarter.shape == (1, 3, 32, 16, 16)
+    with pytest.raises(ValueError, match=r"input sizes \[96, 64, 64\] must be divisible by \[64, 64, 64\]"):
+        net(torch.randn(1, 5, 96, 64, 64))
+
+
+def test_m4_runs_under_bfloat16_autocast_and_traces_for_export() -> None:
+    """CPU autocast (the AMP path) with the list of heads; the eval graph traces (the zoo export's TorchScript)."""
+    net = _m4().train()
+    x = torch.randn(1, 4, 64, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        heads = net(x)
+    assert all(h.dtype == torch.bfloat16 for h in heads)
+    StackedDeepSupervisionLoss(RegionDiceBCELoss())(heads, torch.ones(1, 3, 64, 64, 64)).backward()
+    assert torch.isfinite(_first_conv(net).weight.grad).all()
+    net.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x)
+        y = torch.randn(1, 4, 64, 96, 32)
+        torch.testing.assert_close(traced(y), net(y))
 
 
 def test_invalid_configurations_raise() -> None:
@@ -229,7 +352,7 @@ VARIANTS = {
     "m1_la_resunet": ("ResUNet", 2),
     "m2_resunet_tversky": ("ResUNet", 2),
     "m3_resse_lka_unet": ("ResSELKAUNet", 2),
-    "m4_resunet_ds": ("ResUNet", 3),
+    "m4_resunet_ds": ("M4UNet", 3),
     "unet": ("UNet", 3),
     "attention_unet": ("AttentionUnet", 3),
     "segresnet": ("SegResNet", 3),

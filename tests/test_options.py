@@ -151,6 +151,14 @@ def _channels_last_probe(parser: ConfigParser) -> bool:
     return weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
 
 
+def _salient_probe(parser: ConfigParser) -> bool:
+    """The preprocessing makes the channel, and the record (input_channels) says so."""
+    steps = {type(t).__name__ for t in parser.get_parsed_content("deterministic_transforms")}
+    made = {"SalientMaskd", "ConcatItemsd"} <= steps
+    assert made == (parser.get_parsed_content("input_channels")[-1] == "salient")
+    return made
+
+
 def _evaluate_flag(index: int) -> Callable[[ConfigParser], bool]:
     def probe(parser: ConfigParser) -> bool:
         captured: list[tuple] = []
@@ -197,6 +205,8 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     "resume": (TRAIN, _resume_probe),
     "validate_disjoint": (TRAIN, lambda p: p.get_parsed_content("validate#disjoint_classes") is not None),
     "channels_last": (TRAIN, _channels_last_probe),
+    "salient_channel": (TRAIN, _salient_probe),
+    "upsample_ds_heads": (TRAIN, lambda p: p.get_parsed_content("network_factory").keywords["upsample_heads"]),
     "skip_empty_slices": (
         ["configs/train.yaml", "configs/train_2d.yaml"],
         lambda p: p.get_parsed_content("train#dataset#skip_empty_slices"),

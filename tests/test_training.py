@@ -85,13 +85,20 @@ def test_one_epoch_through_the_bundle_cli(tmp_path: Path, tiny_demo: Path) -> No
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("input_block") for k in best["model"]), "model.pt holds the network's state dict"
     record = best["model_record"]  # and what built it (bundle.checkpoints)
-    assert record["network"]["_target_"] == "monai.networks.nets.dynunet.DynUNet"
+    assert record["network"]["_target_"] == "bundle.networks.nets.M4UNet"
     assert record["network"]["filters"] == TINY["network_factory#filters"]
+    assert record["network"]["strides"] == [1, 2, 2, 2, 2]  # the depth follows the filters
+    assert record["network"]["upsample_heads"] is False  # M4's deep supervision: heads at their own size
+    assert record["input_channels"] == ["t1", "t1ce", "t2", "flair"] and record["network"]["in_channels"] == 4
     assert record["patch_size"] == TINY["roi_size"] and record["output_type"] == "regions"
 
 
-def test_resume_continues_epoch_count_and_optimizer_state(tmp_path: Path, tiny_demo: Path) -> None:
-    first = _workflow(tmp_path, tiny_demo)
+@pytest.mark.parametrize("upsample_ds_heads", [False, True], ids=["heads_own_size", "heads_upsampled"])
+def test_resume_continues_epoch_count_and_optimizer_state(
+    tmp_path: Path, tiny_demo: Path, upsample_ds_heads: bool
+) -> None:
+    """In both deep-supervision forms: training, validation with its loss (@loss on the eval output), resume."""
+    first = _workflow(tmp_path, tiny_demo, upsample_ds_heads=upsample_ds_heads)
     first.initialize()
     first.run()
     iterations_per_epoch = first.parser.get_parsed_content("train#trainer").state.epoch_length
@@ -100,7 +107,7 @@ def test_resume_continues_epoch_count_and_optimizer_state(tmp_path: Path, tiny_d
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(saved)
 
-    second = _workflow(tmp_path, tiny_demo, resume=True, epochs=2)
+    second = _workflow(tmp_path, tiny_demo, resume=True, epochs=2, upsample_ds_heads=upsample_ds_heads)
     second.initialize()
     trainer = second.parser.get_parsed_content("train#trainer")
     started: list[int] = []
@@ -111,6 +118,9 @@ def test_resume_continues_epoch_count_and_optimizer_state(tmp_path: Path, tiny_d
     optimizer = second.parser.get_parsed_content("optimizer")
     steps = {int(s["step"]) for s in optimizer.state_dict()["state"].values()}
     assert steps == {2 * iterations_per_epoch}, "Adam state must continue from the checkpoint"
+    metrics = second.parser.get_parsed_content("validate#evaluator").state.metrics
+    assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] > 0
+    assert second.parser.get_parsed_content("network").upsample_heads is upsample_ds_heads
     second.finalize()
 
 

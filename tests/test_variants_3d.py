@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import monai.bundle
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
@@ -39,7 +41,7 @@ TINY = {
 
 # variant: (network class it must build, tiny width overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "m4_resunet_ds": ("ResUNet", {"network_factory#channels": [4, 8, 16, 32]}),
+    "m4_resunet_ds": ("M4UNet", {"network_factory#filters": [4, 8, 16, 32, 64]}),  # 5 levels: 32^3 patches
     "unet": ("UNet", {"network_factory#channels": [4, 8, 16, 32, 64]}),
     "attention_unet": ("AttentionUnet", {"network_factory#channels": [4, 8, 16, 32, 64]}),
     "segresnet": ("SegResNet", {"network_factory#init_filters": 8}),  # GroupNorm's 8 groups
@@ -134,6 +136,8 @@ def _check_one_epoch(variant: str, out: Path, network: torch.nn.Module, evaluato
     saved = torch.load(best, map_location="cpu", weights_only=True)
     # the record names this variant's network, so inference rebuilds it without the variant file
     assert saved["model_record"]["network"]["_target_"].endswith("." + VARIANTS[variant][0])
+    salient = variant == "m4_resunet_ds"  # M4's best setting adds the salient channel, and records it
+    assert saved["model_record"]["input_channels"] == ["t1", "t1ce", "t2", "flair"] + ["salient"] * salient
     rebuilt = network_from_checkpoint(best)
     assert type(rebuilt).__name__ == VARIANTS[variant][0]
     state = saved["model"]
@@ -161,8 +165,33 @@ def test_variant_trains_one_epoch_through_the_bundle(variant: str, tmp_path: Pat
     _check_one_epoch(variant, tmp_path, network, evaluator_dice)
 
 
-@pytest.mark.slow  # a fresh interpreter importing torch + MONAI: ~10 s CPU, ~1 min under this machine's load
-def test_m4_variant_through_the_command_line(tmp_path: Path, tiny_demo: Path) -> None:
-    settings = _settings("m4_resunet_ds", tmp_path, tiny_demo)
+@pytest.mark.slow  # two fresh interpreters importing torch + MONAI, a 7-level net at 128 x 64 x 64: ~1-2 min
+def test_m4_best_setting_trains_and_segments_through_the_command_line(tmp_path: Path, tiny_demo: Path) -> None:
+    """M4's best setting end to end as users type it: 7 levels (tiny widths), 5 input channels, then inference.
+
+    Inference gets no flag: the checkpoint records the five channels, so inference.yaml adds the salient one.
+    """
+    settings = {
+        **_settings("m4_resunet_ds", tmp_path, tiny_demo),
+        "network_factory#filters": [2, 4, 4, 4, 4, 4, 4],  # the paper's 7 levels at tiny widths
+        "roi_size": [128, 64, 64],  # multiples of 64, and a 2 x 1 x 1 bottleneck for instance norm
+    }
     _run_cli("m4_resunet_ds", settings)
     _check_one_epoch("m4_resunet_ds", tmp_path, _build_network("m4_resunet_ds", settings), None)
+    record = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["model_record"]
+    assert record["network"]["in_channels"] == 5 and len(record["network"]["strides"]) == 7
+    assert record["patch_size"] == [128, 64, 64]
+
+    out = tmp_path / "segmentations"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml"]
+    cmd += ["--dataset_dir", str(tiny_demo), "--checkpoint", str(tmp_path / "models" / "model.pt")]
+    cmd += ["--output_dir", str(out), "--tta", "false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    segmentations = sorted(out.rglob("*_seg.nii.gz"))
+    assert len(segmentations) == 4, segmentations  # every labelled tiny case
+    for path in segmentations:
+        labels = nib.load(path)
+        assert labels.shape == (32, 32, 24)
+        assert set(np.unique(np.asarray(labels.dataobj)).tolist()) <= {0, 1, 2, 4}

@@ -9,11 +9,12 @@ from bundle.networks.blocks import (
     UpResidualBlock,
 )
 from bundle.networks.classifier import SliceGateClassifier, adapt_first_conv, load_pretrained_backbone
-from bundle.networks.nets import ResSELKAUNet, ResUNet
+from bundle.networks.nets import M4UNet, ResSELKAUNet, ResUNet
 
 __all__ = [
     "ContextExtraction",
     "LargeKernelAttention",
+    "M4UNet",
     "ModalityAwareStem",
     "ResSEBlock",
     "ResSELKAUNet",

@@ -1,21 +1,31 @@
-"""The bundle's residual U-Nets (methods M1-M4 in ``docs/methods.md``).
+"""The bundle's U-Nets (methods M1-M4 in ``docs/methods.md``).
 
-Deep-supervision contract (shared with MONAI's ``DynUNet`` and ``bundle.losses.StackedDeepSupervisionLoss``):
-in training mode with ``deep_supervision=True`` a network returns ONE tensor
-``(B, 1 + deep_supr_num, C, *spatial)``: index 0 is the main output, then the auxiliary heads
-from the finest decoder level to the coarsest, each up-sampled (bi/tri-linearly) to full
-resolution. In eval mode, or without deep supervision, it returns the main output
-``(B, C, *spatial)``. One return type keeps the nets scriptable (``torch.jit.script``).
+Two deep-supervision contracts, both read by ``bundle.losses.StackedDeepSupervisionLoss`` (MONAI's
+``DeepSupervisionLoss``):
+
+* heads up-sampled (``ResUNet``, ``ResSELKAUNet``, MONAI's ``DynUNet``, and ``M4UNet`` with
+  ``upsample_heads=True``): in training mode a network returns ONE tensor
+  ``(B, 1 + deep_supr_num, C, *spatial)``: index 0 is the main output, then the auxiliary heads
+  from the finest decoder level to the coarsest, each up-sampled to full resolution. One return
+  type keeps these nets scriptable (``torch.jit.script``).
+* heads at their own resolution (``M4UNet``, the default: M4 and nnU-Net): in training mode a
+  list ``[main (B, C, *S), head_1 (B, C, *S / 2), head_2 (B, C, *S / 4), ...]``; the loss
+  down-samples the labels to each head (nearest neighbour).
+
+In eval mode, or without deep supervision, every net returns the main output ``(B, C, *spatial)``.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Pool
+from monai.networks.nets import DynUNet
 from torch import nn
 from torch.nn import functional as F
 
@@ -32,9 +42,15 @@ from bundle.networks.blocks import (
     UpResidualBlock,
 )
 
-__all__ = ["ResSELKAUNet", "ResUNet"]
+__all__ = ["M4UNet", "ResSELKAUNet", "ResUNet", "size_multiple"]
 
 _INTERPOLATION = {2: "bilinear", 3: "trilinear"}
+
+
+def size_multiple(strides: Sequence[int | Sequence[int]], spatial_dims: int) -> list[int]:
+    """Per axis, the product of a ``DynUNet``'s strides: every input size must be a multiple of it."""
+    per_axis = [list(s) if isinstance(s, Sequence) else [s] * spatial_dims for s in strides]
+    return [math.prod(int(level[axis]) for level in per_axis) for axis in range(spatial_dims)]
 
 
 class _DeepSupervisedUNet(nn.Module):
@@ -289,3 +305,56 @@ class ResSELKAUNet(_DeepSupervisedUNet):
             deep_supervision,
             deep_supr_num,
         )
+
+
+class M4UNet(DynUNet):
+    """MONAI's ``DynUNet`` whose deep-supervision heads keep their own resolution (method M4).
+
+    M4's network (``docs/methods.md``) is nnU-Net's residual U-Net, which MONAI's ``DynUNet`` builds
+    with ``res_block=True``: per level a 3x3x3 convolution with the level's stride and a 3x3x3
+    stride-1 convolution, instance norm, LeakyReLU 0.01 and a residual (1x1 projection) shortcut;
+    decoder stages of a 2x2x2 transposed convolution, concatenation with the skip and conv-norm-act
+    blocks; ``deep_supr_num`` auxiliary 1x1 heads on the decoder levels below the output.
+
+    What MONAI's class lacks is M4's (and nnU-Net's) deep supervision: ``DynUNet`` up-samples
+    every auxiliary head to full size and compares it with the full-size label, whereas the paper
+    compares each head, at its own resolution, with the label down-sampled to it (nearest
+    neighbour), which MONAI's ``DeepSupervisionLoss`` does when it is given a list. This class
+    therefore returns, in training mode with ``deep_supervision=True``, the list ``[main, head_1,
+    head_2, ...]`` (finest head first, head ``k`` at ``1 / 2**k`` of the input size for stride-2
+    levels), and with ``upsample_heads=True`` exactly what ``DynUNet`` returns (one stacked tensor of
+    up-sampled heads). Eval mode returns the main output only, in both modes, so inference,
+    validation and the TorchScript trace of the model zoo export see a plain ``DynUNet``. Weights
+    are ``DynUNet``'s (same state-dict keys), whichever mode trained them.
+
+    The list return makes the training-mode graph unscriptable; export traces the eval-mode graph.
+
+    Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``; every size in ``S`` must be divisible
+    by the product of the strides of its axis (32 for nnU-Net's six levels), and instance norm needs
+    a bottleneck of at least 2 voxels, e.g. ``S = 64 x 32 x 32`` for six stride-2 levels.
+
+    Args:
+        *args: ``DynUNet``'s arguments (``spatial_dims, in_channels, out_channels, kernel_size,
+            strides, upsample_kernel_size``, ...).
+        upsample_heads: ``True``: heads up-sampled to full size and stacked (MONAI ``DynUNet``'s
+            behaviour); ``False``: heads at their own resolution (M4, nnU-Net).
+        **kwargs: ``DynUNet``'s keyword arguments (``filters``, ``norm_name``, ``act_name``,
+            ``deep_supervision``, ``deep_supr_num``, ``res_block``, ...).
+    """
+
+    def __init__(self, *args: Any, upsample_heads: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.upsample_heads = bool(upsample_heads)
+        self.size_divisor = size_multiple(self.strides, self.spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Main logits; in training with deep supervision, all heads (see the class docstring)."""
+        sizes = list(x.shape[2:])
+        # a trace records the graph for one size: the check belongs to eager calls
+        if not torch.jit.is_tracing() and any(size % divisor for size, divisor in zip(sizes, self.size_divisor)):
+            raise ValueError(f"input sizes {sizes} must be divisible by {self.size_divisor} (the strides' product)")
+        if self.upsample_heads or not (self.training and self.deep_supervision):
+            return super().forward(x)
+        out = self.output_block(self.skip_layers(x))
+        # self.heads is DynUNet's list, refilled in place by the skip layers on every forward pass
+        return [out, *self.heads]
