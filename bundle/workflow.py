@@ -50,8 +50,13 @@ def make_dataset(
 
     Both caches store the result of every deterministic transform before the first random one,
     so loading, reorientation, cropping and normalisation run once per case. ``num_workers`` is
-    the number of threads that fill the in-memory cache.
+    the number of threads that fill the in-memory cache. A nested ``Compose`` (a variant's
+    ``intensity_transform``, e.g. M3's clip + z-score) is flattened first: MONAI counts any
+    ``Compose`` as random, so its caching would stop before it, redo it at every epoch and store the
+    cropped volume as a view of the whole uncropped one.
     """
+    if isinstance(transform, Compose):
+        transform = transform.flatten()
     if cache == "memory":
         # Several caching threads need the loader declared ThreadUnsafe (train.yaml's
         # bundle.transforms.ThreadUnsafeLoadImaged): a shared LoadImaged truncates images.

@@ -186,6 +186,30 @@ def test_disk_cache_keeps_affines_and_is_keyed_by_transforms(tmp_path: Path, tin
     assert len(list((tmp_path / "c").glob("*.pt"))) == 2, "different transforms must not share cache entries"
 
 
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_caches_hold_a_nested_composes_deterministic_steps(cache: str, tmp_path: Path, tiny_demo: Path) -> None:
+    """A variant's intensity_transform may be a Compose (M3's): both caches still end after it, not before."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform
+
+    from bundle.data import make_datalist
+    from bundle.workflow import make_dataset
+
+    class Counting(MapTransform):
+        calls = 0
+
+        def __call__(self, data: dict) -> dict:
+            Counting.calls += 1
+            return dict(data)
+
+    items = make_datalist(tiny_demo, folds=1)["training"][:2]
+    load = [LoadImaged(keys="label", image_only=True), EnsureChannelFirstd(keys="label")]
+    transform = Compose([*load, Compose([Counting(keys="label")])])
+    dataset = make_dataset(items, transform, cache=cache, cache_dir=str(tmp_path / "c"), progress=False)
+    for _ in range(3):
+        [dataset[i] for i in range(len(dataset))]
+    assert Counting.calls == len(items), "the nested step ran again after caching"
+
+
 # ------------------------------------------------------------------ stopping on the validation loss (M4)
 
 
