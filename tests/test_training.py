@@ -210,6 +210,23 @@ def test_caches_hold_a_nested_composes_deterministic_steps(cache: str, tmp_path:
     assert Counting.calls == len(items), "the nested step ran again after caching"
 
 
+def test_cached_cases_hold_the_cropped_brain_not_the_whole_volume_behind_it(tiny_demo: Path) -> None:
+    """train.yaml's deterministic preprocessing leaves tensors that own just their voxels (the caches store them)."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from bundle.data import make_datalist
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
+    item = make_datalist(tiny_demo, folds=1)["training"][0]
+    out = Compose(parser.get_parsed_content("deterministic_transforms"))(item)
+    assert out["image"].shape[1:] != (32, 32, 24), "the phantom should have been cropped to its head"
+    for key in ("image", "label"):
+        tensor = out[key]
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), key
+
+
 # ------------------------------------------------------------------ stopping on the validation loss (M4)
 
 
