@@ -16,6 +16,10 @@ Checkpoint layout (what MONAI's ``CheckpointSaver`` writes for ``save_dict={"mod
 "model_record": record}``)::
 
     {"model": <state dict>, "model_record": {"network": {"_target_": ..., **arguments}, ...}}
+
+The model zoo's tools load ``models/model.pt`` as a plain state dict (its CI calls ``ckpt_export``
+without ``key_in_ckpt``), so the zoo export (``bundle.export``) writes the weights alone and the record
+beside them, ``models/model_record.json`` (:func:`record_file`); :func:`load_checkpoint` reads both forms.
 """
 
 from __future__ import annotations
@@ -142,8 +146,22 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
+def record_file(path: str | Path) -> Path:
+    """Where a plain state dict's model record is kept: ``<stem>_record.json`` beside it (``model_record.json``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_record.json")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by this bundle; one sentence naming the file if that is not what it is."""
+    """Read a checkpoint written by this bundle; one sentence naming the file if that is not what it is.
+
+    Either ``{"model": weights, "model_record": record}`` or, as the zoo export writes it, a plain state
+    dict with its record in :func:`record_file`; both are returned in the first form.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist (train first, or pass --checkpoint)")
@@ -151,6 +169,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_root_cause(err)})") from err
+    if _is_state_dict(obj) and MODEL_KEY not in obj:
+        sidecar = record_file(path)
+        if not sidecar.is_file():
+            raise CheckpointError(
+                f"{path}: the checkpoint does not record the network that built it (a plain state dict, and no "
+                f"{sidecar.name} beside it); save it with bundle.checkpoints.save_model, or train it with this bundle"
+            )
+        try:
+            obj = {MODEL_KEY: obj, RECORD_KEY: json.loads(sidecar.read_text())}
+        except ValueError as err:
+            raise CheckpointError(f"{sidecar}: not a readable model record ({err})") from err
     state = obj.get(MODEL_KEY) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: holds no model state dict under {MODEL_KEY!r}")

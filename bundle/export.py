@@ -3,11 +3,26 @@
 ``python -m bundle export --output DIR [--zip] [--checkpoint models/model.pt]`` writes::
 
     DIR/configs/      metadata.json, train/inference/evaluate/multi_gpu_train YAML, logging.conf, variants
-    DIR/models/       model.pt (state dict), model.ts (TorchScript, MONAI's ckpt_export)
+    DIR/models/       model.pt (plain state dict), model_record.json (what built it), model.ts (TorchScript)
     DIR/docs/         README.md (model card), methods.md, data_license.txt
     DIR/bundle/       this package, vendored so `_target_: bundle....` resolves from DIR alone
     DIR/schemas/      meta_schema.json for `monai.bundle verify_metadata` offline
     DIR/LICENSE, DIR/large_files.yml (md5 of the model files)
+
+The folder passes the model zoo's CI as ``ci/verify_bundle.py`` calls MONAI (default arguments):
+``verify_metadata``, ``verify_net_in_out`` with ``n = 1``, ``ckpt_export`` (scripted, no ``key_in_ckpt``)
+and ``torch.jit.load``. Hence three things differ from a training checkpoint:
+
+* ``models/model.pt`` is the inference network's plain state dict and its model record is
+  ``models/model_record.json`` (:func:`bundle.checkpoints.record_file`): the zoo's ``ckpt_export`` loads
+  the whole file into ``network_def``.
+* The inference network is the trained one without its deep-supervision heads (``deep_supervision:
+  false``, :func:`inference_form`): they are only used in training, the eval-mode output is the same,
+  and DynUNet's head bookkeeping cannot be scripted (the zoo's DynUNet bundles do the same).
+* ``metadata.json``'s ``network_data_format`` is derived from the exported network
+  (:func:`network_data_format`): ``spatial_shape`` is ``"d*(n+1)"`` with ``d`` the network's total
+  down-sampling, so the zoo's ``n = 1`` gives the smallest input with a 2-voxel bottleneck (instance
+  normalisation is undefined on one voxel).
 
 TorchScript export runs MONAI's own ``ckpt_export`` in a child process started in ``DIR`` with only
 ``DIR`` on ``PYTHONPATH``, so a successful export already proves the bundle needs nothing else.
@@ -18,25 +33,130 @@ and left out of the zip (to be hosted at ``url_base``), everything else over it 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import logging
 import os
+import pydoc
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 
-from bundle.checkpoints import read_record
+from bundle.checkpoints import model_state, network_from_spec, read_record, record_file
+from bundle.errors import OptionError
 from bundle.paths import BUNDLE_ROOT
 
 logger = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 25 * 1024 * 1024
 MODEL_FILES = ("models/model.pt", "models/model.ts")
-#: Input of the TorchScript trace: one 4-channel 64^3 patch (any size divisible by 16 works afterwards).
-TRACE_INPUT_SHAPE = (1, 4, 64, 64, 64)
+#: How metadata.json names the input channels the model record lists (other names are used as they are).
+CHANNEL_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp")
+
+
+def _argument(spec: Mapping[str, Any], name: str) -> Any:
+    """A constructor argument of a recorded network: the spec's value, else the constructor's default."""
+    if name in spec:
+        return spec[name]
+    constructor = pydoc.locate(str(spec["_target_"]))
+    parameter = inspect.signature(constructor).parameters.get(name) if constructor is not None else None
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        raise OptionError(f"{spec['_target_']}: the network's {name!r} is not recorded and has no default")
+    return parameter.default
+
+
+def input_divisors(spec: Mapping[str, Any]) -> tuple[int, ...]:
+    """Per spatial axis, the network's total down-sampling: every input size must be a multiple of it.
+
+    Read from the constructor's arguments: ``strides`` (DynUNet, UNet, AttentionUnet; one per level, an
+    int or one per axis), ``channels`` levels of the bundle's U-Nets and ``blocks_down`` of SegResNet
+    (2x per level), SwinUNETR's fixed 32.
+    """
+    name = str(spec["_target_"]).rsplit(".", 1)[-1]
+    dims = 3 if name == "SwinUNETR" else int(_argument(spec, "spatial_dims"))
+    if name == "SwinUNETR":
+        return (32,) * dims  # patch size 2, four 2x patch mergings
+    if "strides" in spec:
+        divisors = [1] * dims
+        for stride in spec["strides"]:
+            per_axis = list(stride) if isinstance(stride, (list, tuple)) else [stride] * dims
+            divisors = [d * int(s) for d, s in zip(divisors, per_axis)]
+        return tuple(divisors)
+    if name in ("ResUNet", "ResSELKAUNet"):
+        return (2 ** (len(_argument(spec, "channels")) - 1),) * dims
+    if name == "SegResNet":
+        return (2 ** (len(_argument(spec, "blocks_down")) - 1),) * dims
+    raise OptionError(f"{spec['_target_']}: bundle.export.input_divisors does not know this network's down-sampling")
+
+
+def spatial_shape_pattern(spec: Mapping[str, Any]) -> list[str]:
+    """``metadata.json``'s ``spatial_shape``: multiples of the down-sampling from twice it (``"16*(n+1)"``).
+
+    MONAI's ``verify_net_in_out`` evaluates it with ``n = 1`` by default (as the model zoo's CI calls it),
+    which gives the smallest input whose bottleneck is 2 voxels per side.
+    """
+    return [f"{d}*(n+1)" for d in input_divisors(spec)]
+
+
+def network_data_format(record: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
+    """``template`` (metadata.json's ``network_data_format``) with what the model record says filled in.
+
+    Input and output channel counts and names come from the record (``input_channels``,
+    ``output_channels``), spatial shapes from the network's down-sampling (:func:`spatial_shape_pattern`).
+    """
+    shape = spatial_shape_pattern(record["network"])
+    image = dict(template["inputs"]["image"])
+    image.update(
+        num_channels=len(record["input_channels"]),
+        spatial_shape=shape,
+        channel_def={str(i): CHANNEL_NAMES.get(c, c) for i, c in enumerate(record["input_channels"])},
+    )
+    pred = dict(template["outputs"]["pred"])
+    pred.update(
+        num_channels=len(record["output_channels"]),
+        spatial_shape=shape,
+        channel_def={str(i): c for i, c in enumerate(record["output_channels"])},
+    )
+    return {
+        **template,
+        "inputs": {**template["inputs"], "image": image},
+        "outputs": {**template["outputs"], "pred": pred},
+    }
+
+
+def inference_form(
+    record: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The recorded network without its deep-supervision heads, and its weights taken from ``state``.
+
+    In eval mode a deep-supervised network returns its main output only, so the heads are training
+    state; without them the network scripts (the zoo's ``ckpt_export``) and the weights load strictly.
+    Every weight of the inference network must be in ``state`` with its shape.
+    """
+    spec = dict(record["network"])
+    if spec.get("deep_supervision"):
+        spec["deep_supervision"] = False
+    network = network_from_spec(spec)
+    wanted = network.state_dict()
+    missing = [k for k, v in wanted.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)]
+    if missing:
+        raise OptionError(
+            f"{spec['_target_']}: {len(missing)} weights of the inference network are not in the checkpoint "
+            f"(e.g. {missing[0]!r})"
+        )
+    weights = {k: state[k].clone() for k in wanted}
+    network.load_state_dict(weights)  # strict: exactly the inference network's weights
+    dropped = len(state) - len(weights)
+    if dropped:
+        logger.info("export: %d training-only weights (deep-supervision heads) left out", dropped)
+    return {**record, "network": spec}, weights
 
 
 def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -96,6 +216,43 @@ def _zip(out: Path, leave_out: list[str]) -> Path:
     return result
 
 
+def _export_torchscript(out: Path, record: Mapping[str, Any]) -> None:
+    """``models/model.ts`` by MONAI's ``ckpt_export`` called as the zoo's CI calls it (scripted, plain weights).
+
+    A network TorchScript cannot script is traced instead, with a warning: the zoo's CI would then need
+    the bundle in its ``exclude_verify_torchscript_list``.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        "models/model.ts",
+        "--ckpt_file",
+        "models/model.pt",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.yaml",
+    ]
+    result = subprocess.run(command, cwd=out, env=bundle_env(out), capture_output=True, text=True)
+    if result.returncode == 0:
+        return
+    channels = len(record["input_channels"])
+    shape = [1, channels, *(2 * d for d in input_divisors(record["network"]))]
+    logger.warning(
+        "export: %s cannot be scripted (the model zoo's CI scripts it); traced at %s instead",
+        record["network"]["_target_"],
+        shape,
+    )
+    traced = [*command, "--use_trace", "True", "--input_shape", json.dumps(shape).replace(" ", "")]
+    result = subprocess.run(traced, cwd=out, env=bundle_env(out), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ckpt_export failed in {out}:\n{result.stderr[-3000:]}")
+
+
 def export(
     output: str,
     zip: bool = False,  # the CLI flag is --zip
@@ -118,39 +275,20 @@ def export(
     out.mkdir(parents=True)
     _copy_tree(out)
     (out / "models").mkdir()
-    shutil.copy2(source, out / "models" / "model.pt")
-
-    network = read_record(out / "models" / "model.pt")["network"]  # inference.yaml builds it from the record
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "ckpt_export",
-        "network_def",
-        "--filepath",
-        "models/model.ts",
-        "--ckpt_file",
-        "models/model.pt",
-        "--key_in_ckpt",
-        "model",  # {"model": weights, "model_record": ...} (bundle.checkpoints)
-        "--meta_file",
-        "configs/metadata.json",
-        "--config_file",
-        "configs/inference.yaml",
-        # DynUNet's deep-supervision bookkeeping cannot be scripted; the eval-mode graph is traced.
-        "--use_trace",
-        "True",
-        "--input_shape",
-        str(list(TRACE_INPUT_SHAPE)).replace(" ", ""),
-    ]
-    result = subprocess.run(command, cwd=out, env=bundle_env(out), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ckpt_export failed in {out}:\n{result.stderr[-3000:]}")
+    record, weights = inference_form(read_record(source), model_state(source))
+    # the zoo's format: plain weights, loaded by ckpt_export without key_in_ckpt; the record beside them
+    torch.save(weights, out / "models" / "model.pt")
+    record_file(out / "models" / "model.pt").write_text(json.dumps(record, indent=2) + "\n")
+    metadata_file = out / "configs" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata["network_data_format"] = network_data_format(record, metadata["network_data_format"])
+    metadata_file.write_text(json.dumps(metadata, indent=4) + "\n")
+    _export_torchscript(out, record)
     _write_large_files(out, url_base)
     leave_out = _check_sizes(out)
     if leave_out:
         logger.warning("over 25 MB, to be hosted (url in large_files.yml), not zipped: %s", ", ".join(leave_out))
-    logger.info("bundle exported to %s (network %s)", out, network["_target_"])
+    logger.info("bundle exported to %s (network %s)", out, record["network"]["_target_"])
     if zip:
         logger.info("zip: %s", _zip(out, leave_out))
     return str(out)
