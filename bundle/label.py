@@ -335,15 +335,23 @@ def recorded_network_factory(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def _rescue_weights(bundle_in_app: Path, models: Path) -> None:
-    """Move weights an earlier version kept inside the app (rebuilt now) to ``models`` (never overwriting)."""
+    """Move weights an earlier version kept inside the app folder (rebuilt at every start) to ``models``.
+
+    ``model.pt`` becomes the served file unless there is one already; anything else, or a second
+    ``model.pt``, goes to ``models/previous``. Nothing is overwritten.
+    """
     old = bundle_in_app / "models"
-    if old.is_dir() and not old.is_symlink():
-        for path in old.glob("*.pt"):
-            target = models / path.name
-            if not target.exists():
-                models.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(path), target)
-                logger.info("moved %s out of the app folder to %s", path, target)
+    if not old.is_dir() or old.is_symlink():
+        return
+    for path in sorted(old.glob("*.pt")):
+        target = models / path.name
+        if path.name != "model.pt" or target.exists():
+            target = models / "previous" / f"{path.stem}-from-app{path.suffix}"
+            while target.exists():
+                target = target.with_name(target.stem + "_" + target.suffix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), target)
+        logger.info("moved %s out of the app folder (rebuilt at every start) to %s", path, target)
 
 
 def _check_overrides(bundle_dir: Path, overrides: Mapping[str, Any]) -> None:
@@ -465,6 +473,7 @@ def prepare_server(
     """Everything before the server starts: studies, served weights, the app; return (app folder, studies folder)."""
     work = Path(work_dir).resolve()
     served = prepare_studies(studies, work, as_bool(import_labels, "import_labels"))
+    _rescue_weights(work / "app" / "model" / name, work / "models")  # before the choice, which may copy in
     choose_checkpoint(work / "models", checkpoint)
     assemble_app(work, served.layout, default_tta(tta), name, overrides)
     return work / "app", served.folder

@@ -207,6 +207,15 @@ def test_rebuilding_the_app_keeps_the_weights(tmp_path: Path) -> None:
     assemble_app(work, "brats2021", overrides=TINY)
     assert md5sum(work / "models" / "model.pt") == trained
 
+    # ... also when the served file exists: the old one is kept in models/previous, never deleted
+    (bundle_dir / "models").unlink()
+    (bundle_dir / "models").mkdir()
+    tiny_checkpoint(bundle_dir / "models" / "model.pt", seed=3)
+    older = md5sum(bundle_dir / "models" / "model.pt")
+    assemble_app(work, "brats2021", overrides=TINY)
+    assert md5sum(work / "models" / "model.pt") == trained
+    assert [md5sum(p) for p in (work / "models" / "previous").iterdir()] == [older]
+
 
 def test_an_override_no_config_knows_is_one_sentence(tmp_path: Path) -> None:
     from bundle.errors import OptionError
