@@ -720,7 +720,11 @@ def _case_from_files(files: Sequence[str], layout: str | None) -> Case:
             f"{', '.join(paths)}: expected four files (T1, T1ce, T2, FLAIR) or one 4-D image, got {len(paths)}"
         )
     stems = [image_stem(Path(p).name) for p in paths]
-    case_id = os.path.commonprefix(stems).rstrip("_-.") or stems[0]  # noqa: RUF071 - file names, not paths
+    modality_names = set(BRATS2021_SUFFIXES.values()) | set(BRATS2023_SUFFIXES.values())
+    if all(stem in modality_names for stem in stems):  # t1.nrrd ... or DICOM folders t1/ ...: named by their folder
+        case_id = Path(paths[0]).resolve().parent.name
+    else:
+        case_id = os.path.commonprefix(stems).rstrip("_-.") or stems[0]  # noqa: RUF071 - file names, not paths
     return Case(case_id, layout or "brats2021", paths)
 
 

@@ -223,6 +223,7 @@ def test_inference_on_dicom_series_folders(nifti_dataset: Path, tmp_path: Path, 
     settings = dict(checkpoint=str(tiny_checkpoint), roi_size=[16, 16, 16], tta=False)
     (a,) = infer(str(source), output=str(tmp_path / "a"), **settings)
     (b,) = infer([str(f) for f in folders], output=str(tmp_path / "b"), **settings)
+    assert Path(b).name == "dicom_seg.nii.gz"  # folders named by their modality: the case is their folder
     np.testing.assert_array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj))
     np.testing.assert_allclose(nib.load(b).affine, nib.load(a).affine, atol=1e-4)
 
