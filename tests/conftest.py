@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import zlib
 from collections.abc import Callable
@@ -123,7 +124,19 @@ def convert_with_itk(source: Path, target: Path) -> Path:
 
 
 def write_dicom_series(source: Path, folder: Path) -> Path:
-    """Write a 3-D image as a DICOM series (one int16 slice per file) with ITK, geometry from ``source``."""
+    """Write a 3-D image as a DICOM series (one int16 slice per file) with ITK, geometry from ``source``.
+
+    GDCM's writer sets the process's C locale to "C", after which Python decodes subprocess output as
+    ASCII; the locale is restored so later tests see the one they started with.
+    """
+    previous = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(source, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, previous)
+
+
+def _write_dicom_series(source: Path, folder: Path) -> Path:
     import itk
 
     image = itk.imread(str(source), itk.SS)
