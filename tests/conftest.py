@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import locale
 import os
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,6 +127,8 @@ def write_dicom_series(source: Path, folder: Path) -> Path:
     GDCM's writer sets the process's C locale to "C", after which Python decodes subprocess output as
     ASCII; the locale is restored so later tests see the one they started with.
     """
+    import locale
+
     previous = locale.setlocale(locale.LC_ALL)
     try:
         return _write_dicom_series(source, folder)
@@ -137,6 +137,8 @@ def write_dicom_series(source: Path, folder: Path) -> Path:
 
 
 def _write_dicom_series(source: Path, folder: Path) -> Path:
+    import zlib
+
     import itk
 
     image = itk.imread(str(source), itk.SS)
