@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, verify_net_in_out
 
-from bundle.checkpoints import ModelRecord, read_record, save_model
+from bundle.checkpoints import read_record, save_model
 from bundle.export import MAX_FILE_BYTES, bundle_env, export, input_divisors, md5sum, network_data_format
 
 METADATA = REPO_ROOT / "configs" / "metadata.json"
@@ -34,7 +34,7 @@ def _train_yaml_record(**overrides: object) -> dict:
     parser.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
     for key, value in overrides.items():
         parser[key] = value
-    return ModelRecord(parser.get_parsed_content("network_factory")).state_dict()
+    return parser.get_parsed_content("model_record").state_dict()  # what training records: network, channels
 
 
 def test_metadata_network_data_format_is_derived_from_train_yaml() -> None:
