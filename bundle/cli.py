@@ -161,8 +161,12 @@ def label_serve(
     of the served inference (default: on with CUDA, off without); any other ``--key value`` overrides the
     inference and training configs.
     """
+    import logging.config
+
     from bundle.label import label_serve as _label_serve
 
+    # the bundle's logging, as monai.bundle run sets it: what is served and why is said at start-up
+    logging.config.fileConfig(LOGGING_CONF, disable_existing_loggers=False)
     return _label_serve(
         studies,
         checkpoint=checkpoint,

@@ -360,7 +360,7 @@ def _check_overrides(bundle_dir: Path, overrides: Mapping[str, Any]) -> None:
     for key in overrides:
         if not any(key in parser for parser in known):
             raise OptionError(
-                f"--{key}: not a key of configs/inference.yaml or configs/train.yaml, so it would be ignored"
+                f"--{key}: not a key of configs/inference.yaml or configs/train.yaml (it would be ignored)"
             )
 
 
@@ -377,6 +377,7 @@ def assemble_app(
     and ``work_dir/runs``. ``layout``: the studies' channel order and label values; ``tta``: the served
     default; ``overrides`` (config key -> value) go into both JSON configs.
     """
+    _check_overrides(BUNDLE_ROOT, overrides or {})
     work = Path(work_dir).resolve()
     app, models = work / "app", work / "models"
     target = app / "model" / name
@@ -392,7 +393,6 @@ def assemble_app(
     (app / "main.py").write_text(APP_MAIN.format(name=name))
 
     common = {**(overrides or {})}
-    _check_overrides(target, common)
     # inference.json builds the network the checkpoint records; training continues that same network
     network = recorded_network_factory(models / "model.pt")
     train = app_train_config(target, {"network_factory": network, **common}, layout)
@@ -471,6 +471,7 @@ def prepare_server(
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Everything before the server starts: studies, served weights, the app; return (app folder, studies folder)."""
+    _check_overrides(BUNDLE_ROOT, overrides or {})  # before anything is read or written
     work = Path(work_dir).resolve()
     served = prepare_studies(studies, work, as_bool(import_labels, "import_labels"))
     _rescue_weights(work / "app" / "model" / name, work / "models")  # before the choice, which may copy in

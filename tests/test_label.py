@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,6 +226,19 @@ def test_an_override_no_config_knows_is_one_sentence(tmp_path: Path) -> None:
         assemble_app(tmp_path / "work", "brats2021", overrides={**TINY, "ttta": "false"})
 
 
+def test_label_serve_command_ends_a_misspelt_option_with_one_sentence(brats_dataset: Path, tmp_path: Path) -> None:
+    """``python -m bundle label_serve`` as typed: a key no config has is refused before anything is made."""
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    command = [sys.executable, "-m", "bundle", "label_serve", "--studies", str(brats_dataset)]
+    command += ["--checkpoint", str(checkpoint), "--work_dir", str(tmp_path / "work"), "--ttta", "false"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: --ttta: not a key of configs/inference.yaml or configs/train.yaml (it would be ignored)"
+    assert not (tmp_path / "work").exists(), "nothing is made for a refused option"
+
+
 def test_tta_default_is_one_pass_without_cuda_and_reads_strings(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="bundle.label")
     assert default_tta("false") is False and default_tta("true") is True
@@ -328,7 +342,7 @@ def free_port() -> int:
 
 
 class Server:
-    """``label_serve`` as a user runs it (prepare, then MONAI Label), started and stopped by PID."""
+    """``python -m bundle label_serve ...`` as a user types it, started in its own process group, stopped by PID."""
 
     def __init__(self, root: Path, dataset: Path, checkpoint: Path) -> None:
         self.root, self.dataset, self.checkpoint = root, dataset, checkpoint
@@ -336,21 +350,35 @@ class Server:
         self.process: subprocess.Popen | None = None
         self.client: Any = None
 
+    def command(self, port: int) -> list[str]:
+        """The same command line at every start: --checkpoint unchanged, --tta false as typed."""
+        tiny = [f"--{key}={json.dumps(value).replace(' ', '')}" for key, value in TINY.items()]
+        return [
+            sys.executable,
+            "-m",
+            "bundle",
+            "label_serve",
+            "--studies",
+            str(self.dataset),
+            "--checkpoint",
+            str(self.checkpoint),
+            "--work_dir",
+            str(self.work),
+            "--port",
+            str(port),
+            "--tta",
+            "false",
+            *tiny,
+        ]
+
     def start(self) -> dict[str, Any]:
         from monailabel.client import MONAILabelClient
 
-        from bundle.label import prepare_server, start_server
-
-        with self.log.open("a") as log:
-            handler = logging.StreamHandler(log)
-            logging.getLogger("bundle.label").addHandler(handler)
-            logging.getLogger("bundle.label").setLevel(logging.INFO)
-            try:  # the same command line at every start: --checkpoint unchanged, --tta false as typed
-                app, studies = prepare_server(self.dataset, self.checkpoint, self.work, tta="false", overrides=TINY)
-            finally:
-                logging.getLogger("bundle.label").removeHandler(handler)
         port = free_port()
-        self.process = start_server(app, studies, port=port, log_file=self.log)
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(
+                self.command(port), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         (self.root / "client").mkdir(exist_ok=True)
         self.client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(self.root / "client"))
         deadline = time.monotonic() + 600
@@ -363,9 +391,9 @@ class Server:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
+            os.killpg(self.process.pid, signal.SIGTERM)  # label_serve and MONAI Label: one process group
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=30)
