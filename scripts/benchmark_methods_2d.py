@@ -32,7 +32,6 @@ import argparse
 import csv
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -68,10 +67,16 @@ REGIONS = {"m1": ["WT", "TC", "ET"], "m2": ["WT"], "m3": ["WT", "TC", "ET", "NCR
 GATE_METRICS = ["val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1"]
 
 
+def shown(command: list[str]) -> str:
+    """The command as a user types it in a POSIX shell (lists in double quotes)."""
+    words = ["python", *command]
+    return " ".join(f'"{w}"' if any(c in w for c in "[]' ") else w for w in words)
+
+
 def run(command: list[str], log: Path) -> float:
     """Run ``python <command>`` in the bundle root, output to ``log``; return its wall seconds, stop on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    print("$ " + shlex.join(["python", *command]), flush=True)
+    print("$ " + shown(command), flush=True)
     start = time.perf_counter()
     with log.open("w") as out:
         result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -241,7 +246,7 @@ def main() -> None:
         label, top, _ = METHODS[method]
         out = output / method
         command = train_command(method, out, demo_dir, args)
-        entry: dict[str, Any] = {"label": label, "config": top, "train_command": shlex.join(["python", *command])}
+        entry: dict[str, Any] = {"label": label, "config": top, "train_command": shown(command)}
         entry["train_seconds"] = run(command, out / "logs" / "train.log")
         checkpoint = out / "models" / ("gate.pt" if method == "gate" else "model.pt")
         record = read_record(checkpoint)
