@@ -217,7 +217,8 @@ def run_cv(
         verbose: print the fold summary table.
         include_disjoint: also score the disjoint classes NCR and ED; default: the config's
             ``validate_disjoint`` (true for M3, which reports them).
-        overrides: any top-level key of the training config (``epochs``, ``roi_size``, ``network_def#filters``...).
+        overrides: any key of the training config, a nested one by its ``#`` path (``epochs``, ``roi_size``,
+            ``network_factory#filters``...).
     """
     from monai.bundle import ConfigWorkflow
 
