@@ -250,7 +250,7 @@ def _random_checkpoint_of_train_yaml(path: Path) -> Path:
     """
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.yaml"))
-    parser["network_factory#filters"] = [4 * 2**i for i in range(len(parser["network_factory#strides"]))]
+    parser["network_factory#filters"] = [4 * 2**i for i in range(len(parser["network_factory#filters"]))]
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")
     with torch.no_grad():
