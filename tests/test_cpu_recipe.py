@@ -48,7 +48,7 @@ def _parser(tmp_path: Path, dataset_dir: Path, **overrides: Any) -> ConfigParser
     return parser
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, small_demo: Path) -> None:
     parser = _parser(tmp_path, small_demo)
     record = parser.get_parsed_content("model_record").state_dict()
