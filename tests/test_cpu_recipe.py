@@ -1,0 +1,137 @@
+"""configs/cpu.yaml: the recipe for machines without a GPU, merged over configs/train.yaml.
+
+The overlay builds its network, loader and schedule; validation runs the model's inference recipe; the
+checkpoint's record is all inference needs to build the network; and the command users type trains with it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from monai.bundle import ConfigParser
+from monai.handlers import EarlyStopHandler, LrScheduleHandler
+from monai.transforms import RandCropByPosNegLabeld
+
+from bundle.checkpoints import MODEL_KEY, RECORD_KEY
+from bundle.data import generate_demo_dataset
+
+CPU_CONFIGS = [str(REPO_ROOT / "configs" / "train.yaml"), str(REPO_ROOT / "configs" / "cpu.yaml")]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four labelled 48 x 48 x 40 demo phantoms and one held out, BraTS 2021 layout."""
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), num_cases=4, num_test_cases=1, shape=(48, 48, 40))
+
+
+def _parser(tmp_path: Path, dataset_dir: Path, **overrides: Any) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(CPU_CONFIGS)
+    settings = {
+        "bundle_root": str(REPO_ROOT),
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(tmp_path / "out"),
+        "ckpt_dir": str(tmp_path / "models"),
+        "num_folds": 2,
+        "holdout_fraction": 0.0,
+        **overrides,
+    }
+    for key, value in settings.items():
+        parser[key] = value
+    return parser
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, small_demo: Path) -> None:
+    parser = _parser(tmp_path, small_demo)
+    record = parser.get_parsed_content("model_record").state_dict()
+    assert record["network"]["filters"] == [8, 16, 32, 64, 80, 80]  # the demo's width, M4's six levels
+    assert record["patch_size"] == [64, 64, 64] and record["output_type"] == "regions"
+    assert record["network"]["deep_supervision"] is True
+
+    loader = parser.get_parsed_content("train#dataloader")
+    assert loader.batch_size == 2 and loader.num_workers == 0
+    crops = [t for t in parser.get_parsed_content("train#random_transforms") if isinstance(t, RandCropByPosNegLabeld)]
+    assert len(crops) == 1 and crops[0].cropper.pos_ratio == pytest.approx(0.75)  # 3 tumour : 1 other patch
+    batch = next(iter(loader))
+    assert tuple(batch["image"].shape) == (2, 4, 64, 64, 64) and tuple(batch["label"].shape) == (2, 3, 64, 64, 64)
+
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch_length == parser["steps_per_epoch"] == 50  # steps, whatever the number of cases
+    assert trainer.state.max_epochs == parser["epochs"]
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    assert isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR)
+    assert scheduler.total_iters == parser["epochs"] // parser["val_interval"]  # stepped once per validation
+    handlers = parser.get_parsed_content("validate#handlers")
+    assert not any(isinstance(h, EarlyStopHandler) for h in handlers), "a fixed schedule has no early stopping"
+    (lr_handler,) = [h for h in handlers if isinstance(h, LrScheduleHandler)]
+    lr = parser.get_parsed_content("optimizer").param_groups[0]["lr"]
+    for _ in range(scheduler.total_iters):  # what the handler does at each validation
+        scheduler.step(*lr_handler.step_transform(None))
+    assert lr == pytest.approx(3e-3) and parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 0.0
+
+
+def test_validation_scores_the_inference_recipes_labels(tmp_path: Path, small_demo: Path) -> None:
+    """Thresholds and clean-up of the recorded recipe: an isolated 8-voxel blob is no tumour in validation."""
+    parser = _parser(tmp_path, small_demo)
+    recipe = parser.get_parsed_content("recipe")
+    assert recipe["remove_small_components"] and recipe["min_component_size"] == 50
+    logits = torch.full((3, 32, 32, 32), -8.0)
+    logits[:, 4:12, 4:12, 4:12] = 8.0  # a 512-voxel tumour, enhancing everywhere
+    logits[:, 24:26, 24:26, 24:26] = 8.0  # an 8-voxel speck far from it
+    label = torch.zeros(3, 32, 32, 32)
+    label[:, 4:12, 4:12, 4:12] = 1.0
+    out = parser.get_parsed_content("validate#postprocessing")({"pred": logits, "label": label})
+    assert tuple(out["pred"].shape) == (3, 32, 32, 32)
+    assert torch.equal(torch.as_tensor(out["pred"]).bool(), label.bool()), "the speck is removed, the tumour kept"
+    assert torch.equal(torch.as_tensor(out["logits"]), logits), "the validation loss still sees the raw output"
+    assert not {"pred_label", "pred_mean"} & set(out)
+
+
+def test_the_checkpoint_record_is_all_inference_needs(tmp_path: Path, small_demo: Path) -> None:
+    parser = _parser(tmp_path, small_demo)
+    network = parser.get_parsed_content("network")
+    record = parser.get_parsed_content("model_record").state_dict()
+    checkpoint = tmp_path / "model.pt"
+    torch.save({MODEL_KEY: network.state_dict(), RECORD_KEY: record}, checkpoint)
+    inference = ConfigParser()
+    inference.read_config(str(REPO_ROOT / "configs" / "inference.yaml"))
+    inference["bundle_root"] = str(REPO_ROOT)
+    inference["checkpoint"] = str(checkpoint)
+    built = inference.get_parsed_content("network_def")
+    built.load_state_dict(network.state_dict())  # strict: the same layers, the same shapes
+    assert inference.get_parsed_content("roi_size") == [64, 64, 64]
+    assert inference.get_parsed_content("recipe")["tta"] is True  # the recipe's; --tta false turns it off
+
+
+@pytest.mark.slow
+def test_monai_bundle_run_training_with_the_overlay_and_bundle_infer(tmp_path: Path, small_demo: Path) -> None:
+    """The commands users type: one short epoch with cpu.yaml, then `python -m bundle infer` with no flag but TTA."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    train = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CPU_CONFIGS).replace(" ", ""),
+        "--bundle_root", str(REPO_ROOT), "--dataset_dir", str(small_demo), "--output_dir", str(tmp_path / "out"),
+        "--ckpt_dir", str(tmp_path / "models"), "--num_folds", "2", "--holdout_fraction", "0",
+        "--epochs", "1", "--steps_per_epoch", "2", "--val_interval", "1",
+    ]  # fmt: skip
+    result = subprocess.run(train, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Iter: 2/2" in result.stdout + result.stderr, "an epoch is steps_per_epoch steps"
+    checkpoint = tmp_path / "models" / "model.pt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved[RECORD_KEY]["network"]["filters"] == [8, 16, 32, 64, 80, 80]
+    heldout = next(p for p in small_demo.iterdir() if p.is_dir() and not list(p.glob("*_seg.nii.gz")))
+    infer = [
+        sys.executable, "-m", "bundle", "infer", str(heldout), "--output", str(tmp_path / "seg"),
+        "--checkpoint", str(checkpoint), "--tta", "false",
+    ]  # fmt: skip
+    result = subprocess.run(infer, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "seg" / f"{heldout.name}_seg.nii.gz").is_file()
