@@ -8,6 +8,9 @@ Modes (each run in a fresh Python process, so that its peak RSS is its own; ``--
 the list, alternating the modes, so a noisy shared machine slows all of them alike):
 
 * ``notta`` / ``ours``: configs/inference.yaml without TTA (the same thing, two names);
+* ``plain``: the same with MONAI's own loading in place of the bundle's (``LoadImaged`` +
+  ``NibabelReader``: the files one after the other, zlib, float32 from the load), i.e. the load path
+  before ISA-L decoding, concurrent files and int16-until-the-crop; same outputs;
 * ``tta``: configs/inference.yaml with M4's 8-flip TTA;
 * ``zoo``: the MONAI model zoo's ``brats_mri_segmentation`` inference pipeline, written out here
   (nothing is fetched): ``LoadImaged`` + ``NormalizeIntensityd(nonzero, channel_wise)``, a
@@ -315,6 +318,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     else:
         parser, roi, params = our_workflow(args, case, work)
         tta = args.child == "tta"
+        if args.child == "plain":
+            use_plain_loading(parser)
     cases = []
     for _ in range(args.cases):
         with _Cwd(ROOT):
@@ -372,6 +377,24 @@ def our_workflow(args: argparse.Namespace, case: Path, work: Path) -> tuple[Conf
     return workflow.parser, list(roi), params
 
 
+def use_plain_loading(parser: ConfigParser) -> None:
+    """Our preprocessing with MONAI's own loading in place of the bundle's loader: ``LoadImaged`` with
+    ``NibabelReader`` (one file after the other, zlib) and float32 from the load, as before the fast path.
+    Same voxels either way (tests/test_loading.py); the later float32 conversion is then a no-op."""
+    from monai.data import NibabelReader
+    from monai.transforms import LoadImaged
+
+    transforms = parser.get_parsed_content("preprocessing").transforms
+    loader = transforms[0]
+    transforms[0] = LoadImaged(
+        keys=loader.keys,
+        reader=NibabelReader(),
+        ensure_channel_first=True,
+        image_only=True,
+        allow_missing_keys=True,
+    )
+
+
 def median_of(values: list[float]) -> float | None:
     """Median rounded to ms, ``None`` for no values."""
     return round(statistics.median(values), 3) if values else None
@@ -412,7 +435,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--flip-batch-size", type=int, default=None)
     ap.add_argument("--sw-batch-size", type=int, default=None, help="windows per network call (default: the config's)")
-    ap.add_argument("--modes", default="notta,tta", help="comma list of notta (= ours), tta, zoo; one process each")
+    ap.add_argument("--modes", default="notta,tta", help="notta (= ours), plain, tta, zoo: one process each")
     ap.add_argument("--rounds", type=int, default=1, help="how often the list of modes is run (alternating)")
     ap.add_argument("--cases", type=int, default=1, help="cases segmented per process (first + steady)")
     ap.add_argument("--json", default=None, help="also write the report here")
@@ -424,9 +447,9 @@ def main() -> None:
         return
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - {"notta", "ours", "tta", "zoo"})
+    unknown = sorted(set(modes) - {"notta", "ours", "plain", "tta", "zoo"})
     if unknown:
-        ap.error(f"unknown modes {unknown}; expected notta (= ours), tta, zoo")
+        ap.error(f"unknown modes {unknown}; expected notta (= ours), plain, tta, zoo")
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load_before = list(os.getloadavg())
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
