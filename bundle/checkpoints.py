@@ -17,12 +17,18 @@ Checkpoint layout (what MONAI's ``CheckpointSaver`` writes for ``save_dict={"mod
 "model_record": record}``)::
 
     {"model": <state dict>, "model_record": {"network": {"_target_": ..., **arguments}, ...}}
+
+The model zoo's tools load ``models/model.pt`` as a plain state dict (its CI calls ``ckpt_export``
+without ``key_in_ckpt``), so the zoo export (``bundle.export``) writes the weights alone and the record
+beside them, ``models/model_record.json`` (:func:`record_file`); :func:`load_checkpoint` reads both forms.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import pydoc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +39,6 @@ from monai.utils import instantiate
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES, MODALITIES, REGION_NAMES
 from bundle.data import DataError
 from bundle.errors import OptionError
-from bundle.networks.nets import size_multiple
 from bundle.paths import BUNDLE_ROOT
 from bundle.recipes import recipe_for
 from bundle.transforms import input_channel_names
@@ -176,17 +181,62 @@ def salient_channel(record: Mapping[str, Any]) -> bool:
     )
 
 
+def _argument(spec: Mapping[str, Any], name: str) -> Any:
+    """A constructor argument of a recorded network: the spec's value, else the constructor's default."""
+    if name in spec:
+        return spec[name]
+    constructor = pydoc.locate(str(spec["_target_"]))
+    parameter = inspect.signature(constructor).parameters.get(name) if constructor is not None else None
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        raise OptionError(f"{spec['_target_']}: the network's {name!r} is not recorded and has no default")
+    return parameter.default
+
+
+def input_divisors(spec: Mapping[str, Any]) -> tuple[int, ...]:
+    """Per spatial axis, the network's total down-sampling: every input size must be a multiple of it.
+
+    Read from the constructor's arguments: ``strides`` (DynUNet, UNet, AttentionUnet; one per level, an
+    int or one per axis), ``channels`` levels of the bundle's U-Nets and ``blocks_down`` of SegResNet
+    (2x per level), SwinUNETR's fixed 32.
+    """
+    name = str(spec["_target_"]).rsplit(".", 1)[-1]
+    dims = 3 if name == "SwinUNETR" else int(_argument(spec, "spatial_dims"))
+    if name == "SwinUNETR":
+        return (32,) * dims  # patch size 2, four 2x patch mergings
+    if "strides" in spec:
+        divisors = [1] * dims
+        for stride in spec["strides"]:
+            per_axis = list(stride) if isinstance(stride, (list, tuple)) else [stride] * dims
+            divisors = [d * int(s) for d, s in zip(divisors, per_axis)]
+        return tuple(divisors)
+    if name in ("ResUNet", "ResSELKAUNet"):
+        return (2 ** (len(_argument(spec, "channels")) - 1),) * dims
+    if name == "SegResNet":
+        return (2 ** (len(_argument(spec, "blocks_down")) - 1),) * dims
+    raise OptionError(
+        f"{spec['_target_']}: bundle.checkpoints.input_divisors does not know this network's down-sampling"
+    )
+
+
+def spatial_shape_pattern(spec: Mapping[str, Any]) -> list[str]:
+    """``metadata.json``'s ``spatial_shape``: multiples of the down-sampling from twice it (``"16*(n+1)"``).
+
+    MONAI's ``verify_net_in_out`` evaluates it with ``n = 1`` by default (as the model zoo's CI calls it),
+    which gives the smallest input whose bottleneck is 2 voxels per side.
+    """
+    return [f"{d}*(n+1)" for d in input_divisors(spec)]
+
+
 def network_data_format(record: Mapping[str, Any], data_format: Mapping[str, Any]) -> dict[str, Any]:
     """``metadata.json``'s ``network_data_format`` for the recorded model (zoo export, MONAI Label).
 
     ``data_format`` is the repository's (it describes the default network); the input and output
-    channels come from the record (M4's best setting: five inputs), and for networks with
-    ``strides`` (MONAI ``DynUNet``, :class:`bundle.networks.M4UNet`) the size multiple from their
-    product. Display names of known channels (``T1``, ``WT``, ...) are kept.
+    channels come from the record (M4's best setting: five inputs), the spatial shapes from the
+    network's down-sampling (:func:`spatial_shape_pattern`). Display names of known channels
+    (``T1``, ``WT``, ...) are kept.
     """
     described = json.loads(json.dumps(data_format))
-    strides = record["network"].get("strides")
-    multiples = size_multiple(strides, int(record["network"].get("spatial_dims", 3))) if strides else None
+    shape = spatial_shape_pattern(record["network"])
     for entry, channels in (
         (described["inputs"]["image"], record["input_channels"]),
         (described["outputs"]["pred"], record["output_channels"]),
@@ -194,8 +244,7 @@ def network_data_format(record: Mapping[str, Any], data_format: Mapping[str, Any
         names = {name.lower(): name for name in entry.get("channel_def", {}).values()}
         entry["num_channels"] = len(channels)
         entry["channel_def"] = {str(i): names.get(c.lower(), c) for i, c in enumerate(channels)}
-        if multiples:
-            entry["spatial_shape"] = [f"{m}*n" for m in multiples]
+        entry["spatial_shape"] = shape
     return described
 
 
@@ -205,8 +254,22 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
+def record_file(path: str | Path) -> Path:
+    """Where a plain state dict's model record is kept: ``<stem>_record.json`` beside it (``model_record.json``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_record.json")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by this bundle; one sentence naming the file if that is not what it is."""
+    """Read a checkpoint written by this bundle; one sentence naming the file if that is not what it is.
+
+    Either ``{"model": weights, "model_record": record}`` or, as the zoo export writes it, a plain state
+    dict with its record in :func:`record_file`; both are returned in the first form.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist (train first, or pass --checkpoint)")
@@ -214,6 +277,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_root_cause(err)})") from err
+    if _is_state_dict(obj) and MODEL_KEY not in obj:
+        sidecar = record_file(path)
+        if not sidecar.is_file():
+            raise CheckpointError(
+                f"{path}: the checkpoint does not record the network that built it (a plain state dict, and no "
+                f"{sidecar.name} beside it); save it with bundle.checkpoints.save_model, or train it with this bundle"
+            )
+        try:
+            obj = {MODEL_KEY: obj, RECORD_KEY: json.loads(sidecar.read_text())}
+        except ValueError as err:
+            raise CheckpointError(f"{sidecar}: not a readable model record ({err})") from err
     state = obj.get(MODEL_KEY) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: holds no model state dict under {MODEL_KEY!r}")

@@ -145,12 +145,38 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
 
 
 def label_serve(
-    studies: str, checkpoint: str | None = None, app_dir: str = "runs/label/app", port: int = 8000, **overrides: Any
+    studies: str,
+    checkpoint: str | None = None,
+    work_dir: str = "runs/label",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    tta: bool | str | None = None,
+    import_labels: bool | str = True,
+    **overrides: Any,
 ) -> int:
-    """Serve the bundle with MONAI Label on 127.0.0.1 (needs the ``label`` extra; see docs/ecosystem.md)."""
+    """Serve the bundle with MONAI Label (needs the ``label`` extra; see docs/ecosystem.md and bundle/label.py).
+
+    ``--studies``: a BraTS 2021 / 2023 or MSD Task01 folder as downloaded (or MONAI Label's own folder of
+    4-D images); ``--work_dir``: the app, the served and trained weights and the labels; ``--tta``: default
+    of the served inference (default: on with CUDA, off without); any other ``--key value`` overrides the
+    inference and training configs.
+    """
+    import logging.config
+
     from bundle.label import label_serve as _label_serve
 
-    return _label_serve(studies, checkpoint=checkpoint, app_dir=app_dir, port=port, overrides=overrides or None)
+    # the bundle's logging, as monai.bundle run sets it: what is served and why is said at start-up
+    logging.config.fileConfig(LOGGING_CONF, disable_existing_loggers=False)
+    return _label_serve(
+        studies,
+        checkpoint=checkpoint,
+        work_dir=work_dir,
+        host=host,
+        port=port,
+        tta=tta,
+        import_labels=import_labels,
+        overrides=overrides or None,
+    )
 
 
 def export(output: str, zip: bool = False, checkpoint: str | None = None, url_base: str | None = None) -> str:

@@ -19,6 +19,9 @@ SALIENT_CHANNEL: str = "salient"
 BACKGROUND, NCR, ED, ET = 0, 1, 2, 3
 CLASS_NAMES: dict[int, str] = {BACKGROUND: "background", NCR: "NCR", ED: "ED", ET: "ET"}
 
+#: RGB colour (0-1) of each tumour class, as BraTS figures draw them (overlays, 3D Slicer segments).
+LABEL_COLOURS: dict[int, tuple[float, float, float]] = {NCR: (1.0, 0.0, 0.0), ED: (0.0, 1.0, 0.0), ET: (1.0, 1.0, 0.0)}
+
 #: Overlapping evaluation regions, in output-channel order, as sets of internal labels.
 REGIONS: dict[str, tuple[int, ...]] = {"WT": (NCR, ED, ET), "TC": (NCR, ET), "ET": (ET,)}
 REGION_NAMES: tuple[str, ...] = tuple(REGIONS)

@@ -6,6 +6,12 @@ Three layouts are recognised and mapped onto one convention (``bundle.constants`
 * ``brats2023`` (BraTS 2023+): ``CASE/CASE-{t1n,t1c,t2w,t2f}.nii.gz`` (+ ``CASE-seg.nii.gz``);
 * ``msd`` (Decathlon Task01): ``imagesTr/*.nii.gz`` 4-D (FLAIR, T1w, T1gd, T2w) + ``labelsTr``.
 
+Files may be NIfTI (``.nii.gz``, ``.nii``), NRRD (``.nrrd``, 3D Slicer's ``.seg.nrrd``) or MetaImage
+(``.mha``, ``.mhd``), and a modality of a case may be a folder holding one DICOM series
+(``CASE/CASE_flair/`` or ``CASE/flair/``). :func:`image_reader` picks the MONAI reader of every file the
+same way wherever a case is read (checks here, ``bundle.transforms.ThreadUnsafeLoadImaged`` in training,
+inference and MONAI Label, evaluation): NIfTI through nibabel, everything else through ITK.
+
 Every datalist item is ``{"case_id", "layout", "image", "label"?, "fold"?}`` where ``image`` is
 either the four files in the canonical order (T1, T1ce, T2, FLAIR) or one 4-D file; the
 ``layout`` key tells :class:`bundle.transforms.ToInternalConventiond` how to reorder channels
@@ -42,6 +48,13 @@ from bundle.errors import UserError
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: Read through ITK: NRRD (3D Slicer's volumes and segmentations) and MetaImage. ``.seg.nrrd`` comes first
+#: so that ``CASE_seg.seg.nrrd`` loses the whole suffix.
+ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+#: MONAI reader names (``LoadImage``'s registry): NIfTI stays on nibabel, which is as fast as ITK for it
+#: and is what every earlier version used (docs/ecosystem.md, "Image formats"); ITK reads the rest.
+NIFTI_READER, ITK_READER = "NibabelReader", "ITKReader"
 LAYOUTS = ("brats2021", "brats2023", "msd")
 
 
@@ -70,20 +83,70 @@ class Case:
 # --------------------------------------------------------------------------------------- discovery
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith("._")
+def is_nifti(path: str | Path) -> bool:
+    """Whether ``path`` names a NIfTI file (``.nii`` / ``.nii.gz``), read by nibabel."""
+    return str(path).endswith(NIFTI_SUFFIXES)
 
 
-def _strip_nifti(name: str) -> str:
-    for suffix in NIFTI_SUFFIXES:
+def image_stem(name: str) -> str:
+    """A file name without its image suffix (``CASE_t1.nii.gz``, ``CASE_t1.nrrd`` -> ``CASE_t1``)."""
+    for suffix in IMAGE_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
+def image_reader(path: str | Path | Sequence[str | Path]) -> str:
+    """The MONAI reader for a file, a DICOM series folder or the files of one case: nibabel for NIfTI, else ITK.
+
+    Made explicit because MONAI's automatic choice depends on what is installed: with pynrrd or pydicom
+    present (MONAI Label's venv has them) ``LoadImage`` would read NRRD or DICOM with other readers than
+    the bundle's checks used.
+    """
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    return NIFTI_READER if paths and all(is_nifti(p) for p in paths) else ITK_READER
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"  # the DICOM preamble
+    except OSError:
+        return False
+
+
+def is_dicom_series(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding DICOM files (one series per modality, read by ITK)."""
+    folder = Path(path)
+    return folder.is_dir() and any(p.is_file() and _is_dicom_file(p) for p in folder.iterdir())
+
+
+def _entry_stem(path: Path) -> str | None:
+    """The name of a possible image entry of a case folder (a file with an image suffix, or a folder), else None."""
+    if path.name.startswith("."):  # macOS's ._ files, temporary files of atomic writes
+        return None
+    if path.is_dir():
+        return path.name
+    if path.is_file() and path.name.endswith(IMAGE_SUFFIXES):
+        return image_stem(path.name)
+    return None
+
+
+def _matches(stem: str, separator: str, suffix: str) -> bool:
+    """``CASE<separator><suffix>`` (BraTS naming), or the modality's name alone (``flair/``, ``t1.nrrd``)."""
+    return stem.endswith(separator + suffix) or stem == suffix
+
+
 def _brats_file(case_dir: Path, separator: str, suffix: str) -> Path | None:
-    """Find ``<anything><separator><suffix>.nii[.gz]`` in ``case_dir`` (exactly one, else None)."""
-    hits = [p for p in case_dir.iterdir() if _is_nifti(p) and _strip_nifti(p.name).endswith(separator + suffix)]
+    """Find the one image (a file or a DICOM series folder) of modality ``suffix`` in ``case_dir``, else None."""
+    hits = []
+    for path in case_dir.iterdir():
+        stem = _entry_stem(path)
+        # a folder counts when its name matches and it holds DICOM files: checked after the cheap name test
+        if stem is not None and _matches(stem, separator, suffix) and (path.is_file() or is_dicom_series(path)):
+            hits.append(path)
     if len(hits) > 1:
         names = ", ".join(sorted(p.name for p in hits))
         raise DataError(f"{case_dir}: several files match modality '{suffix}' ({names})")
@@ -92,15 +155,20 @@ def _brats_file(case_dir: Path, separator: str, suffix: str) -> Path | None:
 
 def _case_dir_layout(case_dir: Path) -> str | None:
     """Return the BraTS layout of a single case folder, or None if it is not one."""
-    names = [_strip_nifti(p.name) for p in case_dir.iterdir() if _is_nifti(p)]
+    entries = [(path, stem) for path in case_dir.iterdir() if (stem := _entry_stem(path)) is not None]
     for layout, separator, suffixes in (
         ("brats2021", "_", BRATS2021_SUFFIXES),
         ("brats2023", "-", BRATS2023_SUFFIXES),
     ):
-        wanted = [separator + suffixes[m] for m in MODALITIES]
+        found = 0
+        for modality in MODALITIES:
+            found += any(
+                _matches(stem, separator, suffixes[modality]) and (path.is_file() or is_dicom_series(path))
+                for path, stem in entries
+            )
         # Two distinctive modalities are enough to recognise the layout; missing ones are
         # reported per file by the case check, not silently treated as "not a case".
-        if sum(any(n.endswith(w) for n in names) for w in wanted) >= 2:
+        if found >= 2:
             return layout
     return None
 
@@ -148,8 +216,8 @@ def _msd_cases(root: Path) -> list[Case]:
     for split_dir, labelled in ((root / "imagesTr", True), (root / "imagesTs", False)):
         if not split_dir.is_dir():
             continue
-        for image in sorted(p for p in split_dir.iterdir() if _is_nifti(p)):
-            case = Case(_strip_nifti(image.name), "msd", str(image))
+        for image in sorted(p for p in split_dir.iterdir() if p.is_file() and _entry_stem(p) is not None):
+            case = Case(image_stem(image.name), "msd", str(image))
             if labelled:
                 label = labels_dir / image.name
                 if label.is_file():
@@ -183,32 +251,130 @@ def discover_cases(dataset_dir: str | Path, layout: str | None = None) -> list[C
     return cases
 
 
+def case_of_image(image: str | Path) -> Case:
+    """The case one image file stands for: its BraTS case folder's four modalities, or the file itself (4-D MSD).
+
+    MONAI Label's datastore lists one file per case (a link to the case's FLAIR, see ``bundle.label``);
+    the link is followed to the case folder, whose modalities are found as :func:`discover_cases`
+    finds them. A missing modality is in ``problems`` (:func:`check_case` raises it).
+    """
+    path = Path(image).resolve()
+    layout = _case_dir_layout(path.parent)
+    if layout is None:
+        return Case(image_stem(path.name), "msd", str(path))
+    return _brats_case(path.parent, layout)
+
+
 # ------------------------------------------------------------------------------------------ checks
 
 
-def _read_header(path: str) -> nib.Nifti1Image:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the case checks need of an image without its voxels: shape, RAS affine (as MONAI reads it), spacing."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    spacing: tuple[float, ...]
+
+    @property
+    def ndim(self) -> int:
+        """Number of array dimensions (a vector-valued ITK image counts its components as the last one)."""
+        return len(self.shape)
+
+
+def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
+    """ITK's physical space is LPS, NIfTI's and MONAI's RAS (MONAI's ``orientation_ras_lps``)."""
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _itk_header(path: Path) -> ImageHeader:
+    """The header of an NRRD / MetaImage file through ITK's ImageIO, voxels not read."""
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise DataError(f"{path}: ITK has no reader for this file")
+    io.SetFileName(str(path))
+    io.ReadImageInformation()
+    ndim = io.GetNumberOfDimensions()
+    spacing = [float(io.GetSpacing(i)) for i in range(ndim)]
+    affine = np.eye(ndim + 1)
+    affine[:ndim, :ndim] = np.array([list(io.GetDirection(i)) for i in range(ndim)]).T @ np.diag(spacing)
+    affine[:ndim, ndim] = [float(io.GetOrigin(i)) for i in range(ndim)]
+    if ndim != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got {ndim} dimensions (4-D images are read from NIfTI)")
+    shape = tuple(int(io.GetDimensions(i)) for i in range(ndim))
+    components = int(io.GetNumberOfComponents())
+    return ImageHeader(shape + ((components,) if components > 1 else ()), _lps_to_ras(affine), tuple(spacing))
+
+
+def _dicom_series_check(folder: Path) -> None:
+    """One sentence unless ``folder`` holds exactly one DICOM series (ITK would read the first of several)."""
+    import itk
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")  # as MONAI's ITKReader groups a folder
+    names.SetDirectory(str(folder))
+    series = list(names.GetSeriesUIDs())
+    if len(series) != 1:
+        raise DataError(f"{folder}: expected one DICOM series in the folder, found {len(series)}")
+
+
+def _itk_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Voxels ``(x, y, z[, components])`` and MONAI's metadata of an ITK-read file or DICOM series folder."""
+    from monai.data import ITKReader
+
+    reader = ITKReader()
+    return reader.get_data(reader.read(str(path)))
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """The header of an image file or DICOM series folder; :class:`DataError` naming it if it cannot be read.
+
+    NIfTI headers are read by nibabel and NRRD / MetaImage headers by ITK's ImageIO, neither decoding the
+    voxels; a DICOM series folder is read whole by MONAI's ITKReader (its geometry comes from all slices).
+    """
     p = Path(path)
+    if p.is_dir():
+        if not is_dicom_series(p):
+            raise DataError(f"{p}: the folder holds no DICOM files")
+        _dicom_series_check(p)
+        try:
+            data, meta = _itk_volume(p)
+        except Exception as err:
+            raise DataError(f"{p}: the DICOM series cannot be read ({type(err).__name__}: {err})") from err
+        affine = np.asarray(meta["affine"], dtype=float)
+        return ImageHeader(tuple(data.shape), affine, tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)))
     if not p.is_file():
         raise DataError(f"{p}: file does not exist")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: file is empty")
     try:
-        return nib.load(str(p))
-    except Exception as err:  # nibabel raises several types for corrupt files
-        raise DataError(f"{p}: not a readable NIfTI file ({err})") from err
+        if is_nifti(p):
+            image = nib.load(str(p))
+            zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+            return ImageHeader(tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=float), zooms)
+        return _itk_header(p)
+    except DataError:
+        raise
+    except Exception as err:  # nibabel and ITK raise several types for corrupt files
+        kind = "NIfTI file" if is_nifti(p) else "image file (NRRD / MetaImage through ITK)"
+        raise DataError(f"{p}: not a readable {kind} ({type(err).__name__}: {err})") from err
 
 
-def read_voxels(path: str, what: str = "image") -> np.ndarray:
+def read_voxels(path: str | Path, what: str = "image") -> np.ndarray:
     """Decode every voxel of ``path``; raise :class:`DataError` if it cannot be or holds NaN / Inf.
 
     A header can be intact over truncated or corrupt data (an interrupted copy of a ``.nii.gz``),
     and NaN or infinite intensities would flow silently through normalisation into NaN
     probabilities, NaN losses and NaN weights; both are found here, before any long work.
-    Integer data cannot hold non-finite values, so only floating-point data is scanned.
+    Integer data cannot hold non-finite values, so only floating-point data is scanned. The reader is
+    the one training and inference use (:func:`image_reader`), so the array is the one they see.
     """
     try:
-        data = np.asarray(nib.load(path).dataobj)
-    except Exception as err:  # zlib, EOFError, nibabel's own: whatever a damaged file raises
+        data = np.asarray(nib.load(str(path)).dataobj) if is_nifti(path) else _itk_volume(Path(path))[0]
+    except Exception as err:  # zlib, EOFError, nibabel's and ITK's own: whatever a damaged file raises
         raise DataError(f"{path}: {what} data cannot be decoded ({type(err).__name__}: {err})") from err
     if data.dtype.kind in "fc":
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
@@ -241,7 +407,7 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True)
         raise DataError(case.problems[0])
     if case.layout == "msd":
         assert isinstance(case.image, str)
-        image = _read_header(case.image)
+        image = read_header(case.image)
         if image.ndim != 4 or image.shape[3] != len(MSD_CHANNEL_ORDER):
             raise DataError(
                 f"{case.image}: expected a 4-D image with {len(MSD_CHANNEL_ORDER)} channels "
@@ -252,7 +418,7 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True)
         assert isinstance(case.image, list)
         ref_path, ref_shape, ref_affine = "", None, None
         for modality, path in zip(MODALITIES, case.image):
-            image = _read_header(path)
+            image = read_header(path)
             if image.ndim != 3:
                 raise DataError(f"{path}: expected a 3-D {modality} volume, got shape {image.shape}")
             if ref_shape is None:
@@ -272,7 +438,7 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True)
 def _check_label_header(
     path: str, ref_path: str, ref_shape: Sequence[int], ref_affine: np.ndarray, affine_atol: float
 ) -> None:
-    label = _read_header(path)
+    label = read_header(path)
     if tuple(label.shape[:3]) != tuple(ref_shape) or (label.ndim == 4 and label.shape[3] != 1) or label.ndim > 4:
         raise DataError(f"{path}: label shape {label.shape} differs from image {ref_path} {tuple(ref_shape)}")
     if not np.allclose(label.affine, ref_affine, atol=affine_atol):
@@ -548,13 +714,17 @@ def _case_from_files(files: Sequence[str], layout: str | None) -> Case:
     if len(paths) == 1:
         # the only 4-D layout the bundle knows is MSD's (FLAIR, T1w, T1gd, T2w); say "brats2021" if
         # the file's channels are already in the canonical order
-        return Case(_strip_nifti(Path(paths[0]).name), layout or "msd", paths[0])
+        return Case(image_stem(Path(paths[0]).name), layout or "msd", paths[0])
     if len(paths) != 4:
         raise DataError(
             f"{', '.join(paths)}: expected four files (T1, T1ce, T2, FLAIR) or one 4-D image, got {len(paths)}"
         )
-    stems = [_strip_nifti(Path(p).name) for p in paths]
-    case_id = os.path.commonprefix(stems).rstrip("_-.") or stems[0]  # noqa: RUF071 - file names, not paths
+    stems = [image_stem(Path(p).name) for p in paths]
+    modality_names = set(BRATS2021_SUFFIXES.values()) | set(BRATS2023_SUFFIXES.values())
+    if all(stem in modality_names for stem in stems):  # t1.nrrd ... or DICOM folders t1/ ...: named by their folder
+        case_id = Path(paths[0]).resolve().parent.name
+    else:
+        case_id = os.path.commonprefix(stems).rstrip("_-.") or stems[0]  # noqa: RUF071 - file names, not paths
     return Case(case_id, layout or "brats2021", paths)
 
 

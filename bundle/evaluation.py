@@ -16,12 +16,13 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
 from bundle.atomic import write_text_atomic
+from bundle.data import is_nifti, read_header
+from bundle.errors import UserError
 from bundle.files import (
     case_id_from_path,
     find_segmentations,
@@ -47,15 +48,16 @@ SUMMARY_METRICS: tuple[str, ...] = (
 
 
 def _label_map_header(path: Path, role: str, other: Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine from a NIfTI header (no voxel data read); one sentence naming both files if unusable."""
+    """Shape and affine from an image header (no voxel data read); one sentence naming both files if unusable."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {role} file does not exist (paired with {other})")
     try:
-        image = nib.load(str(path))
-        shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=float)
-    except Exception as err:  # nibabel raises several types for corrupt or non-NIfTI files
-        reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        raise ValueError(f"{path}: {role} cannot be read as NIfTI ({reason}; paired with {other})") from err
+        header = read_header(path)  # the reader the case checks use: nibabel for NIfTI, ITK for NRRD / MetaImage
+    except UserError as err:
+        reason = str(err).removeprefix(f"{path}: ")
+        kind = "NIfTI" if is_nifti(path) else "an image"
+        raise ValueError(f"{path}: {role} cannot be read as {kind} ({reason}; paired with {other})") from err
+    shape, affine = header.shape, header.affine
     if len(shape) != 3:
         raise ValueError(f"{path}: {role} is not a 3-D label map (shape {shape}; paired with {other})")
     return shape, affine

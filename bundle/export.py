@@ -3,11 +3,26 @@
 ``python -m bundle export --output DIR [--zip] [--checkpoint models/model.pt]`` writes::
 
     DIR/configs/      metadata.json, train/inference/evaluate/multi_gpu_train YAML, logging.conf, variants
-    DIR/models/       model.pt (state dict), model.ts (TorchScript, MONAI's ckpt_export)
+    DIR/models/       model.pt (plain state dict), model_record.json (what built it), model.ts (TorchScript)
     DIR/docs/         README.md (model card), methods.md, data_license.txt
     DIR/bundle/       this package, vendored so `_target_: bundle....` resolves from DIR alone
     DIR/schemas/      meta_schema.json for `monai.bundle verify_metadata` offline
     DIR/LICENSE, DIR/large_files.yml (md5 of the model files)
+
+The folder passes the model zoo's CI as ``ci/verify_bundle.py`` calls MONAI (default arguments):
+``verify_metadata``, ``verify_net_in_out`` with ``n = 1``, ``ckpt_export`` (scripted, no ``key_in_ckpt``)
+and ``torch.jit.load``. Hence three things differ from a training checkpoint:
+
+* ``models/model.pt`` is the inference network's plain state dict and its model record is
+  ``models/model_record.json`` (:func:`bundle.checkpoints.record_file`): the zoo's ``ckpt_export`` loads
+  the whole file into ``network_def``.
+* The inference network is the trained one without its deep-supervision heads (``deep_supervision:
+  false``, :func:`inference_form`): they are only used in training, the eval-mode output is the same,
+  and DynUNet's head bookkeeping cannot be scripted (the zoo's DynUNet bundles do the same).
+* ``metadata.json``'s ``network_data_format`` is derived from the exported network
+  (:func:`network_data_format`): ``spatial_shape`` is ``"d*(n+1)"`` with ``d`` the network's total
+  down-sampling, so the zoo's ``n = 1`` gives the smallest input with a 2-voxel bottleneck (instance
+  normalisation is undefined on one voxel).
 
 TorchScript export runs MONAI's own ``ckpt_export`` in a child process started in ``DIR`` with only
 ``DIR`` on ``PYTHONPATH``, so a successful export already proves the bundle needs nothing else.
@@ -21,23 +36,70 @@ import hashlib
 import json
 import logging
 import os
+import pydoc
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 
-from bundle.checkpoints import network_data_format, read_record
+from bundle.checkpoints import (
+    input_divisors,
+    model_state,
+    network_data_format,
+    network_from_spec,
+    read_record,
+    record_file,
+)
+from bundle.errors import OptionError
+from bundle.networks import M4UNet
 from bundle.paths import BUNDLE_ROOT
 
 logger = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 25 * 1024 * 1024
 MODEL_FILES = ("models/model.pt", "models/model.ts")
-#: Patch of the TorchScript trace when the checkpoint records none (any valid size works afterwards).
-TRACE_PATCH = (64, 64, 64)
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp")
+
+
+def inference_form(
+    record: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The recorded network without its deep-supervision heads, and its weights taken from ``state``.
+
+    In eval mode a deep-supervised network returns its main output only, so the heads are training
+    state; without them the network scripts (the zoo's ``ckpt_export``) and the weights load strictly.
+    Every weight of the inference network must be in ``state`` with its shape.
+
+    :class:`bundle.networks.M4UNet` differs from MONAI's ``DynUNet`` only in what its training-mode
+    deep supervision returns (same weights, same eval-mode graph), and its list return cannot be
+    scripted: its inference form is MONAI's ``DynUNet`` itself.
+    """
+    spec = dict(record["network"])
+    if spec.get("deep_supervision"):
+        spec["deep_supervision"] = False
+    constructor = pydoc.locate(str(spec["_target_"]))
+    if isinstance(constructor, type) and issubclass(constructor, M4UNet):
+        spec["_target_"] = "monai.networks.nets.DynUNet"
+        spec.pop("upsample_heads", None)
+    network = network_from_spec(spec)
+    wanted = network.state_dict()
+    missing = [k for k, v in wanted.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)]
+    if missing:
+        raise OptionError(
+            f"{spec['_target_']}: {len(missing)} weights of the inference network are not in the checkpoint "
+            f"(e.g. {missing[0]!r})"
+        )
+    weights = {k: state[k].clone() for k in wanted}
+    network.load_state_dict(weights)  # strict: exactly the inference network's weights
+    dropped = len(state) - len(weights)
+    if dropped:
+        logger.info("export: %d training-only weights (deep-supervision heads) left out", dropped)
+    return {**record, "network": spec}, weights
 
 
 def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -97,6 +159,43 @@ def _zip(out: Path, leave_out: list[str]) -> Path:
     return result
 
 
+def _export_torchscript(out: Path, record: Mapping[str, Any]) -> None:
+    """``models/model.ts`` by MONAI's ``ckpt_export`` called as the zoo's CI calls it (scripted, plain weights).
+
+    A network TorchScript cannot script is traced instead, with a warning: the zoo's CI would then need
+    the bundle in its ``exclude_verify_torchscript_list``.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        "models/model.ts",
+        "--ckpt_file",
+        "models/model.pt",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.yaml",
+    ]
+    result = subprocess.run(command, cwd=out, env=bundle_env(out), capture_output=True, text=True)
+    if result.returncode == 0:
+        return
+    channels = len(record["input_channels"])
+    shape = [1, channels, *(2 * d for d in input_divisors(record["network"]))]
+    logger.warning(
+        "export: %s cannot be scripted (the model zoo's CI scripts it); traced at %s instead",
+        record["network"]["_target_"],
+        shape,
+    )
+    traced = [*command, "--use_trace", "True", "--input_shape", json.dumps(shape).replace(" ", "")]
+    result = subprocess.run(traced, cwd=out, env=bundle_env(out), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ckpt_export failed in {out}:\n{result.stderr[-3000:]}")
+
+
 def export(
     output: str,
     zip: bool = False,  # the CLI flag is --zip
@@ -119,46 +218,20 @@ def export(
     out.mkdir(parents=True)
     _copy_tree(out)
     (out / "models").mkdir()
-    shutil.copy2(source, out / "models" / "model.pt")
-
-    record = read_record(out / "models" / "model.pt")  # inference.yaml builds the network from the record
-    network = record["network"]
-    # the channels the recorded model takes (M4's best: 5), and one training patch to trace
+    record, weights = inference_form(read_record(source), model_state(source))
+    # the zoo's format: plain weights, loaded by ckpt_export without key_in_ckpt; the record beside them
+    torch.save(weights, out / "models" / "model.pt")
+    record_file(out / "models" / "model.pt").write_text(json.dumps(record, indent=2) + "\n")
     metadata_file = out / "configs" / "metadata.json"
     metadata = json.loads(metadata_file.read_text())
     metadata["network_data_format"] = network_data_format(record, metadata["network_data_format"])
     metadata_file.write_text(json.dumps(metadata, indent=4) + "\n")
-    trace_shape = [1, len(record["input_channels"]), *(record.get("patch_size") or TRACE_PATCH)]
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "ckpt_export",
-        "network_def",
-        "--filepath",
-        "models/model.ts",
-        "--ckpt_file",
-        "models/model.pt",
-        "--key_in_ckpt",
-        "model",  # {"model": weights, "model_record": ...} (bundle.checkpoints)
-        "--meta_file",
-        "configs/metadata.json",
-        "--config_file",
-        "configs/inference.yaml",
-        # DynUNet's deep-supervision bookkeeping cannot be scripted; the eval-mode graph is traced.
-        "--use_trace",
-        "True",
-        "--input_shape",
-        str(trace_shape).replace(" ", ""),
-    ]
-    result = subprocess.run(command, cwd=out, env=bundle_env(out), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ckpt_export failed in {out}:\n{result.stderr[-3000:]}")
+    _export_torchscript(out, record)
     _write_large_files(out, url_base)
     leave_out = _check_sizes(out)
     if leave_out:
         logger.warning("over 25 MB, to be hosted (url in large_files.yml), not zipped: %s", ", ".join(leave_out))
-    logger.info("bundle exported to %s (network %s)", out, network["_target_"])
+    logger.info("bundle exported to %s (network %s)", out, record["network"]["_target_"])
     if zip:
         logger.info("zip: %s", _zip(out, leave_out))
     return str(out)

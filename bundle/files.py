@@ -12,11 +12,10 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from bundle.atomic import write_text_atomic
-from bundle.data import NIFTI_SUFFIXES, read_voxels
+from bundle.data import IMAGE_SUFFIXES, image_stem, read_header, read_voxels
 from bundle.label_maps import scheme_values, to_internal, unknown_label_values
 
 _SEG_TAGS = ("_seg", "-seg", "_label", "-label", "_pred", "-pred")
@@ -28,11 +27,7 @@ def case_id_from_path(path: str | Path) -> str:
     ``BraTS2021_00000_seg.nii.gz`` and ``BraTS2021_00000.nii.gz`` both give ``BraTS2021_00000``, so a
     prediction folder pairs with a BraTS ground-truth folder whatever the prediction files' tag.
     """
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = image_stem(Path(path).name)
     for tag in _SEG_TAGS:
         if name.endswith(tag):
             return name[: -len(tag)]
@@ -53,10 +48,10 @@ def find_segmentations(folder: str | Path) -> dict[str, Path]:
         p
         for p in folder.rglob("*")
         if p.is_file()
-        and p.name.endswith(NIFTI_SUFFIXES)
+        and p.name.endswith(IMAGE_SUFFIXES)
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
-    tagged = [p for p in files if any(p.name.split(".nii")[0].endswith(t) for t in _SEG_TAGS)]
+    tagged = [p for p in files if any(image_stem(p.name).endswith(t) for t in _SEG_TAGS)]
     chosen = tagged if any(p.parent != folder for p in files) else files
     found: dict[str, Path] = {}
     for path in chosen:
@@ -65,31 +60,28 @@ def find_segmentations(folder: str | Path) -> dict[str, Path]:
             raise ValueError(f"{folder}: two segmentations for case {case!r}: {found[case]} and {path}")
         found[case] = path
     if not found:
-        raise FileNotFoundError(f"{folder}: no NIfTI segmentation files found")
+        raise FileNotFoundError(f"{folder}: no segmentation files (NIfTI, NRRD, MetaImage) found")
     return found
 
 
 def read_label_map(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
-    """Read a NIfTI label map as it is on disk: ``(integer values, spacing_mm, affine)``.
+    """Read a label map as it is on disk: ``(integer values, spacing_mm, affine)``.
 
-    Raises ``ValueError`` naming the file if it cannot be read, is truncated, holds NaN / Inf or
-    non-integer values, or is not 3-D.
+    NIfTI, NRRD or MetaImage, each through the reader the case checks and the loader use
+    (:func:`bundle.data.image_reader`). Raises ``ValueError`` naming the file if it cannot be read, is
+    truncated, holds NaN / Inf or non-integer values, or is not 3-D.
     """
-    try:
-        image = nib.load(str(path))
-    except Exception as err:  # nibabel raises several types for missing / corrupt files
-        raise ValueError(f"{path}: cannot read as NIfTI ({err})") from err
-    data = read_voxels(str(path), "label map")  # truncated data and NaN / Inf: one sentence naming the file
+    header = read_header(path)  # a DataError is a ValueError: one sentence naming the file
+    data = read_voxels(str(path), "label map")  # truncated data and NaN / Inf
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D label map, got shape {data.shape}")
     if not np.allclose(data, np.round(data)):
         raise ValueError(f"{path}: label map holds non-integer values")
-    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return np.round(data).astype(np.int64), spacing, image.affine
+    return np.round(data).astype(np.int64), header.spacing, header.affine
 
 
 def load_label_map(path: str | Path, label_scheme: str) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
-    """Load a NIfTI label map (:func:`read_label_map`) and map its values onto the internal labels.
+    """Load a label map (:func:`read_label_map`) and map its values onto the internal labels.
 
     Returns ``(labels, spacing_mm, affine)``. Raises ``ValueError`` naming the file if it holds a value the
     scheme does not know (e.g. a BraTS 2021 file read with the ``brats2023`` scheme).

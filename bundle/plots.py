@@ -26,14 +26,13 @@ from bundle.constants import (
     DISJOINT_CLASSES,
     ED,
     ET,
+    LABEL_COLOURS,
     NCR,
     REGION_NAMES,
 )
 from bundle.files import case_id_from_path, find_segmentations, load_label_map, read_metrics_csv
 from bundle.label_maps import bounding_box
 
-#: RGB colour (0-1) of each internal tumour label in overlays.
-LABEL_COLOURS: dict[int, tuple[float, float, float]] = {NCR: (1.0, 0.0, 0.0), ED: (0.0, 1.0, 0.0), ET: (1.0, 1.0, 0.0)}
 #: The three orthogonal views: name -> array axis held fixed (arrays in RAS-like voxel order, as NIfTI).
 VIEWS: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
 

@@ -31,11 +31,12 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader
 from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import LoadImaged, MapTransform, Transform
+from monai.transforms.io.array import SUPPORTED_READERS
 from monai.transforms.traits import ThreadUnsafe
 from monai.utils import ensure_tuple
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS, SALIENT_CHANNEL
-from bundle.data import DataError
+from bundle.data import DataError, case_of_image, check_case, image_reader
 from bundle.label_maps import scheme_values, to_internal, unknown_label_values
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 
 
 class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
-    """MONAI's ``LoadImaged``, unchanged except that it is declared ``ThreadUnsafe``.
+    """MONAI's ``LoadImaged``, declared ``ThreadUnsafe``, choosing each file's reader, optionally loading a whole case.
 
     On monai 1.6.1 ``NibabelReader.read`` keeps the file names on the reader (``self.filenames``)
     and ``get_data`` zips the loaded images with them. ``CacheDataset(num_workers > 1)`` runs one
@@ -59,7 +60,20 @@ class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
     thread's ``read`` and ``get_data`` of the four modality files truncates that image to one
     channel. MONAI's ``Compose`` deep-copies ``ThreadUnsafe`` transforms when it runs threaded
     (``CacheDataset`` filling its cache), which gives every thread its own readers. MONAI Label
-    still recognises it as a ``LoadImaged``.
+    still recognises it as a ``LoadImaged`` (and wraps it in its ``LoadImageTensord``).
+
+    Readers: every key's files get the reader :func:`bundle.data.image_reader` names (NIfTI through
+    nibabel, NRRD / MetaImage / DICOM series folders through ITK), the one the case checks use.
+    ``LoadImaged`` takes one reader for all keys, and its automatic choice depends on the installed
+    packages (pynrrd, pydicom), so the choice is made here per key, from MONAI's registered readers;
+    a configured ``reader`` of that kind (or a subclass: ``configs/train.yaml`` gives NIfTI to
+    :class:`ConcurrentNibabelReader`) is used before a default one.
+
+    ``case_image_key``: the key whose single file stands for its whole case (MONAI Label's datastore
+    lists one image per case, a link to its FLAIR): it is replaced by the case's four modality files
+    (:func:`bundle.data.case_of_image`), checked (:func:`bundle.data.check_case`, one sentence naming a
+    missing or unreadable file), and the case's layout goes to ``layout_key`` for
+    :class:`ToInternalConventiond`. A 4-D file is left as it is (layout ``msd``).
 
     Non-finite voxels (NaN, +-Inf) in a loaded image raise :class:`bundle.data.DataError` naming the
     file and the count: a NaN would reach the loss and the weights, or the probabilities, silently.
@@ -67,11 +81,45 @@ class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
     a case gets here (MONAI Label, a datalist whose files changed since it was checked).
     """
 
+    def __init__(
+        self, *args: Any, case_image_key: str | None = None, layout_key: str = "layout", **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.case_image_key, self.layout_key = case_image_key, layout_key
+
+    def _reader(self, files: Any) -> Any:
+        """MONAI's registered reader instance that :func:`bundle.data.image_reader` names for ``files``."""
+        paths = [str(f) for f in files] if isinstance(files, (list, tuple)) else [str(files)]
+        name = image_reader(paths)
+        reader_class = SUPPORTED_READERS[name.lower()]
+        # the configured reader first (train.yaml's ConcurrentNibabelReader is a NibabelReader)
+        for registered in reversed(self._loader.readers):
+            if isinstance(registered, reader_class):
+                return registered
+        chosen = reader_class()  # a loader configured with other readers gets this one too
+        self._loader.register(chosen)
+        return chosen
+
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
-        """Load as ``LoadImaged`` does, then refuse floating-point images with non-finite voxels."""
-        d = super().__call__(data, reader)
-        for key in self.key_iterator(d):
-            _refuse_non_finite(d[key], data[key])
+        """Load every key as ``LoadImaged`` does, each with its reader; refuse images with non-finite voxels."""
+        d = dict(data)
+        key = self.case_image_key
+        if key is not None and isinstance(d.get(key), (str, PathLike)):
+            case = case_of_image(d[key])
+            check_case(case, check_labels=False)
+            d[key], d[self.layout_key] = case.image, case.layout
+        sources = dict(d)
+        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
+            loaded = self._loader(d[key], reader or self._reader(d[key]))
+            if self._loader.image_only:
+                d[key] = loaded
+            else:  # LoadImaged's own handling of image_only=False (MONAI Label sets it)
+                d[key] = loaded[0]
+                meta_key = meta_key or f"{key}_{meta_key_postfix}"
+                if meta_key in d and not self.overwriting:
+                    raise KeyError(f"Metadata with key {meta_key} already exists and overwriting=False.")
+                d[meta_key] = loaded[1]
+            _refuse_non_finite(d[key], sources[key])
         return d
 
 

@@ -132,3 +132,61 @@ def make_brats_case(tmp_path: Path) -> Callable[..., Path]:
         return write_brats_case(tmp_path / "cases", case_id, layout, with_label)
 
     return _make
+
+
+def convert_with_itk(source: Path, target: Path) -> Path:
+    """Rewrite one image in another format with ITK (format from ``target``'s suffix), as Slicer would save it."""
+    import itk
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    itk.imwrite(itk.imread(str(source)), str(target), compression=not target.name.endswith(".mhd"))
+    return target
+
+
+def write_dicom_series(source: Path, folder: Path) -> Path:
+    """Write a 3-D image as a DICOM series (one int16 slice per file) with ITK, geometry from ``source``.
+
+    GDCM's writer sets the process's C locale to "C", after which Python decodes subprocess output as
+    ASCII; the locale is restored so later tests see the one they started with.
+    """
+    import locale
+
+    previous = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(source, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, previous)
+
+
+def _write_dicom_series(source: Path, folder: Path) -> Path:
+    import zlib
+
+    import itk
+
+    image = itk.imread(str(source), itk.SS)
+    voxels = itk.array_from_image(image)  # (z, y, x)
+    spacing, origin = list(image.GetSpacing()), np.asarray(image.GetOrigin())
+    direction = itk.array_from_matrix(image.GetDirection())
+    folder.mkdir(parents=True)
+    study, series = "1.2.826.0.1.3680043.2.1125.7", f"1.2.826.0.1.3680043.2.1125.7.{zlib.crc32(folder.name.encode())}"
+    for k in range(voxels.shape[0]):
+        plane = itk.image_from_array(np.ascontiguousarray(voxels[k]))
+        plane.SetSpacing(spacing[:2])
+        position = origin + direction @ np.array([0.0, 0.0, k * spacing[2]])
+        tags = {
+            "0008|0060": "MR",
+            "0010|0020": "PATIENT",
+            "0020|000d": study,
+            "0020|000e": series,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]]),
+            "0018|0050": f"{spacing[2]:.6f}",
+            "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
+        }
+        for key, value in tags.items():
+            plane[key] = value
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.imwrite(plane, str(folder / f"IM{k:04d}.dcm"), imageio=io)
+    return folder

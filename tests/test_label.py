@@ -1,15 +1,20 @@
-"""MONAI Label: the app assembly, train.yaml under MONAI Label's overrides, and a real server.
+"""MONAI Label on BraTS data as users have it: studies, served weights, the app's configs, and a real server.
 
 The server tests need monailabel (its own venv, ``.venv-label``; see docs/ecosystem.md) and are
 marked ``slow`` and ``label``:  ``.venv-label/bin/python -m pytest -m label tests/test_label.py``.
+They drive the server through MONAI Label's own client on a BraTS 2021 folder as downloaded.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +29,24 @@ from monai.bundle import ConfigParser
 
 from bundle.checkpoints import save_model
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_CHANNEL_ORDER
-from bundle.data import generate_demo_dataset, make_datalist, make_phantom
-from bundle.label import MODEL_NAME, PRED_KEY, app_inference_config, app_train_config, expand_config, label_channel_def
+from bundle.data import DataError, make_phantom
+from bundle.errors import UserError
+from bundle.export import md5sum
+from bundle.label import (
+    MODEL_NAME,
+    PRED_KEY,
+    app_inference_config,
+    app_train_config,
+    assemble_app,
+    choose_checkpoint,
+    default_tta,
+    expand_config,
+    label_channel_def,
+    prepare_studies,
+)
 
 # A tiny network and patch so CPU inference and one training epoch take seconds.
-TINY = {"network_factory#filters": [4, 8, 16, 32, 64], "roi_size": [32, 32, 32], "num_workers": 0, "tta": False}
+TINY = {"network_factory#filters": [4, 8, 16, 32, 64], "roi_size": [32, 32, 32], "num_workers": 0}
 SHAPE = (40, 36, 30)
 MSD_VALUE = {internal: value for value, internal in LABEL_SCHEMES["msd"].items()}
 BRATS2021_INTERNAL = LABEL_SCHEMES["brats2021"]
@@ -41,6 +59,19 @@ def lps_affine() -> np.ndarray:
     affine = np.diag([-1.5, -1.5, 1.5, 1.0])
     affine[:3, 3] = [30.0, 40.0, -20.0]
     return affine
+
+
+def write_brats_case(root: Path, case_id: str, seed: int, with_label: bool, skip: str | None = None) -> Path:
+    """A phantom case as BraTS 2021 ships it: CASE/CASE_{t1,t1ce,t2,flair}.nii.gz (+ _seg, values 1, 2, 4)."""
+    image, labels = make_phantom(seed, SHAPE)
+    case_dir = root / case_id
+    case_dir.mkdir(parents=True)
+    for channel, modality in enumerate(MODALITIES):
+        if modality != skip:
+            nib.save(nib.Nifti1Image(image[channel], lps_affine()), case_dir / f"{case_id}_{modality}.nii.gz")
+    if with_label:
+        nib.save(nib.Nifti1Image(labels, lps_affine()), case_dir / f"{case_id}_seg.nii.gz")
+    return case_dir
 
 
 def write_msd_case(studies: Path, case_id: str, seed: int, with_label: bool) -> Path:
@@ -58,58 +89,230 @@ def write_msd_case(studies: Path, case_id: str, seed: int, with_label: bool) -> 
     return path
 
 
-def tiny_checkpoint(path: Path) -> Path:
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """Randomly initialised weights of the tiny network (what MONAI Label needs to list the model)."""
     parser = ConfigParser(expand_config(REPO_ROOT, "train.yaml", TINY))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return save_model(path, parser.get_parsed_content("network_def"), patch_size=TINY["roi_size"])
 
 
-# ------------------------------------------------------------------ without monailabel (default run)
+@pytest.fixture
+def brats_dataset(tmp_path: Path) -> Path:
+    """A BraTS 2021 folder as downloaded: two labelled cases, one without segmentation."""
+    root = tmp_path / "BraTS2021"
+    write_brats_case(root, "BraTS2021_00001", seed=1, with_label=True)
+    write_brats_case(root, "BraTS2021_00002", seed=2, with_label=True)
+    write_brats_case(root, "BraTS2021_00003", seed=3, with_label=False)
+    return root
 
 
-def test_label_names_follow_the_msd_scheme() -> None:
+# ------------------------------------------------------------------ label names, studies, weights (default run)
+
+
+def test_label_names_follow_each_scheme() -> None:
     assert label_channel_def("msd") == {"0": "background", "1": "ED", "2": "NCR", "3": "ET"}
     assert label_channel_def("brats2021") == {"0": "background", "1": "NCR", "2": "ED", "4": "ET"}
+    assert label_channel_def("brats2023") == {"0": "background", "1": "NCR", "2": "ED", "3": "ET"}
 
 
-def test_app_inference_config_runs_monai_labels_pipeline_on_a_4d_lps_case(tmp_path: Path) -> None:
-    """inference.yaml as the app writes it, driven the way MONAI Label's BundleInferTask drives it."""
-    case = write_msd_case(tmp_path, "case", seed=3, with_label=False)
-    checkpoint = str(tiny_checkpoint(tmp_path / "model.pt"))
-    parser = ConfigParser(app_inference_config(REPO_ROOT, {**TINY, "checkpoint": checkpoint}))
-    data = parser.get_parsed_content("preprocessing")({"image": str(case)})
-    assert data["image"].shape[0] == 4
+def test_a_brats_folder_becomes_one_link_per_case_with_its_labels(brats_dataset: Path, tmp_path: Path) -> None:
+    studies = prepare_studies(brats_dataset, tmp_path / "work")
+    assert studies.layout == "brats2021" and studies.folder == (tmp_path / "work" / "studies").resolve()
+    links = sorted(p for p in studies.folder.iterdir() if p.is_symlink())
+    assert [p.name for p in links] == [f"BraTS2021_0000{i}.nii.gz" for i in (1, 2, 3)]
+    assert links[0].resolve() == (brats_dataset / "BraTS2021_00001" / "BraTS2021_00001_flair.nii.gz").resolve()
+    final = studies.folder / "labels" / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["BraTS2021_00001.nii.gz", "BraTS2021_00002.nii.gz"]
+    assert not (final / "BraTS2021_00001.nii.gz").is_symlink(), "a link would let MONAI Label write into the dataset"
+
+    # a label saved in MONAI Label is kept at the next start; a case added to the dataset shows up
+    (final / "BraTS2021_00001.nii.gz").write_bytes(b"saved by a user")
+    write_brats_case(brats_dataset, "BraTS2021_00004", seed=4, with_label=False)
+    again = prepare_studies(brats_dataset, tmp_path / "work")
+    assert (final / "BraTS2021_00001.nii.gz").read_bytes() == b"saved by a user"
+    assert (again.folder / "BraTS2021_00004.nii.gz").is_symlink()
+    shutil.rmtree(brats_dataset / "BraTS2021_00004")
+    assert not (prepare_studies(brats_dataset, tmp_path / "work").folder / "BraTS2021_00004.nii.gz").exists()
+
+    # the view given as --studies is served as it is; another dataset needs another work folder
+    assert prepare_studies(studies.folder, tmp_path / "elsewhere").layout == "brats2021"
+    other = tmp_path / "other"
+    write_brats_case(other, "BraTS2021_00009", seed=9, with_label=False)
+    with pytest.raises(UserError, match=r"studies: holds the studies and labels of .*BraTS2021; pass another"):
+        prepare_studies(other, tmp_path / "work")
+
+
+def test_brats2023_nrrd_and_msd_folders(tmp_path: Path) -> None:
+    from conftest import convert_with_itk
+
+    source = write_brats_case(tmp_path / "src", "Case", seed=5, with_label=True)
+    case = tmp_path / "BraTS2023" / "BraTS-GLI-00005-000"
+    case.mkdir(parents=True)
+    for old, new in (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f"), ("seg", "seg")):
+        convert_with_itk(source / f"Case_{old}.nii.gz", case / f"{case.name}-{new}.nrrd")
+    studies = prepare_studies(tmp_path / "BraTS2023", tmp_path / "w2023")
+    assert studies.layout == "brats2023"
+    assert [p.name for p in studies.folder.iterdir() if p.is_symlink()] == ["BraTS-GLI-00005-000.nrrd"]
+    assert (studies.folder / "labels" / "final" / "BraTS-GLI-00005-000.nrrd").is_file()
+
+    from conftest import write_msd
+
+    msd = prepare_studies(write_msd(tmp_path / "Task01_BrainTumour"), tmp_path / "wmsd")
+    assert msd.layout == "msd" and len([p for p in msd.folder.iterdir() if p.is_symlink()]) == 4
+    flat = tmp_path / "label_studies"
+    flat.mkdir()
+    write_msd_case(flat, "case", seed=1, with_label=False)
+    assert prepare_studies(flat, tmp_path / "wflat").folder == flat.resolve()  # MONAI Label's own folder
+
+
+def test_served_weights_survive_restarts_and_are_chosen_explicitly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = tmp_path / "work" / "models"
+    first = tiny_checkpoint(tmp_path / "first.pt", seed=0)
+    caplog.set_level(logging.INFO, logger="bundle.label")
+    served = choose_checkpoint(models, first)
+    assert md5sum(served) == md5sum(first) and f"copied from {first}" in caplog.text
+
+    tiny_checkpoint(served, seed=1)  # MONAI Label's training replaced the served weights
+    trained = md5sum(served)
+    caplog.clear()
+    assert md5sum(choose_checkpoint(models, first)) == trained  # the same command line again
+    assert "trained in MONAI Label since it was copied from --checkpoint" in caplog.text
+    assert md5sum(choose_checkpoint(models)) == trained
+    assert md5sum(choose_checkpoint(models, served)) == trained  # --checkpoint at the served file itself
+
+    second = tiny_checkpoint(tmp_path / "second.pt", seed=2)
+    caplog.clear()
+    assert md5sum(choose_checkpoint(models, second)) == md5sum(second)
+    (kept,) = (models / "previous").iterdir()
+    assert md5sum(kept) == trained and f"kept as {kept}" in caplog.text
+
+    with pytest.raises(UserError, match=r"missing\.pt: checkpoint does not exist"):
+        choose_checkpoint(tmp_path / "fresh", tmp_path / "missing.pt")
+
+
+def test_rebuilding_the_app_keeps_the_weights(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    choose_checkpoint(work / "models", tiny_checkpoint(tmp_path / "tiny.pt"))
+    bundle_dir = assemble_app(work, "brats2021", overrides=TINY)
+    assert (bundle_dir / "models").is_symlink() and (bundle_dir / "models" / "model.pt").is_file()
+    trained = md5sum(work / "models" / "model.pt")
+    assemble_app(work, "brats2021", overrides=TINY)
+    assert md5sum(work / "models" / "model.pt") == trained
+
+    # weights an earlier version kept inside the app folder are moved out before the rebuild
+    (bundle_dir / "models").unlink()
+    (bundle_dir / "models").mkdir()
+    shutil.move(work / "models" / "model.pt", bundle_dir / "models" / "model.pt")
+    assemble_app(work, "brats2021", overrides=TINY)
+    assert md5sum(work / "models" / "model.pt") == trained
+
+    # ... also when the served file exists: the old one is kept in models/previous, never deleted
+    (bundle_dir / "models").unlink()
+    (bundle_dir / "models").mkdir()
+    tiny_checkpoint(bundle_dir / "models" / "model.pt", seed=3)
+    older = md5sum(bundle_dir / "models" / "model.pt")
+    assemble_app(work, "brats2021", overrides=TINY)
+    assert md5sum(work / "models" / "model.pt") == trained
+    assert [md5sum(p) for p in (work / "models" / "previous").iterdir()] == [older]
+
+
+def test_an_override_no_config_knows_is_one_sentence(tmp_path: Path) -> None:
+    from bundle.errors import OptionError
+
+    choose_checkpoint(tmp_path / "work" / "models", tiny_checkpoint(tmp_path / "tiny.pt"))
+    with pytest.raises(OptionError, match=r"^--ttta: not a key of configs/inference.yaml or configs/train.yaml"):
+        assemble_app(tmp_path / "work", "brats2021", overrides={**TINY, "ttta": "false"})
+
+
+def test_label_serve_command_ends_a_misspelt_option_with_one_sentence(brats_dataset: Path, tmp_path: Path) -> None:
+    """``python -m bundle label_serve`` as typed: a key no config has is refused before anything is made."""
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    command = [sys.executable, "-m", "bundle", "label_serve", "--studies", str(brats_dataset)]
+    command += ["--checkpoint", str(checkpoint), "--work_dir", str(tmp_path / "work"), "--ttta", "false"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: --ttta: not a key of configs/inference.yaml or configs/train.yaml (it would be ignored)"
+    assert not (tmp_path / "work").exists(), "nothing is made for a refused option"
+
+
+def test_tta_default_is_one_pass_without_cuda_and_reads_strings(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bundle.label")
+    assert default_tta("false") is False and default_tta("true") is True
+    if not torch.cuda.is_available():
+        assert default_tta(None) is False
+        assert "no CUDA, one pass per case" in caplog.text
+
+
+def _serve_like_monai_label(config: dict[str, Any], image: str) -> dict[str, Any]:
+    """MONAI Label's BundleInferTask sequence: pre (loader with image_only False), inferer, post without saving."""
+    parser = ConfigParser(config)
+    pre = parser.get_parsed_content("preprocessing")
+    for transform in pre.transforms:
+        if type(transform).__name__ == "ThreadUnsafeLoadImaged":
+            transform._loader.image_only = False  # what MONAI Label sets
+    data = pre({"image": image})
     network = parser.get_parsed_content("network_def").eval()
     with torch.no_grad():
         data[PRED_KEY] = parser.get_parsed_content("inferer")(data["image"][None], network)[0]
     post = parser.get_parsed_content("postprocessing")
     post.transforms = tuple(t for t in post.transforms if "SaveImage" not in type(t).__name__)  # as MONAI Label does
-    data = post(data)
+    return post(data)
+
+
+def test_app_inference_on_a_brats_link_loads_the_whole_case(brats_dataset: Path, tmp_path: Path) -> None:
+    studies = prepare_studies(brats_dataset, tmp_path / "work")
+    checkpoint = str(tiny_checkpoint(tmp_path / "model.pt"))
+    config = app_inference_config(REPO_ROOT, {**TINY, "checkpoint": checkpoint, "tta": False}, studies.layout)
+    data = _serve_like_monai_label(config, str(studies.folder / "BraTS2021_00003.nii.gz"))
+    assert data["image"].shape[0] == 4 and data["layout"] == "brats2021"
+    pred = data[PRED_KEY]
+    assert tuple(pred.shape) == (1, *SHAPE)
+    np.testing.assert_allclose(pred.affine.numpy(), lps_affine(), atol=1e-5)
+    assert set(torch.unique(pred).int().tolist()) <= {0, 1, 2, 4}
+
+    (brats_dataset / "BraTS2021_00003" / "BraTS2021_00003_t2.nii.gz").unlink()
+    with pytest.raises(Exception) as raised:
+        _serve_like_monai_label(config, str(studies.folder / "BraTS2021_00003.nii.gz"))
+    from bundle.errors import find_user_error
+
+    error = find_user_error(raised.value)
+    assert isinstance(error, DataError)
+    assert str(error) == f"{brats_dataset.resolve()}/BraTS2021_00003/BraTS2021_00003_t2.nii.gz: missing modality t2"
+
+
+def test_app_inference_config_runs_monai_labels_pipeline_on_a_4d_lps_case(tmp_path: Path) -> None:
+    case = write_msd_case(tmp_path, "case", seed=3, with_label=False)
+    checkpoint = str(tiny_checkpoint(tmp_path / "model.pt"))
+    data = _serve_like_monai_label(app_inference_config(REPO_ROOT, {**TINY, "checkpoint": checkpoint}), str(case))
     pred = data[PRED_KEY]
     assert tuple(pred.shape) == (1, *SHAPE)
     np.testing.assert_allclose(pred.affine.numpy(), lps_affine(), atol=1e-5)
     assert set(torch.unique(pred).int().tolist()) <= {0, 1, 2, 3}
 
 
-def test_train_yaml_honours_monai_label_overrides(tmp_path: Path) -> None:
-    """The exact call MONAI Label's BundleTrainTask makes: run id 'run', no initialize/finalize."""
+def test_train_yaml_honours_monai_label_overrides_on_brats_links(brats_dataset: Path, tmp_path: Path) -> None:
+    """The exact call MONAI Label's BundleTrainTask makes (run id 'run', no initialize), on the datastore's items."""
     from monai.bundle import run
 
-    demo = generate_demo_dataset(tmp_path / "demo", num_cases=2, num_test_cases=0, shape=(32, 32, 24))
-    items = [{"image": i["image"], "label": i["label"]} for i in make_datalist(str(demo), folds=2)["training"]]
+    studies = prepare_studies(brats_dataset, tmp_path / "work")
+    final = studies.folder / "labels" / "final"
+    items = [{"image": str(studies.folder / p.name), "label": str(p)} for p in sorted(final.iterdir())]
     # the app's train.json (bundle.label.assemble_app writes it): MONAI Label edits its train#handlers list
     train_json = tmp_path / "train.json"
-    ConfigParser.export_config_file(app_train_config(REPO_ROOT, {}), str(train_json))
-    handlers = ConfigParser.load_config_file(str(train_json))["train"]["handlers"]
-    assert isinstance(handlers, list)
+    ConfigParser.export_config_file(app_train_config(REPO_ROOT, {}, studies.layout), str(train_json))
+    config = ConfigParser.load_config_file(str(train_json))
+    assert isinstance(config["train"]["handlers"], list) and config["cache"] == "none"
     bundle_root = tmp_path / "bundle"
     overrides: dict[str, Any] = {
         "bundle_root": str(bundle_root),
         "device": torch.device("cpu"),
         "train#trainer#max_epochs": 1,
         "train#dataset#data": items[:1],
-        "train#handlers": handlers,
+        "train#handlers": config["train"]["handlers"],
         "validate#dataset#data": items[1:],
         "network_factory#filters": TINY["network_factory#filters"],
         "roi_size": TINY["roi_size"],
@@ -138,78 +341,167 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """An assembled app serving the tiny bundle on 127.0.0.1; stopped by PID afterwards."""
-    pytest.importorskip("monailabel")
-    from monailabel.client import MONAILabelClient
+class Server:
+    """``python -m bundle label_serve ...`` as a user types it, started in its own process group, stopped by PID."""
 
-    from bundle.label import assemble_app, start_server
+    def __init__(self, root: Path, dataset: Path, checkpoint: Path) -> None:
+        self.root, self.dataset, self.checkpoint = root, dataset, checkpoint
+        self.work, self.log = root / "work", root / "server.log"
+        self.process: subprocess.Popen | None = None
+        self.client: Any = None
 
-    root = tmp_path_factory.mktemp("label")
-    studies = root / "studies"
-    studies.mkdir()
-    write_msd_case(studies, "case_infer", seed=11, with_label=False)
-    for i in range(2):
-        write_msd_case(studies, f"case_train_{i}", seed=20 + i, with_label=True)
-    bundle_dir = assemble_app(root / "app", tiny_checkpoint(root / "tiny.pt"), overrides=TINY)
-    port = free_port()
-    log = root / "server.log"
-    process = start_server(root / "app", studies, port=port, log_file=log)
-    client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(root / "client"))
-    (root / "client").mkdir()
-    deadline = time.monotonic() + 600
-    info = None
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
+    def command(self, port: int) -> list[str]:
+        """The same command line at every start: --checkpoint unchanged, --tta false as typed."""
+        tiny = [f"--{key}={json.dumps(value).replace(' ', '')}" for key, value in TINY.items()]
+        return [
+            sys.executable,
+            "-m",
+            "bundle",
+            "label_serve",
+            "--studies",
+            str(self.dataset),
+            "--checkpoint",
+            str(self.checkpoint),
+            "--work_dir",
+            str(self.work),
+            "--port",
+            str(port),
+            "--tta",
+            "false",
+            *tiny,
+        ]
+
+    def start(self) -> dict[str, Any]:
+        from monailabel.client import MONAILabelClient
+
+        port = free_port()
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(
+                self.command(port), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        (self.root / "client").mkdir(exist_ok=True)
+        self.client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(self.root / "client"))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                info = client.info()
-                break
+                return self.client.info()
             except Exception:  # not listening yet
                 time.sleep(3)
-        assert info is not None, f"server did not answer GET /info/ in time:\n{log.read_text()[-4000:]}"
-        yield {"client": client, "info": info, "studies": studies, "bundle_dir": bundle_dir, "log": log}
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
+        raise AssertionError(f"server did not answer GET /info/ in time:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # label_serve and MONAI Label: one process group
             try:
-                process.wait(timeout=30)
+                self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A BraTS 2021 folder as downloaded, served by label_serve's steps on 127.0.0.1."""
+    pytest.importorskip("monailabel")
+    root = tmp_path_factory.mktemp("label")
+    dataset = root / "BraTS2021_Training_Data"
+    write_brats_case(dataset, "BraTS2021_00001", seed=21, with_label=True)
+    write_brats_case(dataset, "BraTS2021_00002", seed=22, with_label=True)
+    write_brats_case(dataset, "BraTS2021_00003", seed=11, with_label=False)
+    write_brats_case(dataset, "BraTS2021_00004", seed=12, with_label=False, skip="t2")
+    running = Server(root, dataset, tiny_checkpoint(root / "tiny.pt"))
+    running.info = running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _infer(server: Server, case: str, params: dict[str, Any] | None = None) -> nib.Nifti1Image:
+    label_file, _ = server.client.infer(MODEL_NAME, case, {"device": "cpu", **(params or {})})
+    assert label_file and Path(label_file).is_file()
+    return nib.load(label_file)
 
 
 @pytest.mark.slow
 @pytest.mark.label
-def test_server_infers_a_4d_lps_case(server: dict[str, Any]) -> None:
-    info = server["info"]
-    assert MODEL_NAME in info["models"], info.get("models")
-    assert info["models"][MODEL_NAME]["labels"] == {"ed": 1, "ncr": 2, "et": 3}
-    label_file, params = server["client"].infer(MODEL_NAME, "case_infer", {"device": "cpu"})
-    assert label_file and Path(label_file).is_file(), params
-    label = nib.load(label_file)
-    source = nib.load(server["studies"] / "case_infer.nii.gz")
+def test_server_lists_the_bundle_and_one_image_per_case(server: Server) -> None:
+    model = server.info["models"][MODEL_NAME]
+    assert model["labels"] == {"background": 0, "NCR": 1, "ED": 2, "ET": 4}
+    assert model["config"]["tta"] is False  # --tta false as typed
+    datastore = server.client.datastore()
+    objects = datastore["objects"]
+    assert sorted(objects) == [f"BraTS2021_0000{i}" for i in (1, 2, 3, 4)]
+    assert objects["BraTS2021_00003"]["image"]["ext"] == ".nii.gz"
+    assert sorted(k for k, v in objects.items() if "final" in v["labels"]) == ["BraTS2021_00001", "BraTS2021_00002"]
+
+
+@pytest.mark.slow
+@pytest.mark.label
+def test_server_infers_a_brats_case_in_its_own_space_and_values(server: Server) -> None:
+    label = _infer(server, "BraTS2021_00003")
+    flair = nib.load(server.dataset / "BraTS2021_00003" / "BraTS2021_00003_flair.nii.gz")
     assert label.shape == SHAPE
-    np.testing.assert_allclose(label.affine, source.affine, atol=1e-4)
+    np.testing.assert_allclose(label.affine, flair.affine, atol=1e-4)
+    assert label.get_data_dtype() == np.uint8
     values = set(np.unique(np.asarray(label.dataobj)).astype(int).tolist())
-    assert values <= {0, 1, 2, 3}, values
+    assert values <= {0, 1, 2, 4}, values
 
 
 @pytest.mark.slow
 @pytest.mark.label
-def test_server_trains_from_final_labels(server: dict[str, Any]) -> None:
-    client, bundle_dir = server["client"], server["bundle_dir"]
-    model = bundle_dir / "models" / "model.pt"
-    before = model.stat().st_mtime_ns
-    client.train_start(MODEL_NAME, {"max_epochs": 1, "val_split": 0.5, "multi_gpu": False, "device": "cpu"})
+def test_a_case_missing_a_modality_is_a_4xx_naming_the_file(server: Server) -> None:
+    from monailabel.client.client import MONAILabelClientException
+
+    with pytest.raises(MONAILabelClientException) as raised:
+        server.client.infer(MODEL_NAME, "BraTS2021_00004", {"device": "cpu"})
+    missing = (server.dataset / "BraTS2021_00004" / "BraTS2021_00004_t2.nii.gz").resolve()
+    # the client puts the HTTP status and the server's answer in its message
+    assert raised.value.msg == f'Status: 422; Response: {{"detail":"{missing}: missing modality t2"}}'
+
+
+@pytest.mark.slow
+@pytest.mark.label
+def test_saved_labels_train_and_trained_weights_survive_a_restart(server: Server) -> None:
+    """save_label, train one epoch, restart with the same command line, infer with the trained weights."""
+    label_file, _ = server.client.infer(MODEL_NAME, "BraTS2021_00003", {"device": "cpu"})
+    server.client.save_label("BraTS2021_00003", label_file, tag="final")
+    saved = server.work / "studies" / "labels" / "final" / "BraTS2021_00003.nii.gz"
+    assert saved.is_file() and "final" in server.client.datastore()["objects"]["BraTS2021_00003"]["labels"]
+    assert not (server.dataset / "BraTS2021_00003" / "BraTS2021_00003.nii.gz").exists()
+
+    served = server.work / "models" / "model.pt"
+    before = md5sum(served)
+    server.client.train_start(MODEL_NAME, {"max_epochs": 1, "val_split": 0.34, "multi_gpu": False, "device": "cpu"})
     deadline = time.monotonic() + 900
     status: dict[str, Any] = {}
-    # A task goes SUBMITTED -> RUNNING -> DONE | ERROR | STOPPED; poll until it leaves the first two.
-    while time.monotonic() < deadline:
-        status = client.train_status()
+    while time.monotonic() < deadline:  # SUBMITTED -> RUNNING -> DONE | ERROR | STOPPED
+        status = server.client.train_status()
         if status.get("status") in TASK_FINAL_STATES:
             break
         time.sleep(5)
-    assert status.get("status") == "DONE", f"{status}\n{server['log'].read_text()[-4000:]}"
-    assert list((bundle_dir / "runs" / "train").glob("checkpoint_*epoch=1.pt")), "no training checkpoint"
-    assert model.stat().st_mtime_ns > before, "the served model.pt was not replaced by the trained one"
+    assert status.get("status") == "DONE", f"{status}\n{server.log.read_text()[-4000:]}"
+    assert "Total Records in Dataset: 3" in server.log.read_text(), "the saved label must be trained on"
+    trained = md5sum(served)
+    assert trained != before, "training did not replace the served weights"
+    assert list((server.work / "runs" / "train").glob("checkpoint_*epoch=1.pt"))
+
+    server.stop()
+    server.start()
+    assert md5sum(served) == trained, "the restart must serve the trained weights"
+    assert "trained in MONAI Label since it was copied from --checkpoint" in server.log.read_text()
+    label = _infer(server, "BraTS2021_00003")
+
+    # the same case segmented by the bundle itself with the trained weights, one pass, BraTS 2021 values
+    from bundle.infer import infer
+
+    (expected,) = infer(
+        str(server.dataset / "BraTS2021_00003"),
+        output=str(server.root / "expected"),
+        checkpoint=str(served),
+        tta=False,
+        device="cpu",
+    )
+    np.testing.assert_array_equal(np.asarray(label.dataobj), np.asarray(nib.load(expected).dataobj))
+    info = json.loads((server.work / "models" / "served.json").read_text())
+    assert info["source"] == str(server.checkpoint.resolve())

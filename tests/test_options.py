@@ -193,6 +193,10 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     "tta": (INFERENCE, lambda p: p.get_parsed_content("inferer").tta),
     "save_uncertainty": (INFERENCE, lambda p: p.get_parsed_content("inferer").return_std),
     "save_probabilities": (INFERENCE, lambda p: "pred_mean" in p.get_parsed_content("inverted_keys")),
+    "save_seg_nrrd": (
+        INFERENCE,
+        lambda p: type(p.get_parsed_content("slicer_segmentation_writer")).__name__ == "AtomicSaveImaged",
+    ),
     "et_components_to_ncr": (INFERENCE, _postprocessing_flag("SmallETComponentsToNCRd")),
     "et_volume_to_ncr": (INFERENCE, _postprocessing_flag("SmallETVolumeToNCRd")),
     "remove_small_components": (INFERENCE, _postprocessing_flag("RemoveSmallTumourComponentsd")),

@@ -199,7 +199,7 @@ def test_zoo_metadata_of_the_best_setting_says_five_channels() -> None:
     image = best["inputs"]["image"]
     assert image["num_channels"] == 5
     assert image["channel_def"] == {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR", "4": "salient"}
-    assert image["spatial_shape"] == ["64*n"] * 3 and best["outputs"]["pred"]["spatial_shape"] == ["64*n"] * 3
+    assert image["spatial_shape"] == ["64*(n+1)"] * 3 and best["outputs"]["pred"]["spatial_shape"] == ["64*(n+1)"] * 3
     assert best["outputs"]["pred"]["channel_def"] == {"0": "WT", "1": "TC", "2": "ET"}
     with torch.device("meta"):
         plain = ConfigParser()
@@ -219,7 +219,7 @@ def test_zoo_export_of_a_best_setting_checkpoint_says_five_channels(tmp_path: Pa
     out = Path(export(str(tmp_path / "exported"), checkpoint=str(checkpoint)))
     image = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
     assert image["num_channels"] == 5 and image["channel_def"]["4"] == SALIENT_CHANNEL
-    assert image["spatial_shape"] == ["8*n"] * 3  # the tiny 4-level net: three stride-2 levels
+    assert image["spatial_shape"] == ["8*(n+1)"] * 3  # the tiny 4-level net: three stride-2 levels
     check = (
         "import torch; ts = torch.jit.load('models/model.ts'); ts.eval(); "
         "print(tuple(ts(torch.randn(1, 5, 16, 24, 32)).shape))"
