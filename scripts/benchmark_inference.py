@@ -384,15 +384,12 @@ def use_plain_loading(parser: ConfigParser) -> None:
     from monai.data import NibabelReader
     from monai.transforms import LoadImaged
 
-    transforms = parser.get_parsed_content("preprocessing").transforms
-    loader = transforms[0]
-    transforms[0] = LoadImaged(
-        keys=loader.keys,
-        reader=NibabelReader(),
-        ensure_channel_first=True,
-        image_only=True,
-        allow_missing_keys=True,
+    preprocessing = parser.get_parsed_content("preprocessing")  # also Invertd's: replaced in place
+    loader, *rest = preprocessing.transforms
+    plain = LoadImaged(
+        keys=loader.keys, reader=NibabelReader(), ensure_channel_first=True, image_only=True, allow_missing_keys=True
     )
+    preprocessing.transforms = (plain, *rest)
 
 
 def median_of(values: list[float]) -> float | None:
