@@ -63,7 +63,11 @@ class FlipTTAInferer(Inferer):
     a 4 x 240 x 240 x 155 volume in one pass took 1.7x longer than one by one, docs/inference.md).
 
     Memory: a running sum (or, with ``return_std``, Welford's running mean and sum of squared
-    deviations) are the only volume-sized buffers kept across groups.
+    deviations) are the only volume-sized buffers kept across groups; each flip's input copy,
+    stitched output and probabilities are released before the next pass starts. The peak is the
+    network's activations for ``sw_batch_size`` windows plus a few volume-sized buffers, so 8 flips
+    need about as much memory as one pass (measured with ``scripts/benchmark_inference.py``,
+    docs/inference.md).
 
     2-D models run slice by slice over a 3-D volume inside a ``SliceInferer``; by default only its
     in-plane axes are flipped (4 flips), since flipping the slice axis only reorders slices for a
@@ -212,6 +216,10 @@ class FlipTTAInferer(Inferer):
                         delta = prob - acc
                         acc.add_(delta, alpha=1.0 / n)
                         m2.add_(delta.mul_(prob - acc))
+                        del delta
+                    # released before the next pass, so that pass's network activations do not
+                    # stack on this flip's volume-sized buffers (docs/inference.md, peak memory)
+                    del prob
                 del out
 
         assert acc is not None  # at least the identity flip ran

@@ -9,6 +9,8 @@
 * :class:`ThreadUnsafeLoadImaged` - MONAI's ``LoadImaged`` declared ``ThreadUnsafe``, so the
   threads of ``CacheDataset`` each get their own copy (see its docstring), and refusing images
   with NaN / Inf voxels.
+* :class:`ConcurrentNibabelReader` - MONAI's ``NibabelReader`` decoding the files of one case at
+  once, gzip by ISA-L: the largest part of inference's per-case overhead (docs/inference.md).
 * :class:`SalientMaskd` - M4's salient (brain) mask of the raw image, which MONAI's
   ``ConcatItemsd`` then appends as an input channel after normalisation (``salient_channel`` in
   ``configs/train.yaml``); :func:`input_channel_names` names the channels the network then gets.
@@ -17,22 +19,28 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
+from isal import igzip
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelReader
+from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import LoadImaged, MapTransform, Transform
 from monai.transforms.io.array import SUPPORTED_READERS
 from monai.transforms.traits import ThreadUnsafe
+from monai.utils import ensure_tuple
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS, SALIENT_CHANNEL
 from bundle.data import DataError, case_of_image, check_case, image_reader
 from bundle.label_maps import scheme_values, to_internal, unknown_label_values
 
 __all__ = [
+    "ConcurrentNibabelReader",
     "LabelsToRegions",
     "LabelsToRegionsd",
     "SalientMaskd",
@@ -57,7 +65,9 @@ class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
     Readers: every key's files get the reader :func:`bundle.data.image_reader` names (NIfTI through
     nibabel, NRRD / MetaImage / DICOM series folders through ITK), the one the case checks use.
     ``LoadImaged`` takes one reader for all keys, and its automatic choice depends on the installed
-    packages (pynrrd, pydicom), so the choice is made here per key, from MONAI's registered readers.
+    packages (pynrrd, pydicom), so the choice is made here per key, from MONAI's registered readers;
+    a configured ``reader`` of that kind (or a subclass: ``configs/train.yaml`` gives NIfTI to
+    :class:`ConcurrentNibabelReader`) is used before a default one.
 
     ``case_image_key``: the key whose single file stands for its whole case (MONAI Label's datastore
     lists one image per case, a link to its FLAIR): it is replaced by the case's four modality files
@@ -81,10 +91,12 @@ class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
         """MONAI's registered reader instance that :func:`bundle.data.image_reader` names for ``files``."""
         paths = [str(f) for f in files] if isinstance(files, (list, tuple)) else [str(files)]
         name = image_reader(paths)
+        reader_class = SUPPORTED_READERS[name.lower()]
+        # the configured reader first (train.yaml's ConcurrentNibabelReader is a NibabelReader)
         for registered in reversed(self._loader.readers):
-            if type(registered).__name__ == name:
+            if isinstance(registered, reader_class):
                 return registered
-        chosen = SUPPORTED_READERS[name.lower()]()  # a loader configured with other readers gets this one too
+        chosen = reader_class()  # a loader configured with other readers gets this one too
         self._loader.register(chosen)
         return chosen
 
@@ -127,6 +139,63 @@ def _refuse_non_finite(image: Any, source: Any) -> None:
         raise DataError(f"{files[index]}: {bad[index]} of {finite[index].numel()} voxels are not finite (NaN or Inf)")
     count = int((~finite).sum())
     raise DataError(f"{', '.join(map(str, files))}: {count} of {finite.numel()} voxels are not finite (NaN or Inf)")
+
+
+#: NibabelReader's own arguments; any other keyword would go to nibabel.load, which is not called for .nii.gz
+_NIBABEL_READER_ARGS = ("channel_dim", "as_closest_canonical", "squeeze_non_spatial_dims", "to_gpu")
+
+
+class ConcurrentNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader`` decoding the files of one call at once, gzip by ISA-L (python-isal).
+
+    A BraTS case is four gzip-compressed NIfTI files; decoding them one after the other with zlib
+    was the largest part of inference's per-case overhead (docs/inference.md). Here every file of
+    a call is read in its own thread: a ``.nii.gz`` is decompressed by ``isal.igzip`` (the ISA-L
+    library, 1.5-2x faster than zlib on these files, and it releases the GIL) and its image made
+    from the bytes (``Nifti1Image`` / ``Nifti2Image.from_bytes``); other files are opened by
+    ``nibabel.load``. Headers, affines, stacking and metadata stay MONAI's ``NibabelReader.get_data``,
+    so voxels and metadata are exactly what MONAI's reader gives (tests/test_loading.py).
+
+    Args:
+        max_workers: threads per call (``None``: one per file, at most 8).
+        kwargs: ``NibabelReader``'s own arguments. ``nibabel.load`` options (``mmap``, ...) do not
+            apply to decompressed bytes and raise ``ValueError``, as does ``to_gpu``.
+    """
+
+    def __init__(self, max_workers: int | None = None, **kwargs: Any) -> None:
+        unusable = sorted(k for k in kwargs if k not in _NIBABEL_READER_ARGS or (k == "to_gpu" and kwargs[k]))
+        if unusable:
+            raise ValueError(f"ConcurrentNibabelReader decodes in memory on the CPU; {unusable} cannot apply")
+        super().__init__(**kwargs)
+        self.max_workers = max_workers
+
+    def read(self, data: Sequence[PathLike | str] | PathLike | str, **kwargs: Any) -> Any:
+        """The nibabel image of ``data`` (one file), or the list of images of a list of files."""
+        if kwargs:
+            raise ValueError(f"ConcurrentNibabelReader.read takes no nibabel.load options, got {sorted(kwargs)}")
+        filenames = ensure_tuple(data)
+        self.filenames = filenames
+        workers = min(self.max_workers or 8, len(filenames))
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                images = list(pool.map(_read_nifti, filenames))
+        else:
+            images = [_read_nifti(f) for f in filenames]
+        return images if len(filenames) > 1 else images[0]
+
+
+def _read_nifti(path: PathLike | str) -> Any:
+    """One NIfTI image with its voxels in memory: ``.gz`` decompressed by ISA-L, else ``nibabel.load``."""
+    name = str(path)
+    if not name.endswith(".gz"):
+        return correct_nifti_header_if_necessary(nib.load(name))
+    with open(name, "rb") as handle:
+        raw = igzip.decompress(handle.read())
+    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+        header_size = image_class.header_class.sizeof_hdr
+        if image_class.header_class.may_contain_header(raw[:header_size]):
+            return correct_nifti_header_if_necessary(image_class.from_bytes(raw))
+    raise ValueError(f"{name}: not a NIfTI-1 or NIfTI-2 image")
 
 
 def map_label_values(label: torch.Tensor | np.ndarray, scheme: str) -> torch.Tensor | np.ndarray:
