@@ -39,6 +39,7 @@ from monai.utils import instantiate
 from bundle.constants import CLASS_NAMES, LABEL_SCHEMES, MODALITIES, REGION_NAMES
 from bundle.data import DataError
 from bundle.errors import OptionError
+from bundle.networks.nets import size_multiple
 from bundle.paths import BUNDLE_ROOT
 from bundle.recipes import recipe_for
 from bundle.transforms import input_channel_names
@@ -204,11 +205,7 @@ def input_divisors(spec: Mapping[str, Any]) -> tuple[int, ...]:
     if name == "SwinUNETR":
         return (32,) * dims  # patch size 2, four 2x patch mergings
     if "strides" in spec:
-        divisors = [1] * dims
-        for stride in spec["strides"]:
-            per_axis = list(stride) if isinstance(stride, (list, tuple)) else [stride] * dims
-            divisors = [d * int(s) for d, s in zip(divisors, per_axis)]
-        return tuple(divisors)
+        return tuple(size_multiple(spec["strides"], dims))
     if name in ("ResUNet", "ResSELKAUNet"):
         return (2 ** (len(_argument(spec, "channels")) - 1),) * dims
     if name == "SegResNet":

@@ -48,11 +48,12 @@ import torch
 import yaml
 
 from bundle.checkpoints import (
+    MODEL_KEY,
+    RECORD_KEY,
     input_divisors,
-    model_state,
+    load_checkpoint,
     network_data_format,
     network_from_spec,
-    read_record,
     record_file,
 )
 from bundle.errors import OptionError
@@ -218,7 +219,8 @@ def export(
     out.mkdir(parents=True)
     _copy_tree(out)
     (out / "models").mkdir()
-    record, weights = inference_form(read_record(source), model_state(source))
+    checkpoint = load_checkpoint(source)  # read once: a full-width checkpoint is over 100 MB
+    record, weights = inference_form(dict(checkpoint[RECORD_KEY]), checkpoint[MODEL_KEY])
     # the zoo's format: plain weights, loaded by ckpt_export without key_in_ckpt; the record beside them
     torch.save(weights, out / "models" / "model.pt")
     record_file(out / "models" / "model.pt").write_text(json.dumps(record, indent=2) + "\n")

@@ -329,9 +329,9 @@ def app_train_config(bundle_dir: Path, overrides: Mapping[str, Any], layout: str
     return config
 
 
-def recorded_network_factory(checkpoint: str | Path) -> dict[str, Any]:
-    """train.yaml's ``network_factory`` for the network ``checkpoint`` records (MONAI Label trains on from it)."""
-    return {**read_record(checkpoint)["network"], "_mode_": "callable"}
+def recorded_network_factory(record: Mapping[str, Any]) -> dict[str, Any]:
+    """train.yaml's ``network_factory`` for the network a model ``record`` names (MONAI Label trains on from it)."""
+    return {**record["network"], "_mode_": "callable"}
 
 
 def _rescue_weights(bundle_in_app: Path, models: Path) -> None:
@@ -394,8 +394,8 @@ def assemble_app(
 
     common = {**(overrides or {})}
     # inference.json builds the network the checkpoint records; training continues that same network
-    network = recorded_network_factory(models / "model.pt")
     record = read_record(models / "model.pt")
+    network = recorded_network_factory(record)
     train = app_train_config(
         target, {"network_factory": network, "salient_channel": salient_channel(record), **common}, layout
     )
