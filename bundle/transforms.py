@@ -14,6 +14,8 @@
 * :class:`SalientMaskd` - M4's salient (brain) mask of the raw image, which MONAI's
   ``ConcatItemsd`` then appends as an input channel after normalisation (``salient_channel`` in
   ``configs/train.yaml``); :func:`input_channel_names` names the channels the network then gets.
+* :class:`FastNormalizeIntensityd` - MONAI's ``NormalizeIntensityd`` with a faster non-zero path on
+  CPU (numpy's gather, one ``torch.where`` write), bit-identical: the z-score of every method.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from isal import igzip
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader
 from monai.data.utils import correct_nifti_header_if_necessary
-from monai.transforms import LoadImaged, MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, NormalizeIntensity, NormalizeIntensityd, Transform
 from monai.transforms.io.array import SUPPORTED_READERS
 from monai.transforms.traits import ThreadUnsafe
-from monai.utils import ensure_tuple
+from monai.utils import convert_data_type, ensure_tuple
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS, SALIENT_CHANNEL
 from bundle.data import DataError, case_of_image, check_case, image_reader
@@ -41,6 +43,8 @@ from bundle.label_maps import scheme_values, to_internal, unknown_label_values
 
 __all__ = [
     "ConcurrentNibabelReader",
+    "FastNormalizeIntensity",
+    "FastNormalizeIntensityd",
     "LabelsToRegions",
     "LabelsToRegionsd",
     "SalientMaskd",
@@ -380,3 +384,45 @@ class SalientMaskd(MapTransform):
                 mask = MetaTensor(mask.as_tensor(), meta=image.meta, applied_operations=image.applied_operations)
             d[mask_key] = mask
         return d
+
+
+class FastNormalizeIntensity(NormalizeIntensity):
+    """MONAI's ``NormalizeIntensity`` with a faster non-zero path on CPU tensors; the same voxels, bit for bit.
+
+    With ``nonzero=True`` and the statistics computed from the image, MONAI gathers the non-zero
+    voxels by boolean indexing of the torch tensor and writes the normalised values back by boolean
+    index assignment; on a cropped BraTS case those two took about 0.2 s of inference's per-case
+    overhead (docs/inference.md). Here the gather is numpy's boolean indexing (about 4x faster than
+    torch's on CPU, same values in the same order, so MONAI's own ``_mean`` / ``_std`` give the same
+    numbers) and the write is one ``torch.where`` over the channel: the same ``(x - mean) / std``
+    for each non-zero voxel, the zeros kept (tests/test_loading.py compares with MONAI's bit for bit).
+    Every other case (given ``subtrahend`` / ``divisor``, ``nonzero=False``, numpy or CUDA input) is
+    MONAI's code.
+    """
+
+    def _normalize(self, img: Any, sub: Any = None, div: Any = None) -> Any:
+        if not (
+            self.nonzero and sub is None and div is None and isinstance(img, torch.Tensor) and img.device.type == "cpu"
+        ):
+            return super()._normalize(img, sub, div)
+        img, *_ = convert_data_type(img, dtype=torch.float32)
+        plain = img.as_tensor() if isinstance(img, MetaTensor) else img
+        values = plain.numpy()
+        nonzero = values != 0
+        if not nonzero.any():
+            return img
+        masked = torch.from_numpy(values[nonzero])
+        mean, std = self._mean(masked), self._std(masked)
+        if std == 0.0:
+            std = 1.0
+        plain.copy_(torch.where(torch.from_numpy(nonzero), (plain - mean) / std, plain))
+        return img
+
+
+class FastNormalizeIntensityd(NormalizeIntensityd):
+    """MONAI's ``NormalizeIntensityd`` computed by :class:`FastNormalizeIntensity` (same arguments, same voxels)."""
+
+    def __init__(self, keys: KeysCollection, *args: Any, **kwargs: Any) -> None:
+        super().__init__(keys, *args, **kwargs)
+        n = self.normalizer
+        self.normalizer = FastNormalizeIntensity(n.subtrahend, n.divisor, n.nonzero, n.channel_wise, n.dtype)

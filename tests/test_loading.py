@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import shared_samples_dir
 from monai.bundle import ConfigParser
-from monai.data import NibabelReader
+from monai.data import MetaTensor, NibabelReader
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -30,7 +30,12 @@ from monai.utils import ensure_tuple
 
 from bundle.constants import MODALITIES
 from bundle.data import demo_affine, make_phantom
-from bundle.transforms import ConcurrentNibabelReader, LabelsToRegionsd, ToInternalConventiond
+from bundle.transforms import (
+    ConcurrentNibabelReader,
+    FastNormalizeIntensityd,
+    LabelsToRegionsd,
+    ToInternalConventiond,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BRATS_SAMPLES = shared_samples_dir()
@@ -163,3 +168,56 @@ def test_train_yaml_reads_nifti_with_the_concurrent_reader(tmp_path, monkeypatch
     item = write_case(tmp_path / "case")
     train_yaml_preprocessing()(dict(item))
     assert [list(ensure_tuple(c)) for c in calls] == [item["image"], [item["label"]]]
+
+
+def bits(x) -> torch.Tensor:
+    """The float32 voxels as their bit patterns: -0.0 and 0.0 differ, NaN equals its own pattern."""
+    return torch.as_tensor(x).contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("channel_wise", [True, False])
+@pytest.mark.parametrize("source", ["int16", "float32", "numpy", "given_statistics", "all_zero", "constant"])
+def test_fast_normalize_is_monai_bit_for_bit(source: str, channel_wise: bool) -> None:
+    """FastNormalizeIntensityd gives MONAI's NormalizeIntensityd output to the last bit, metadata and dtype included."""
+    rng = np.random.default_rng(3)
+    volume = rng.normal(300.0, 120.0, size=(4, 23, 19, 17)).astype(np.float32)
+    volume[:, :5] = 0.0  # background
+    volume[volume < 150] = 0.0  # zeros inside the brain too
+    volume[1, :, :, 3] = -0.0  # negative zeros stay as they are
+    kwargs: dict = {"nonzero": True, "channel_wise": channel_wise}
+    if source == "int16":
+        data = MetaTensor(torch.from_numpy(volume.astype(np.int16)), affine=demo_affine(volume.shape[1:]))
+    elif source == "numpy":
+        data = volume
+    elif source == "all_zero":
+        volume[2] = 0.0
+        data = MetaTensor(torch.from_numpy(volume), affine=demo_affine(volume.shape[1:]))
+    elif source == "constant":
+        volume[3][volume[3] != 0] = 42.0  # std 0: divided by 1, as MONAI does
+        data = MetaTensor(torch.from_numpy(volume), affine=demo_affine(volume.shape[1:]))
+    else:
+        data = MetaTensor(torch.from_numpy(volume), affine=demo_affine(volume.shape[1:]))
+        if source == "given_statistics":
+            kwargs.update(
+                subtrahend=[1.0, 2.0, 3.0, 4.0] if channel_wise else 2.5, divisor=[2.0] * 4 if channel_wise else 2.0
+            )
+    copy = data.clone() if isinstance(data, torch.Tensor) else data.copy()
+    ours = FastNormalizeIntensityd("image", **kwargs)({"image": data})["image"]
+    monai = NormalizeIntensityd("image", **kwargs)({"image": copy})["image"]
+    assert type(ours) is type(monai) and ours.dtype == monai.dtype and ours.shape == monai.shape
+    assert torch.equal(bits(ours), bits(monai))
+    if isinstance(monai, MetaTensor):
+        np.testing.assert_array_equal(np.asarray(ours.affine), np.asarray(monai.affine))
+
+
+def test_fast_normalize_is_the_config_z_score() -> None:
+    """Every method's z-score (train.yaml's intensity_transform, M3's) is the fast one."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
+    assert isinstance(parser.get_parsed_content("intensity_transform"), FastNormalizeIntensityd)
+    m3 = ConfigParser()
+    m3.read_config(
+        [str(REPO_ROOT / "configs" / f) for f in ("train.yaml", "train_2d.yaml", "variants/m3_resse_lka_unet.yaml")]
+    )
+    names = [type(t).__name__ for t in m3.get_parsed_content("intensity_transform").transforms]
+    assert names[-1] == "FastNormalizeIntensityd"

@@ -308,11 +308,11 @@ def test_m3_checkpoint_runs_one_pass_argmax_and_nothing_else_by_default(case: Pa
     parser.read_config(str(CONFIGS / "inference.yaml"))
     parser["checkpoint"] = str(checkpoint)
     names = [type(t).__name__ for t in parser.get_parsed_content("intensity_transform").transforms]
-    assert names == ["ClipNonzeroPercentilesd", "Identityd", "NormalizeIntensityd"]
+    assert names == ["ClipNonzeroPercentilesd", "Identityd", "FastNormalizeIntensityd"]
     # a model trained with CLAHE is preprocessed with it (the record's train_settings)
     parser["checkpoint"] = str(_checkpoint(tmp_path / "clahe.pt", "classes", M3, 2, {"spacing": None, "clahe": True}))
     names = [type(t).__name__ for t in parser.get_parsed_content("intensity_transform").transforms]
-    assert names == ["ClipNonzeroPercentilesd", "CLAHEd", "NormalizeIntensityd"]
+    assert names == ["ClipNonzeroPercentilesd", "CLAHEd", "FastNormalizeIntensityd"]
 
 
 def test_explicit_options_override_m3s_recipe(case: Path, tmp_path: Path) -> None:
