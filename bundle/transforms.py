@@ -51,6 +51,7 @@ __all__ = [
     "ThreadUnsafeLoadImaged",
     "ToInternalConventiond",
     "input_channel_names",
+    "is_positive_numpy",
     "map_label_values",
 ]
 
@@ -426,3 +427,14 @@ class FastNormalizeIntensityd(NormalizeIntensityd):
         super().__init__(keys, *args, **kwargs)
         n = self.normalizer
         self.normalizer = FastNormalizeIntensity(n.subtrahend, n.divisor, n.nonzero, n.channel_wise, n.dtype)
+
+
+def is_positive_numpy(image: Any) -> np.ndarray:
+    """MONAI's default foreground rule for ``CropForegroundd`` (``image > 0``), as a numpy mask.
+
+    MONAI's ``generate_spatial_bounding_box`` reduces the mask with the library of the mask it gets:
+    given a torch tensor (its default ``is_positive``), the comparison and the four ``any`` over a
+    4 x 240 x 240 x 155 BraTS case took 0.09-0.15 s on one core, numpy's take about 0.03 s for the
+    same box (tests/test_loading.py). The image is read on the CPU (preprocessing runs there).
+    """
+    return torch.as_tensor(image).numpy(force=True) > 0
