@@ -35,6 +35,7 @@ from bundle.transforms import (
     FastNormalizeIntensityd,
     LabelsToRegionsd,
     ToInternalConventiond,
+    is_positive_numpy,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +222,22 @@ def test_fast_normalize_is_the_config_z_score() -> None:
     )
     names = [type(t).__name__ for t in m3.get_parsed_content("intensity_transform").transforms]
     assert names[-1] == "FastNormalizeIntensityd"
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float32, torch.uint8])
+def test_crop_foreground_box_is_monai_default(dtype: torch.dtype) -> None:
+    """train.yaml's select_fn crops the same box as MONAI's default rule (> 0), negative voxels included."""
+    from monai.transforms import CropForeground
+    from monai.transforms.utils import is_positive
+
+    rng = np.random.default_rng(5)
+    volume = np.zeros((4, 30, 26, 22), dtype=np.float32)
+    volume[:, 6:20, 4:17, 9:15] = rng.normal(3.0, 2.0, size=(4, 14, 13, 6))
+    volume[2, 25, 2, 1] = -7.0  # a negative voxel outside the rest: not foreground by the rule
+    volume[1, 3, 24, 20] = 0.5  # one positive voxel in one channel only: foreground
+    image = MetaTensor(torch.from_numpy(volume).to(dtype), affine=demo_affine(volume.shape[1:]))
+    assert np.array_equal(is_positive_numpy(image), is_positive(image).numpy())
+    ours = CropForeground(select_fn=is_positive_numpy, allow_smaller=True)(image.clone())
+    monai = CropForeground(allow_smaller=True)(image.clone())
+    assert ours.shape == monai.shape and torch.equal(ours, monai)
+    assert ours.applied_operations[-1]["extra_info"]["cropped"] == monai.applied_operations[-1]["extra_info"]["cropped"]
