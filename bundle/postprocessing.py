@@ -147,6 +147,9 @@ def binary_dilation(
 ) -> torch.Tensor:
     """Dilation of a boolean tensor ``(..., *spatial)`` by ``element`` of ``radius``; outside counts as 0.
 
+    A ``uint8`` tensor is dilated as eight independent bit planes (bitwise OR), which is how
+    :func:`close_tumour_regions` closes the three nested regions in one pass.
+
     ``element``: ``"cube"`` of side ``2 * radius + 1``, or ``"cross"`` (face neighbours) repeated
     ``radius`` times, the L1 ball of that radius.
 
@@ -157,14 +160,17 @@ def binary_dilation(
     ``binary_dilation(structure=generate_binary_structure(ndim, 1), iterations=radius)`` is the
     reference (tested), which runs on the CPU only.
     """
-    return _shifted_morphology(mask, radius, spatial_dims, element, torch.Tensor.logical_or_)
+    return _shifted_morphology(mask, radius, spatial_dims, element, torch.Tensor.bitwise_or_)
 
 
 def binary_erosion(
     mask: torch.Tensor, radius: int = 1, spatial_dims: int | None = None, element: str = "cube"
 ) -> torch.Tensor:
-    """Erosion of a boolean tensor by ``element`` of ``radius``; outside counts as 1 (MONAI's ``erode``)."""
-    return _shifted_morphology(mask, radius, spatial_dims, element, torch.Tensor.logical_and_)
+    """Erosion of a boolean tensor by ``element`` of ``radius``; outside counts as 1 (MONAI's ``erode``).
+
+    A ``uint8`` tensor is eroded as eight independent bit planes (bitwise AND).
+    """
+    return _shifted_morphology(mask, radius, spatial_dims, element, torch.Tensor.bitwise_and_)
 
 
 def _shifted_morphology(
@@ -174,7 +180,8 @@ def _shifted_morphology(
         raise ValueError(f"element must be one of {STRUCTURING_ELEMENTS}, got {element!r}.")
     spatial_dims = mask.ndim if spatial_dims is None else spatial_dims
     dims = [d for d in range(mask.ndim - spatial_dims, mask.ndim) if mask.shape[d] > 1]
-    out = mask.to(torch.bool, copy=True)  # never modify the caller's mask in place
+    # never modify the caller's mask in place; bytes stay bytes (bit planes), anything else is a mask
+    out = mask.clone() if mask.dtype == torch.uint8 else mask.to(torch.bool, copy=True)
     # cube: one axis after the other (separable); cross: every axis from the same previous step
     passes = [[d] for d in dims for _ in range(radius)] if element == "cube" else [dims] * radius
     for axes in passes:
@@ -186,6 +193,15 @@ def _shifted_morphology(
             op(out.narrow(dim, 1, n - 1), prev.narrow(dim, 0, n - 1))
             op(out.narrow(dim, 0, n - 1), prev.narrow(dim, 1, n - 1))
     return out
+
+
+#: internal label -> its regions as bits (WT 1, TC 2, ET 4): BG none, NCR WT+TC, ED WT, ET all three
+_REGION_BITS = torch.zeros(4, dtype=torch.uint8)
+_REGION_BITS[NCR], _REGION_BITS[ED], _REGION_BITS[ET] = 1 | 2, 1, 1 | 2 | 4
+#: region bits -> internal label by the nested rule: no WT is background, WT without TC is ED, TC without ET is NCR
+_BITS_TO_LABEL = torch.tensor(
+    [BACKGROUND if not b & 1 else ED if not b & 2 else NCR if not b & 4 else ET for b in range(8)], dtype=torch.uint8
+)
 
 
 def close_tumour_regions(labels: NdarrayOrTensor, filter_size: int = 3, element: str = "cross") -> NdarrayOrTensor:
@@ -212,14 +228,11 @@ def close_tumour_regions(labels: NdarrayOrTensor, filter_size: int = 3, element:
     if box is None or radius == 0:
         return labels
     crop = lab_t[0][box]
-    regions = torch.stack([crop != BACKGROUND, (crop == NCR) | (crop == ET), crop == ET])
-    dilated = binary_dilation(regions, radius, crop.ndim, element)
-    closed = binary_erosion(dilated, radius, crop.ndim, element)
-    wt, tc, et = closed[0], closed[1], closed[2]
-    new = torch.full_like(crop, BACKGROUND)
-    new[wt] = ED
-    new[wt & tc] = NCR
-    new[wt & tc & et] = ET
+    # the three regions as bit planes of one byte per voxel (WT 1, TC 2, ET 4): bitwise OR / AND close
+    # all three at once, a third of the work of three boolean masks
+    bits = _REGION_BITS.to(crop.device)[crop.long()]
+    closed = binary_erosion(binary_dilation(bits, radius, crop.ndim, element), radius, crop.ndim, element)
+    new = _BITS_TO_LABEL.to(crop.device, crop.dtype)[closed.long()]
     out = lab_t.clone()
     out[(0, *box)] = new
     return convert_to_dst_type(out, labels, dtype=labels.dtype)[0]

@@ -319,6 +319,42 @@ def test_closing_on_the_bounding_box_equals_closing_on_the_whole_volume():
         close_tumour_regions(lab, filter_size=4)
 
 
+@pytest.mark.parametrize("filter_size", [3, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+def test_cross_closing_equals_scipy_per_region(filter_size: int, dtype) -> None:
+    """The cross closing of each nested region (scipy's reference, erosion with the outside as 1),
+    recombined by the region rule, on random label maps that touch the volume's border."""
+    rng = np.random.default_rng(filter_size)
+    structure = ndimage.generate_binary_structure(3, 1)
+    radius = filter_size // 2
+    for _ in range(5):
+        lab = rng.choice(4, size=(1, 19, 23, 17), p=[0.55, 0.15, 0.15, 0.15]).astype(dtype)
+        lab[0, :, :, :3] = BACKGROUND
+        out = close_tumour_regions(lab, filter_size, "cross")
+        regions = [lab[0] != BACKGROUND, (lab[0] == NCR) | (lab[0] == ET), lab[0] == ET]
+        closed = [
+            ndimage.binary_erosion(
+                ndimage.binary_dilation(r, structure, iterations=radius), structure, iterations=radius, border_value=1
+            )
+            for r in regions
+        ]
+        ref = np.where(closed[0], np.where(closed[1], np.where(closed[2], ET, NCR), ED), BACKGROUND)
+        assert out.dtype == lab.dtype and np.array_equal(out[0], ref)
+
+
+def test_uint8_morphology_is_per_bit_plane() -> None:
+    """A uint8 tensor dilates and erodes as eight independent masks (what the closing's packing relies on)."""
+    rng = np.random.default_rng(4)
+    planes = torch.from_numpy(rng.random((8, 11, 13, 9)) > 0.7)
+    packed = sum(planes[b].to(torch.uint8) << b for b in range(8))
+    for fn in (binary_dilation, binary_erosion):
+        for element in ("cross", "cube"):
+            out = fn(packed, 1, 3, element)
+            assert out.dtype == torch.uint8
+            for b in range(8):
+                assert torch.equal((out >> b) & 1 == 1, fn(planes[b], 1, 3, element)), (fn.__name__, element, b)
+
+
 def test_post_processing_keeps_numpy_and_metatensor():
     lab = np.zeros((1, 10, 10, 10), dtype=np.int16)
     lab[0, 1, 1, 1] = ET
