@@ -33,6 +33,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
 from tqdm import tqdm
 
 from bundle.atomic import write_json_atomic
@@ -363,6 +364,26 @@ def read_header(path: str | Path) -> ImageHeader:
         raise DataError(f"{p}: not a readable {kind} ({type(err).__name__}: {err})") from err
 
 
+def load_nifti(path: str | os.PathLike) -> Any:
+    """One NIfTI image (nibabel's) with its voxels in memory: ``.gz`` decompressed by ISA-L, else ``nibabel.load``.
+
+    ISA-L (python-isal) decodes these files 1.5-2x faster than zlib and releases the GIL, so the
+    files of a case decode at once in threads (``bundle.transforms.ConcurrentNibabelReader``, which
+    also corrects the header as MONAI's reader does). The case checks (:func:`read_voxels`) decode
+    with it too.
+    """
+    name = str(path)
+    if not name.endswith(".gz"):
+        return nib.load(name)
+    with open(name, "rb") as handle:
+        raw = igzip.decompress(handle.read())
+    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+        header_size = image_class.header_class.sizeof_hdr
+        if image_class.header_class.may_contain_header(raw[:header_size]):
+            return image_class.from_bytes(raw)
+    raise ValueError(f"{name}: not a NIfTI-1 or NIfTI-2 image")
+
+
 def read_voxels(path: str | Path, what: str = "image") -> np.ndarray:
     """Decode every voxel of ``path``; raise :class:`DataError` if it cannot be or holds NaN / Inf.
 
@@ -373,7 +394,7 @@ def read_voxels(path: str | Path, what: str = "image") -> np.ndarray:
     the one training and inference use (:func:`image_reader`), so the array is the one they see.
     """
     try:
-        data = np.asarray(nib.load(str(path)).dataobj) if is_nifti(path) else _itk_volume(Path(path))[0]
+        data = np.asarray(load_nifti(path).dataobj) if is_nifti(path) else _itk_volume(Path(path))[0]
     except Exception as err:  # zlib, EOFError, nibabel's and ITK's own: whatever a damaged file raises
         raise DataError(f"{path}: {what} data cannot be decoded ({type(err).__name__}: {err})") from err
     if data.dtype.kind in "fc":

@@ -25,10 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
-from isal import igzip
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader
 from monai.data.utils import correct_nifti_header_if_necessary
@@ -38,7 +36,7 @@ from monai.transforms.traits import ThreadUnsafe
 from monai.utils import convert_data_type, ensure_tuple
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_TO_CANONICAL, REGIONS, SALIENT_CHANNEL
-from bundle.data import DataError, case_of_image, check_case, image_reader
+from bundle.data import DataError, case_of_image, check_case, image_reader, load_nifti
 from bundle.label_maps import scheme_values, to_internal, unknown_label_values
 
 __all__ = [
@@ -190,17 +188,8 @@ class ConcurrentNibabelReader(NibabelReader):
 
 
 def _read_nifti(path: PathLike | str) -> Any:
-    """One NIfTI image with its voxels in memory: ``.gz`` decompressed by ISA-L, else ``nibabel.load``."""
-    name = str(path)
-    if not name.endswith(".gz"):
-        return correct_nifti_header_if_necessary(nib.load(name))
-    with open(name, "rb") as handle:
-        raw = igzip.decompress(handle.read())
-    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
-        header_size = image_class.header_class.sizeof_hdr
-        if image_class.header_class.may_contain_header(raw[:header_size]):
-            return correct_nifti_header_if_necessary(image_class.from_bytes(raw))
-    raise ValueError(f"{name}: not a NIfTI-1 or NIfTI-2 image")
+    """One NIfTI image in memory (:func:`bundle.data.load_nifti`), its header corrected as MONAI's reader does."""
+    return correct_nifti_header_if_necessary(load_nifti(path))
 
 
 def map_label_values(label: torch.Tensor | np.ndarray, scheme: str) -> torch.Tensor | np.ndarray:
