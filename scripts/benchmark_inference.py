@@ -1,6 +1,6 @@
 """Per-case time, CPU time and peak memory of configs/inference.yaml, against the model zoo's pipeline.
 
-    python scripts/benchmark_inference.py --network tiny --modes ours,zoo --rounds 3 --cases 3   # overhead
+    python scripts/benchmark_inference.py --network standin --modes ours,zoo --rounds 3 --cases 3   # overhead
     python scripts/benchmark_inference.py --network full --modes notta,tta                     # real network
     python scripts/benchmark_inference.py --network full --device cuda --modes notta,tta        # on a GPU
 
@@ -15,17 +15,21 @@ the list, alternating the modes, so a noisy shared machine slows all of them ali
 * ``zoo``: the MONAI model zoo's ``brats_mri_segmentation`` inference pipeline, written out here
   (nothing is fetched): ``LoadImaged`` + ``NormalizeIntensityd(nonzero, channel_wise)``, a
   240 x 240 x 160 sliding window (overlap 0.5), sigmoid, ``Invertd``, threshold 0.5, BraTS labels,
-  ``SaveImaged``; its network is the zoo's SegResNet, or with ``--network tiny`` the same tiny network
-  as ours (the per-case overhead is what is compared; the network's time is measured and subtracted).
+  ``SaveImaged``; its network is the zoo's SegResNet, or with ``--network tiny`` / ``standin`` the same
+  network as ours (the per-case overhead is what is compared; the network's time is measured and
+  subtracted).
 
 In every process the case is segmented ``--cases`` times one after the other: the first case pays
 the allocator's and the first calls' warm-up, the next ones are what every further case of a folder
 costs ("steady"). The case is ../shared/brats_samples/BraTS2021_00000 when present
-(4 x 240 x 240 x 155), else a synthetic phantom of that size. Networks have random weights (timing
-does not depend on them): ``full`` is train.yaml's network (6-level M4UNet, 32 -> 320 filters) built
-from the config exactly as training builds it, ``demo`` adds configs/demo.yaml, ``tiny`` is a
-22k-parameter DynUNet whose time is negligible. Everything runs through the real workflow (MONAI
-ConfigWorkflow + SupervisedEvaluator); network forward, data loading, inferer and every
+(4 x 240 x 240 x 155), else a synthetic phantom of that size. ``full`` is train.yaml's network
+(6-level M4UNet, 32 -> 320 filters) built from the config exactly as training builds it, ``demo``
+adds configs/demo.yaml, both with random weights (the network's time does not depend on them);
+``tiny`` is a 22k-parameter DynUNet with random weights, which predicts tumour in every voxel of the
+brain's box, the worst case for the clean-up steps; ``standin`` is a fixed 1 x 1 x 1 convolution
+that thresholds the z-scored FLAIR and T1ce (:data:`STANDIN_NET`), a tumour-sized, noisy prediction
+like a model's, the per-case overhead a user sees. The time of both is negligible. Everything runs
+through the real workflow (MONAI ConfigWorkflow + SupervisedEvaluator); network forward, data loading, inferer and every
 post-processing transform are timed from inside, so "overhead" = total - network time. Import time
 (~4 s for torch + MONAI) is not part of any figure. ``windows_per_s`` is network throughput in
 windows (``roi_size`` patches) per second of forward time, the unit of NVIDIA's nnU-Net inference
@@ -73,6 +77,26 @@ TINY_NET = {
     "norm_name": ["INSTANCE", {"affine": True}],
     "res_block": True,
 }
+# ``standin``: a 1 x 1 x 1 convolution with fixed weights that thresholds the z-scored intensities,
+# p(WT) from FLAIR > 1.5, p(TC) from T1ce > 2.0, p(ET) from T1ce > 2.5 (channel order T1, T1ce, T2,
+# FLAIR). Random weights predict tumour in every voxel of the brain's box (measured: all three regions
+# in all 3.4 M voxels of BraTS2021_00000's box), so the clean-up steps then label one box-sized
+# component; a trained model's output is a tumour with a few stray blobs. On the three sample cases
+# this stand-in predicts 72-119 k WT voxels (the truths: 57-191 k) in 35-4558 components, Dice WT
+# 0.46-0.92: tumour-sized, and noisier than a trained model, so the clean-up is not flattered.
+STANDIN_NET = {"_target_": "torch.nn.Conv3d", "in_channels": 4, "out_channels": 3, "kernel_size": 1}
+STANDIN_THRESHOLDS = ((3, 1.5), (1, 2.0), (1, 2.5))  # (input channel, z-score) of WT, TC, ET
+STANDIN_SLOPE = 8.0
+
+
+def intensity_standin(network: torch.nn.Conv3d) -> torch.nn.Conv3d:
+    """Set :data:`STANDIN_NET`'s weights: logit of region r = 8 * (z-score of its channel - its threshold)."""
+    with torch.no_grad():
+        network.weight.zero_()
+        for region, (channel, threshold) in enumerate(STANDIN_THRESHOLDS):
+            network.weight[region, channel] = STANDIN_SLOPE
+            network.bias[region] = -STANDIN_SLOPE * threshold
+    return network
 
 
 def synthetic_case(root: Path, shape: tuple[int, int, int] = (240, 240, 155)) -> Path:
@@ -310,8 +334,10 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     items = [{"image": item["image"]} for item in select_cases(case, labelled=False, progress=False)]
     rss_before = peak_rss_mb()
     if args.child == "zoo":
-        network = TINY_NET if args.network == "tiny" else ZOO_SEGRESNET
+        network = {"tiny": TINY_NET, "standin": STANDIN_NET}.get(args.network, ZOO_SEGRESNET)
         parser = ConfigParser(zoo_config(items, work / "out", args.device, network))
+        if args.network == "standin":
+            parser["network"] = intensity_standin(parser.get_parsed_content("network_def")).to(args.device).eval()
         tta = None
         roi = [240, 240, 160]
         params = sum(p.numel() for p in parser.get_parsed_content("network").parameters())
@@ -356,11 +382,13 @@ def our_workflow(args: argparse.Namespace, case: Path, work: Path) -> tuple[Conf
     parser.read_config(
         [str(ROOT / "configs" / c) for c in ("train.yaml", "demo.yaml")[: 2 if args.network == "demo" else 1]]
     )
-    if args.network == "tiny":
-        parser["network_factory"] = {**TINY_NET, "_mode_": "callable"}
+    if args.network in ("tiny", "standin"):
+        parser["network_factory"] = {**(TINY_NET if args.network == "tiny" else STANDIN_NET), "_mode_": "callable"}
         parser["roi_size"] = [128, 128, 128]
     with _Cwd(ROOT):
         network = parser.get_parsed_content("network_def")
+        if args.network == "standin":
+            intensity_standin(network)
         patch = parser.get_parsed_content("roi_size")
         recipe = parser.get_parsed_content("inference_recipe")  # M4's: flips, thresholds, the four steps
     save_model(work / "model.pt", network, patch_size=patch, inference_recipe=recipe, train_settings={"spacing": None})
@@ -426,7 +454,7 @@ def main() -> None:
     """Run every mode in fresh processes, alternating, ``--rounds`` times; print and save the medians."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", default=None, help="case folder (default: BraTS2021_00000 sample, else synthetic)")
-    ap.add_argument("--network", choices=["full", "demo", "tiny"], default="full")
+    ap.add_argument("--network", choices=["full", "demo", "tiny", "standin"], default="full")
     ap.add_argument("--roi", type=int, default=None, help="window edge (default: train.yaml's for the network)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
