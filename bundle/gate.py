@@ -4,21 +4,26 @@ The classifier is :class:`bundle.networks.SliceGateClassifier` (ResNet-50, the p
 head, softmax over no tumour / tumour), trained by ``configs/train_gate.yaml`` on slice labels
 derived from the masks (:func:`tumour_class`), from scratch or from ResNet-50 weights the user
 gives. At inference :class:`GatedSliceInferer` runs it on every slice and the segmenter only on the
-slices it calls positive; the others get an empty mask.
+slices it calls positive; the others get an empty mask. :class:`GateSliceLog` logs, per case and for
+the run, how many slices it passed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from torch import nn
 
 from bundle.checkpoints import load_model
 from bundle.slices import ResizedSliceInferer
 
-__all__ = ["GatedSliceInferer", "load_gate", "tumour_class", "tumour_present", "tumour_probability"]
+__all__ = ["GateSliceLog", "GatedSliceInferer", "load_gate", "tumour_class", "tumour_present", "tumour_probability"]
+
+logger = logging.getLogger(__name__)
 
 
 def tumour_present(label: torch.Tensor) -> torch.Tensor:
@@ -57,8 +62,9 @@ class GatedSliceInferer(ResizedSliceInferer):
     Why a subclass: MONAI's ``SliceInferer`` has no notion of skipping slices; the gate must decide
     before the network runs, inside the per-slice wrapper.
 
-    Counters ``slices_total`` / ``slices_segmented`` (since the last :meth:`reset_counters`) tell how
-    much segmenter work the gate saved.
+    Counters ``slices_total`` / ``slices_segmented`` / ``volumes_total`` (since the last
+    :meth:`reset_counters`; a volume is counted once per flip of test-time augmentation) tell how much
+    segmenter work the gate saved; :class:`GateSliceLog` logs them.
 
     Args:
         gate: classifier ``(N, C, H, W) -> (N, 1)`` logits.
@@ -94,12 +100,33 @@ class GatedSliceInferer(ResizedSliceInferer):
         self.out_channels = int(out_channels)
         self.empty_logit = float(empty_logit)
         self.background_channel = background_channel
-        self.reset_counters()
+        # slices gated, slices segmented, volumes: one list that shallow copies share (FlipTTAInferer runs
+        # batched flips through a copy with a larger sw_batch_size), so every flip is counted here
+        self._counts = [0, 0, 0]
 
     def reset_counters(self) -> None:
-        """Zero ``slices_total`` and ``slices_segmented``."""
-        self.slices_total = 0
-        self.slices_segmented = 0
+        """Zero ``slices_total``, ``slices_segmented`` and ``volumes_total`` (of this inferer and its copies)."""
+        self._counts[:] = [0, 0, 0]
+
+    @property
+    def slices_total(self) -> int:
+        """Slices gated since the last reset (each volume once per flip of test-time augmentation)."""
+        return self._counts[0]
+
+    @property
+    def slices_segmented(self) -> int:
+        """Slices the gate passed to the segmenter since the last reset."""
+        return self._counts[1]
+
+    @property
+    def volumes_total(self) -> int:
+        """Volumes gated since the last reset (each case once per flip of test-time augmentation)."""
+        return self._counts[2]
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Gate and segment the volumes ``(B, C, H, W, D)`` slice by slice (``SliceInferer``), counting them."""
+        self._counts[2] += int(inputs.shape[0])
+        return super().__call__(inputs, network, *args, **kwargs)
 
     @property
     def fraction_segmented(self) -> float:
@@ -129,8 +156,8 @@ class GatedSliceInferer(ResizedSliceInferer):
         """Gate the slices ``(N, C, H, W)``, segment only the positive ones, fill the rest with empty logits."""
         positive = self.gate_positive(x)
         n_pos = int(positive.sum())
-        self.slices_total += x.shape[0]
-        self.slices_segmented += n_pos
+        self._counts[0] += x.shape[0]
+        self._counts[1] += n_pos
         if n_pos == x.shape[0]:
             return super().run_network(network, x, *args, **kwargs)
         out = self.empty_output(x.shape[0], x.shape[2:], x)
@@ -143,3 +170,83 @@ class GatedSliceInferer(ResizedSliceInferer):
             out = out.to(seg.dtype)
             out[positive] = seg
         return out
+
+
+class GateSliceLog:
+    """Log how many slices the gate passed to the segmenter: one line per case, and the run's total at its end.
+
+    An Ignite handler for the inference evaluator (``configs/inference.yaml``'s ``handlers`` with a
+    ``gate_checkpoint``): it zeroes the inferer's counters before each case and logs them after it, so a
+    user sees what share of the segmenter's work the gate took over, and notices a gate that passes
+    nothing (an empty mask) or everything. MONAI's ``StatsHandler`` logs engine outputs and metrics, not
+    an inferer's counts. With flip test-time augmentation every flip is gated, so each slice counts once
+    per flip (the line says how many flips).
+
+    Args:
+        inferer: the gated inferer (directly, or as ``FlipTTAInferer``'s ``base_inferer``).
+        name_key: the datalist key that names a case.
+    """
+
+    def __init__(self, inferer: GatedSliceInferer, name_key: str = "case_id") -> None:
+        self.inferer = inferer
+        self.name_key = name_key
+        self.cases = self.slices_total = self.slices_segmented = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Count each iteration (one case with ``batch_size: 1``) and log at its end and at the run's."""
+        engine.add_event_handler(Events.STARTED, self.start_run)
+        engine.add_event_handler(Events.ITERATION_STARTED, self.start_case)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.log_case)
+        engine.add_event_handler(Events.COMPLETED, self.log_run)
+
+    def start_run(self, engine: Engine) -> None:
+        """Zero the run's totals."""
+        self.cases = self.slices_total = self.slices_segmented = 0
+
+    def start_case(self, engine: Engine) -> None:
+        """Zero the inferer's counters before a case."""
+        self.inferer.reset_counters()
+
+    def log_case(self, engine: Engine) -> None:
+        """One line: the case, the slices the gate passed of those it saw, and their share."""
+        inferer = self.inferer
+        names = _case_names(engine.state.batch, self.name_key)
+        passes = ""
+        if inferer.volumes_total > len(names):  # test-time flips: every slice gated once per flip
+            flips = inferer.volumes_total // max(1, len(names))
+            passes = f"; {inferer.slices_total // max(1, inferer.volumes_total)} slices in each of {flips} flips"
+        logger.info(
+            "%s: the gate passed %d of %d slices to the segmenter (%s%s)",
+            ", ".join(names),
+            inferer.slices_segmented,
+            inferer.slices_total,
+            _share(inferer.slices_segmented, inferer.slices_total),
+            passes,
+        )
+        self.cases += len(names)
+        self.slices_total += inferer.slices_total
+        self.slices_segmented += inferer.slices_segmented
+
+    def log_run(self, engine: Engine) -> None:
+        """One line: the slices the gate passed over all cases of the run."""
+        logger.info(
+            "gate: passed %d of %d slices to the segmenter over %d case(s) (%s)",
+            self.slices_segmented,
+            self.slices_total,
+            self.cases,
+            _share(self.slices_segmented, self.slices_total),
+        )
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f} %" if whole else "no slice"
+
+
+def _case_names(batch: Any, name_key: str) -> list[str]:
+    """The case names of an engine's batch: decollated (a list of items, MONAI's default) or collated."""
+    if isinstance(batch, Mapping):
+        names = batch.get(name_key)
+        names = [names] if isinstance(names, str) else list(names or [])
+    else:
+        names = [item.get(name_key) for item in batch if isinstance(item, Mapping)]
+    return [str(name) for name in names if name] or ["(unnamed case)"]

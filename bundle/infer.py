@@ -138,15 +138,29 @@ def log_recipe(
     checkpoint: str,
     gate_checkpoint: str | None = None,
     label_scheme: str = "brats2021",
+    gate_threshold: float = 0.5,
 ) -> dict[str, Any]:
-    """Log in one line what this run does to each case; a gate given for a 3-D model is an error.
+    """Log in one line what this run does to each case, and in another M2's gate when one is given.
 
-    An ``initialize`` step: evaluating ``recipe`` there checks every option before any case is read.
+    An ``initialize`` step: evaluating ``recipe`` there checks every option before any case is read. A
+    gate given for a 3-D model, or a gate threshold outside [0, 1], is an error.
     """
     dims = spatial_dims(record)
     if gate_checkpoint and dims != 2:
         raise OptionError(
             f"gate_checkpoint: {gate_checkpoint} gates the slices of a 2-D model; {checkpoint} holds a 3-D model"
+        )
+    if gate_checkpoint:
+        if isinstance(gate_threshold, bool) or not isinstance(gate_threshold, (int, float)):
+            raise OptionError(f"gate_threshold: {gate_threshold!r} is not a probability (a number in [0, 1])")
+        if not 0.0 <= gate_threshold <= 1.0:
+            raise OptionError(f"gate_threshold: {gate_threshold} is not a probability (a number in [0, 1])")
+        logger.info(
+            "gate: %s, threshold %g: the segmenter runs on the slices whose P(tumour) is at least %g, "
+            "the others get an empty mask",
+            gate_checkpoint,
+            gate_threshold,
+            gate_threshold,
         )
     rule = {"regions": "thresholds", "binary": "mask threshold", "classes": "argmax"}[record["output_type"]]
     numbers = [f"{key} {recipe[key]}" for key in RULE_KEYS[record["output_type"]]]

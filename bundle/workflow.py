@@ -8,6 +8,8 @@ They exist because a YAML config cannot express them in one readable line, or be
 * :class:`ResumableCheckpointSaver` - MONAI's ``CheckpointSaver`` writing atomically, removing a
   replaced file only once the new one is complete, and removing "last" checkpoints of an earlier
   process (before a resume).
+* :class:`NewPassEachEpoch` - every training epoch starts a new pass over the data, so that epochs of a
+  fixed length that the batches do not divide resume exactly too.
 * :func:`resume_training` - load the newest checkpoint before ``trainer.run()``.
 """
 
@@ -315,6 +317,45 @@ class ResumableState:
             random.seed(seed)
             for loader in self.loaders:
                 set_rnd(getattr(loader, "dataset", loader), seed)
+
+
+class NewPassEachEpoch:
+    """Start every training epoch on a new pass over the loader, so that a resumed run is the uninterrupted one.
+
+    With a fixed ``epoch_length`` (``configs/cpu.yaml``'s ``steps_per_epoch``) that the loader's batches do
+    not divide, Ignite ends an epoch inside a pass and carries the half-used loader iterator into the next
+    epoch; a resumed run cannot continue that iterator (its shuffled order, prefetching workers and their
+    random states are in no checkpoint), so it starts a new pass there and diverges. This handler calls
+    Ignite's ``engine.set_data`` at ``EPOCH_STARTED`` from the second epoch of a run on, so every epoch
+    starts a new iterator, as the first epoch of a resumed run does: an epoch's batches then depend only on
+    the random states at its start, which :class:`ResumableState` saves. The last, partial pass of an epoch
+    is a random part of the cases (shuffled anew each epoch), as nnU-Net's fixed-length epochs draw theirs.
+
+    When the batches divide the epoch, the old iterator is used up and Ignite would start a new one in the
+    epoch's first step; started here it draws the same random numbers in the same order, so nothing changes.
+    MONAI's trainer calls ``DistributedSampler.set_epoch`` in an ``EPOCH_STARTED`` handler of its own,
+    registered before this one, so a new pass is drawn for the new epoch. MONAI and Ignite have no handler
+    that restarts the data at every epoch.
+    """
+
+    def __init__(self) -> None:
+        self._first_epoch_of_run = True
+
+    def attach(self, engine: Engine) -> None:
+        """Restart ``engine``'s data at every epoch but the first of each ``run()``."""
+        engine.add_event_handler(Events.STARTED, self._run_started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+
+    def _run_started(self, engine: Engine) -> None:
+        self._first_epoch_of_run = True
+
+    def _epoch_started(self, engine: Engine) -> None:
+        if self._first_epoch_of_run:
+            # Ignite creates a run's first iterator itself, after EPOCH_STARTED (and keeps the step count of
+            # a run resumed inside an epoch); a second one would draw the random numbers twice
+            self._first_epoch_of_run = False
+            return
+        engine.set_data(engine.state.dataloader)
 
 
 def _generator_states(loader: Any) -> dict[str, torch.Tensor]:

@@ -28,8 +28,15 @@ def _scalar(log_dir: Path, tag: str) -> list[float]:
     return [event.value for event in events.Scalars(tag)]
 
 
-# Handlers every rank must run, so that all ranks take the same decisions; all others write.
-RANK_INDEPENDENT = {"ValidationHandler", "EarlyStopHandler", "LrScheduleHandler", "StopOnNonFiniteLoss"}
+# Handlers every rank must run, so that all ranks take the same decisions (and start each epoch's pass
+# together); all others write.
+RANK_INDEPENDENT = {
+    "ValidationHandler",
+    "EarlyStopHandler",
+    "LrScheduleHandler",
+    "StopOnNonFiniteLoss",
+    "NewPassEachEpoch",
+}
 
 
 def test_only_decision_handlers_run_on_every_rank() -> None:

@@ -232,6 +232,84 @@ def test_gated_inference_skips_tumour_free_slices_and_writes_oriented_nifti(tmp_
     np.testing.assert_array_equal(mask, expected)
 
 
+def test_gated_inference_logs_the_gate_and_the_slices_it_passes(tmp_path: Path) -> None:
+    """`python -m bundle infer --gate_checkpoint` logs the gate once, then per case and in total the slices it passed.
+
+    M2's recipe (one pass); the stand-in gate passes the slices made bright in channel 0: the upper half of
+    Case_0's 16 slices, 4 of Case_1's.
+    """
+    from bundle.infer import variant_recipe
+
+    depth = 16
+    rng = np.random.default_rng(7)
+    for case, bright in (("Case_0", slice(depth // 2, None)), ("Case_1", slice(2, 6))):
+        folder = tmp_path / "cases" / case
+        folder.mkdir(parents=True)
+        for i, modality in enumerate(("t1", "t1ce", "t2", "flair")):
+            vol = rng.uniform(0.9, 1.1, size=(24, 20, depth)).astype(np.float32)
+            if i == 0:
+                vol[..., bright] += 2.0
+            nib.save(nib.Nifti1Image(vol, np.eye(4)), folder / f"{case}_{modality}.nii.gz")
+    segmenter, gate = _CountingSegmenter(), _BrightnessGate()
+    segmenter.bundle_network_spec = {"_target_": "test_pipeline_2d._CountingSegmenter"}
+    gate.bundle_network_spec = {"_target_": "test_pipeline_2d._BrightnessGate"}
+    m2_recipe = variant_recipe(CONFIGS / "variants" / VARIANTS["m2"])
+    save_model(tmp_path / "model.pt", segmenter, output_type="binary", patch_size=[32, 32], inference_recipe=m2_recipe)
+    save_model(tmp_path / "gate.pt", gate, output_type="gate", patch_size=[32, 32])
+    command = [sys.executable, "-m", "bundle", "infer", str(tmp_path / "cases"), "--output", str(tmp_path / "out")]
+    command += ["--checkpoint", str(tmp_path / "model.pt"), "--gate_checkpoint", str(tmp_path / "gate.pt")]
+    command += ["--gate_threshold", "0.4"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    gate_lines = [line for line in log.splitlines() if " - bundle.infer - INFO - gate: " in line]
+    assert len(gate_lines) == 1 and f"gate: {tmp_path / 'gate.pt'}, threshold 0.4:" in gate_lines[0], log[-3000:]
+    assert "Case_0: the gate passed 8 of 16 slices to the segmenter (50.0 %)" in log, log[-3000:]
+    assert "Case_1: the gate passed 4 of 16 slices to the segmenter (25.0 %)" in log
+    assert "gate: passed 12 of 32 slices to the segmenter over 2 case(s) (37.5 %)" in log
+    assert log.index("Case_1: the gate passed") < log.index("gate: passed 12 of 32")
+    for case in ("Case_0", "Case_1"):
+        assert (tmp_path / "out" / f"{case}_seg.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.1, "high", True])
+def test_a_gate_threshold_that_is_no_probability_is_refused_before_any_case(threshold: Any) -> None:
+    from bundle.errors import OptionError
+    from bundle.infer import log_recipe
+
+    record = {"network": {"spatial_dims": 2}, "output_type": "binary"}
+    with pytest.raises(OptionError, match=r"^gate_threshold: .* is not a probability \(a number in \[0, 1\]\)$"):
+        log_recipe({}, record, "model.pt", gate_checkpoint="gate.pt", gate_threshold=threshold)
+
+
+@pytest.mark.parametrize("flip_batch_size", [1, 4])
+def test_gate_slice_log_counts_every_flip_of_test_time_augmentation(
+    flip_batch_size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With 4 in-plane flips each slice is gated 4 times, one flip at a time or all in one pass; the line says so."""
+    import logging
+
+    from ignite.engine import Engine
+
+    from bundle.gate import GateSliceLog
+    from bundle.inferers import FlipTTAInferer
+
+    gated = GatedSliceInferer(gate=_BrightnessGate(), model_size=(32, 32), out_channels=1, spatial_dim=2)
+    inferer = FlipTTAInferer(base_inferer=gated, tta=True, flip_batch_size=flip_batch_size)
+    segmenter = _CountingSegmenter()
+    volume = torch.full((1, 4, 24, 20, 10), 0.1)
+    volume[:, 0, ..., :6] = 1.0  # 6 of the 10 slices are "tumour-bearing" for the stand-in gate
+    engine = Engine(lambda engine, batch: inferer(batch["image"], segmenter))
+    GateSliceLog(gated).attach(engine)
+    caplog.set_level(logging.INFO, logger="bundle.gate")
+    engine.run([{"image": volume, "case_id": ["Case_7"]}], max_epochs=1)
+    assert segmenter.slices_seen == 24
+    line = "Case_7: the gate passed 24 of 40 slices to the segmenter (60.0 %; 10 slices in each of 4 flips)"
+    assert line in caplog.text
+    assert "gate: passed 24 of 40 slices to the segmenter over 1 case(s) (60.0 %)" in caplog.text
+
+
 def test_gate_slice_label() -> None:
     label = torch.zeros(3, 8, 8)
     assert tumour_present(label).tolist() == [0.0]

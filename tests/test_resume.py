@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ from conftest import REPO_ROOT
 from test_training import TINY
 
 from bundle.data import generate_demo_dataset
-from bundle.workflow import AtomicDiskSaver, ResumableCheckpointSaver, ResumableState, random_states
+from bundle.workflow import (
+    AtomicDiskSaver,
+    NewPassEachEpoch,
+    ResumableCheckpointSaver,
+    ResumableState,
+    random_states,
+)
 
 # 2 training cases, batch 1: 2 iterations an epoch; validation after epochs 2 and 4.
 FAST = {**TINY, "epochs": 4, "val_interval": 2, "batch_size": 1}
@@ -34,10 +41,18 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_demo_dataset(tmp_path_factory.mktemp("demo"), num_cases=4, num_test_cases=0, shape=(32, 32, 24))
 
 
-def _start(run_dir: Path, data: Path, kill_at: str | None = None, resume: bool = False, **overrides: Any) -> Any:
+def _start(
+    run_dir: Path,
+    data: Path,
+    kill_at: str | None = None,
+    resume: bool = False,
+    configs: Sequence[str] = ("configs/train.yaml",),
+    **overrides: Any,
+) -> Any:
     """Start one training process (stdout/stderr to files, so killed loader workers cannot hold a pipe open)."""
+    config_files = "[" + ",".join(f"'{c}'" for c in (*configs, "tests/resume_probe.yaml")) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training"]
-    cmd += ["--config_file", "['configs/train.yaml','tests/resume_probe.yaml']", "--dataset_dir", str(data)]
+    cmd += ["--config_file", config_files, "--dataset_dir", str(data)]
     cmd += ["--output_dir", str(run_dir / "out"), "--ckpt_dir", str(run_dir / "models")]
     for key, value in {**FAST, **overrides}.items():
         cmd += [f"--{key}", str(value).replace(" ", "")]
@@ -76,11 +91,11 @@ def _last_checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "out").iterdir() if "checkpoint" in p.name)
 
 
-def _assert_same_outcome(resumed: Path, reference: Path) -> None:
+def _assert_same_outcome(resumed: Path, reference: Path, steps_per_epoch: int = 2) -> None:
     """Losses, metrics, CSV, best model and final checkpoint all equal the uninterrupted run's."""
     ref_losses, ref_validations = _probe(reference)
     losses, validations = _probe(resumed)
-    assert losses == ref_losses and len(losses) == FAST["epochs"] * 2
+    assert losses == ref_losses and len(losses) == FAST["epochs"] * steps_per_epoch
     assert validations == ref_validations
     csv, ref_csv = (r / "out" / "metrics_per_epoch.csv" for r in (resumed, reference))
     assert csv.read_text() == ref_csv.read_text()
@@ -121,6 +136,24 @@ def test_kill_mid_epoch_or_after_validation_then_resume_is_bit_exact(tmp_path: P
         _wait(process, expected, run_dir)
     for run_dir in (mid_epoch, after_validation):
         _assert_same_outcome(run_dir, reference)
+
+
+def test_resume_is_bit_exact_when_the_batches_do_not_divide_steps_per_epoch(tmp_path: Path, tiny_demo: Path) -> None:
+    """configs/cpu.yaml's fixed epochs: 3 steps over passes of 2 batches, so epoch 1 ends inside the second pass.
+
+    Killed in epoch 2 and resumed from epoch 1's checkpoint (iteration 3, mid-pass), the run equals the
+    uninterrupted one (before bundle.workflow.NewPassEachEpoch, iteration 4 differed).
+    """
+    cpu = {"configs": ("configs/train.yaml", "configs/cpu.yaml"), "steps_per_epoch": 3, "val_roi_size": [32, 32, 32]}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    first = [(_start(reference, tiny_demo, **cpu), 0, reference)]
+    first.append((_start(killed, tiny_demo, kill_at="iteration:5", **cpu), KILLED, killed))
+    for process, expected, run_dir in first:
+        _wait(process, expected, run_dir)
+    assert _last_checkpoints(killed) == ["checkpoint_epoch=1.pt"], "iteration 3 of passes of 2 batches: mid-pass"
+    assert "Iter: 3/3" in (reference / "process0.log").read_text(), "an epoch is steps_per_epoch steps"
+    _wait(_start(killed, tiny_demo, resume=True, **cpu), 0, killed)
+    _assert_same_outcome(killed, reference, steps_per_epoch=3)
 
 
 @pytest.mark.slow
@@ -220,6 +253,51 @@ def test_resumable_state_round_trips_through_weights_only_load(tmp_path: Path) -
     draws()  # move on
     state.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert draws() == expected
+
+
+def _run_recording_batches(
+    loader: Any, epochs: int, epoch_length: int, new_pass: bool, resume_from: tuple[int, torch.Tensor] | None = None
+) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+    """Run a bare Ignite engine over ``loader``: the batches it saw, and torch's RNG state at each epoch end.
+
+    ``resume_from``: (epoch, RNG state) where a resumed run starts, as ``resume_training`` and
+    ``ResumableState`` leave the trainer and the generator.
+    """
+    from ignite.engine import Engine, Events
+
+    seen: list[list[int]] = []
+    engine = Engine(lambda engine, batch: seen.append(batch.tolist()))
+    if new_pass:
+        NewPassEachEpoch().attach(engine)
+    states: dict[int, torch.Tensor] = {}
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: states.__setitem__(e.state.epoch, torch.get_rng_state()))
+    if resume_from is not None:
+        epoch, rng_state = resume_from
+        engine.load_state_dict({"epoch": epoch, "epoch_length": epoch_length, "max_epochs": epochs})
+        torch.set_rng_state(rng_state)
+    else:
+        torch.manual_seed(0)
+    engine.run(loader, max_epochs=epochs, epoch_length=epoch_length)
+    return seen, states
+
+
+def test_every_epoch_starts_a_new_pass_and_resumes_exactly() -> None:
+    """5 items in batches of 2: 3 batches a pass. Epochs of 4 steps end inside a pass; resumed there, the run
+    continues as the uninterrupted one only with NewPassEachEpoch. Epochs of 6 steps: the handler changes nothing."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(list(range(5)), batch_size=2, shuffle=True)
+    with torch.random.fork_rng(devices=[]):  # the runs seed torch's generator; the other tests keep theirs
+        divisible = [_run_recording_batches(loader, 3, 6, new_pass)[0] for new_pass in (False, True)]
+        assert divisible[0] == divisible[1], "when the batches divide the epoch, nothing changes"
+
+        for new_pass in (True, False):
+            uninterrupted, states = _run_recording_batches(loader, 3, 4, new_pass)
+            resumed, _ = _run_recording_batches(loader, 3, 4, new_pass, resume_from=(1, states[1]))
+            assert (resumed == uninterrupted[4:]) is new_pass, f"exact resume with new_pass={new_pass}"
+            if new_pass:
+                epoch_2 = [i for batch in uninterrupted[4:7] for i in batch]
+                assert sorted(epoch_2) == list(range(5)), "epoch 2 begins with a whole new pass"
 
 
 def test_best_model_and_early_stopping_continue_after_a_resume(tmp_path: Path) -> None:
