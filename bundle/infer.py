@@ -132,24 +132,36 @@ def output_label_scheme(scheme: str | None, output_type: str) -> str:
     return str(scheme)
 
 
+def gate_decision_threshold(gate_threshold: float | None, default: float = 0.5) -> float:
+    """The probability from which M2's gate passes a slice: ``gate_threshold``, or ``default`` when it is ``None``."""
+    return default if gate_threshold is None else gate_threshold
+
+
 def log_recipe(
     recipe: Mapping[str, Any],
     record: Mapping[str, Any],
     checkpoint: str,
     gate_checkpoint: str | None = None,
     label_scheme: str = "brats2021",
-    gate_threshold: float = 0.5,
+    gate_threshold: float | None = None,
+    gate_default_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Log in one line what this run does to each case, and in another M2's gate when one is given.
 
     An ``initialize`` step: evaluating ``recipe`` there checks every option before any case is read. A
-    gate given for a 3-D model, or a gate threshold outside [0, 1], is an error.
+    gate given for a 3-D model, a gate threshold outside [0, 1], or a gate threshold without a gate
+    (it would be ignored) is an error.
     """
     dims = spatial_dims(record)
     if gate_checkpoint and dims != 2:
         raise OptionError(
             f"gate_checkpoint: {gate_checkpoint} gates the slices of a 2-D model; {checkpoint} holds a 3-D model"
         )
+    if gate_threshold is not None and not gate_checkpoint:
+        raise OptionError(
+            f"gate_threshold: {gate_threshold} is given without gate_checkpoint; it applies to M2's slice gate only"
+        )
+    gate_threshold = gate_decision_threshold(gate_threshold, gate_default_threshold)
     if gate_checkpoint:
         if isinstance(gate_threshold, bool) or not isinstance(gate_threshold, (int, float)):
             raise OptionError(f"gate_threshold: {gate_threshold!r} is not a probability (a number in [0, 1])")

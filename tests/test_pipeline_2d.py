@@ -271,6 +271,13 @@ def test_gated_inference_logs_the_gate_and_the_slices_it_passes(tmp_path: Path) 
     assert log.index("Case_1: the gate passed") < log.index("gate: passed 12 of 32")
     for case in ("Case_0", "Case_1"):
         assert (tmp_path / "out" / f"{case}_seg.nii.gz").is_file()
+    # the threshold without the gate would be ignored: one sentence and exit 1, before any case is written
+    command = [sys.executable, "-m", "bundle", "infer", str(tmp_path / "cases"), "--output", str(tmp_path / "out2")]
+    command += ["--checkpoint", str(tmp_path / "model.pt"), "--gate_threshold", "0.4"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "gate_threshold: 0.4 is given without gate_checkpoint; it applies to M2's slice gate only" in result.stderr
+    assert not list((tmp_path / "out2").glob("*_seg.nii.gz"))
 
 
 @pytest.mark.parametrize("threshold", [1.5, -0.1, "high", True])
