@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 import yaml
-from monai.data import Dataset, ITKWriter
+from monai.data import Dataset, ITKWriter, NibabelWriter
 from monai.transforms import SaveImaged
 
 from bundle.atomic import atomic_path
@@ -309,6 +310,8 @@ class AtomicSaveImaged(SaveImaged):
         self, keys: Any, name_key: str = "case_id", writer_options: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> None:
         kwargs.setdefault("resample", False)  # Invertd already restored the input's grid
+        if str(kwargs.get("output_ext", ".nii.gz")).lower() in (".nii", ".nii.gz"):
+            kwargs.setdefault("writer", FortranOrderNibabelWriter)
         kwargs.setdefault("print_log", False)
         super().__init__(keys, **kwargs)
         if writer_options:  # arguments of the writer class (e.g. SlicerSegmentationWriter's segments)
@@ -351,6 +354,25 @@ def slicer_segments(scheme: str, output_type: str = "regions") -> dict[int, tupl
         return {1: ("WT", LABEL_COLOURS[ED])}
     named = sorted((value, internal) for value, internal in scheme_values(scheme).items() if internal)
     return {value: (CLASS_NAMES[internal], LABEL_COLOURS[internal]) for value, internal in named}
+
+
+class FortranOrderNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's own (Fortran) order: the same file, faster.
+
+    MONAI's writer gives nibabel a C-ordered array, which nibabel then writes slice by slice in
+    Fortran order (one strided copy per slice): 0.13 s of a 240 x 240 x 155 label map on one core.
+    One ``np.asfortranarray`` first makes nibabel's writes plain copies: 0.09 s, and the decompressed
+    bytes of the file are identical (tests/test_inference_reliability.py). :class:`AtomicSaveImaged`
+    uses it for ``.nii`` / ``.nii.gz``.
+    """
+
+    @classmethod
+    def create_backend_obj(
+        cls, data_array: Any, affine: Any = None, dtype: Any = None, **kwargs: Any
+    ) -> nib.nifti1.Nifti1Image:
+        """MONAI's ``Nifti1Image``, its voxels in Fortran order."""
+        image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
+        return nib.Nifti1Image(np.asfortranarray(image.dataobj), image.affine, image.header, extra=image.extra)
 
 
 class SlicerSegmentationWriter(ITKWriter):

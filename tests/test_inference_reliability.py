@@ -293,3 +293,31 @@ def _write_span(log: str) -> tuple[datetime, datetime]:
     pattern = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - bundle\.infer - INFO - wrote "
     stamps = [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f") for m in re.findall(pattern, log)]
     return min(stamps), max(stamps)
+
+
+@pytest.mark.parametrize("output_dtype", [np.uint8, np.float32])
+def test_fortran_order_writer_writes_monai_nibabel_writers_bytes(tmp_path, output_dtype):
+    """AtomicSaveImaged's NIfTI writer gives the file MONAI's NibabelWriter gives, to the decompressed byte."""
+    import gzip
+
+    import torch
+    from monai.data import MetaTensor, NibabelWriter
+
+    from bundle.infer import FortranOrderNibabelWriter
+
+    rng = np.random.default_rng(2)
+    voxels = rng.integers(0, 4, size=(1, 23, 19, 11)).astype(np.float32)
+    affine = torch.tensor([[-1.0, 0, 0, 30], [0, -1.2, 0, 20], [0, 0, 2.0, -5], [0, 0, 0, 1]])
+    image = MetaTensor(torch.from_numpy(voxels), affine=affine, meta={"filename_or_obj": "case.nii.gz"})
+    ours = AtomicSaveImaged("pred", output_dir=tmp_path, output_postfix="ours", output_dtype=output_dtype)
+    assert ours.saver.writers == (FortranOrderNibabelWriter,)
+    monai = AtomicSaveImaged(
+        "pred", output_dir=tmp_path, output_postfix="monai", output_dtype=output_dtype, writer=NibabelWriter
+    )
+    for saver in (ours, monai):
+        saver({"pred": image.clone(), "case_id": "case"})
+    written = [gzip.decompress((tmp_path / f"case_{name}.nii.gz").read_bytes()) for name in ("ours", "monai")]
+    assert written[0] == written[1]
+    loaded = nib.load(tmp_path / "case_ours.nii.gz")
+    assert loaded.get_data_dtype() == output_dtype
+    np.testing.assert_array_equal(np.asarray(loaded.dataobj), voxels[0].astype(output_dtype))
