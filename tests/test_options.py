@@ -197,6 +197,7 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         INFERENCE,
         lambda p: type(p.get_parsed_content("slicer_segmentation_writer")).__name__ == "AtomicSaveImaged",
     ),
+    "mask_outside_brain": (INFERENCE, _postprocessing_flag("OutsideBrainToBackgroundd")),
     "et_components_to_ncr": (INFERENCE, _postprocessing_flag("SmallETComponentsToNCRd")),
     "et_volume_to_ncr": (INFERENCE, _postprocessing_flag("SmallETVolumeToNCRd")),
     "remove_small_components": (INFERENCE, _postprocessing_flag("RemoveSmallTumourComponentsd")),
