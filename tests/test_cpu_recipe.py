@@ -113,7 +113,8 @@ def test_the_checkpoint_record_is_all_inference_needs(tmp_path: Path, small_demo
     inference["checkpoint"] = str(checkpoint)
     built = inference.get_parsed_content("network_def")
     built.load_state_dict(network.state_dict())  # strict: the same layers, the same shapes
-    assert inference.get_parsed_content("roi_size") == [64, 64, 64]
+    assert record["inference_roi_size"] == [160, 192, 160]  # one window over a whole cropped brain
+    assert inference.get_parsed_content("window") == [160, 192, 160]
     assert inference.get_parsed_content("recipe")["tta"] is True  # the recipe's; --tta false turns it off
 
 
