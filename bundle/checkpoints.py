@@ -148,6 +148,7 @@ class ModelRecord:
                 f"{len(input_channels)} channels ({', '.join(input_channels)}): set in_channels to "
                 f"{len(input_channels)}, or change salient_channel"
             )
+        dims = spatial_dims({"network": spec, "patch_size": patch_size})
         self.record: dict[str, Any] = {
             "network": spec,
             "input_channels": list(input_channels),
@@ -158,7 +159,7 @@ class ModelRecord:
             "patch_size": [int(s) for s in patch_size] if patch_size is not None else None,
             # absent (not null) without one: records saved before the key existed look the same
             **(
-                {"inference_roi_size": check_window(inference_roi_size, spec, "inference_roi_size")}
+                {"inference_roi_size": check_window(inference_roi_size, spec, "inference_roi_size", dims)}
                 if inference_roi_size is not None
                 else {}
             ),
@@ -229,13 +230,14 @@ def input_divisors(spec: Mapping[str, Any]) -> tuple[int, ...]:
     )
 
 
-def check_window(window: Any, spec: Mapping[str, Any], key: str = "roi_size") -> list[int]:
+def check_window(window: Any, spec: Mapping[str, Any], key: str = "roi_size", dims: int | None = None) -> list[int]:
     """``window`` (a sliding window or slice size) as a list of ints, each a multiple of the network's down-sampling.
 
     One sentence naming ``key`` otherwise. A network :func:`input_divisors` does not know is checked for
-    the number of sides only (MONAI's inferer then reports what the network refuses).
+    the number of sides only (MONAI's inferer then reports what the network refuses). ``dims``: the
+    model's spatial dimensions when the spec does not state them (:func:`spatial_dims` of its record).
     """
-    dims = spatial_dims({"network": spec})
+    dims = spatial_dims({"network": spec}) if dims is None else dims
     sizes = [window] if isinstance(window, (int, float, str)) else window
     try:
         sides = [int(v) for v in sizes]
@@ -264,16 +266,17 @@ def inference_window(record: Mapping[str, Any], roi_size: Sequence[int] | None =
     against the network (:func:`check_window`); a record of any age without ``inference_roi_size``
     uses its training patch, as inference always did.
     """
+    dims = spatial_dims(record)
     if roi_size is not None:
-        window, source = check_window(roi_size, record["network"], "roi_size"), "roi_size given"
+        window, source = check_window(roi_size, record["network"], "roi_size", dims), "roi_size given"
     elif record.get("inference_roi_size") is not None:
         key = "model_record#inference_roi_size"
-        window, source = check_window(record["inference_roi_size"], record["network"], key), "the recorded window"
+        window, source = check_window(record["inference_roi_size"], record["network"], key, dims), "the recorded window"
     elif record.get("patch_size") is not None:
         window, source = [int(s) for s in record["patch_size"]], "the training patch"
     else:
         raise OptionError("roi_size: the checkpoint records no training patch; give the window, e.g. --roi_size")
-    logger.info("%s %s: %s", "slice size" if spatial_dims(record) == 2 else "sliding window", window, source)
+    logger.info("%s %s: %s", "slice size" if dims == 2 else "sliding window", window, source)
     return window
 
 
