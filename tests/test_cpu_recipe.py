@@ -60,11 +60,12 @@ def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, smal
     assert loader.batch_size == 2 and loader.num_workers == 0
     crops = [t for t in parser.get_parsed_content("train#random_transforms") if isinstance(t, RandCropByPosNegLabeld)]
     assert len(crops) == 1 and crops[0].cropper.pos_ratio == pytest.approx(0.75)  # 3 tumour : 1 other patch
+    assert crops[0].image_key is None, "the other patches are centred anywhere in the box, background too"
     batch = next(iter(loader))
     assert tuple(batch["image"].shape) == (2, 4, 64, 64, 64) and tuple(batch["label"].shape) == (2, 3, 64, 64, 64)
 
     trainer = parser.get_parsed_content("train#trainer")
-    assert trainer.state.epoch_length == parser["steps_per_epoch"] == 50  # steps, whatever the number of cases
+    assert trainer.state.epoch_length == parser["steps_per_epoch"] == 100  # steps, whatever the number of cases
     assert trainer.state.max_epochs == parser["epochs"]
     scheduler = parser.get_parsed_content("lr_scheduler")
     assert isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR)
