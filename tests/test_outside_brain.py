@@ -20,7 +20,9 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from bundle.constants import BACKGROUND, ED, ET, MODALITIES
+from bundle.errors import OptionError
 from bundle.postprocessing import OutsideBrainToBackgroundd
+from bundle.recipes import normalise_recipe, resolve_recipe
 
 BRATS_SAMPLES = shared_samples_dir()
 STACKS = {
@@ -126,3 +128,18 @@ def test_no_true_tumour_voxel_lies_where_every_modality_is_zero() -> None:
         assert not (tumour & ~(raw != 0).any(0)).any(), case.name
         tumour_voxels += int(tumour.sum())
     assert tumour_voxels > 0
+
+
+def test_a_recorded_recipe_that_predates_the_step_runs_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Checkpoints saved before the step existed segment as they did; ``--mask_outside_brain true`` adds it."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
+    m4 = parser.get_parsed_content("inference_recipe")
+    old = {key: value for key, value in m4.items() if key != "mask_outside_brain"}
+    record = {"output_type": "regions", "inference_recipe": old}
+    with caplog.at_level("INFO", logger="bundle.recipes"):
+        assert resolve_recipe(record, m4, checkpoint="old.pt")["mask_outside_brain"] is False
+    assert "old.pt records its recipe without mask_outside_brain" in caplog.text
+    assert resolve_recipe(record, m4, checkpoint="old.pt", mask_outside_brain="true")["mask_outside_brain"] is True
+    with pytest.raises(OptionError, match=r"^inference_recipe#mask_outside_brain: missing"):
+        normalise_recipe(old, "regions")  # a training config's block must state it
