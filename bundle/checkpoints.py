@@ -3,8 +3,9 @@
 Every model this bundle saves (``models/model.pt``, the resumable last checkpoint, M2's gate) holds,
 next to the weights, a *model record*: the network's constructor and its arguments, the input
 channels in order, the output type and channel names, the label convention, the patch the model
-was trained on, its method's inference recipe and the training settings its preprocessing depends
-on, and the bundle version. Inference, ``python -m bundle infer``, the model-zoo export and MONAI
+was trained on (and the sliding window inference should use, when its recipe names one), its
+method's inference recipe and the training settings its preprocessing depends on, and the bundle
+version. Inference, ``python -m bundle infer``, the model-zoo export and MONAI
 Label build the network from the record and run its recipe (:mod:`bundle.recipes`), so demo-width
 weights work on any folder, an M3 model runs M3's inference, and nothing guesses.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import pydoc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,6 +56,7 @@ OUTPUT_CHANNELS: dict[str, tuple[str, ...]] = {
     "gate": ("no_tumour", "tumour"),
 }
 METADATA = BUNDLE_ROOT / "configs" / "metadata.json"
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(DataError):
@@ -109,6 +112,10 @@ class ModelRecord:
         output_type: ``regions`` (sigmoid WT/TC/ET), ``classes`` (softmax background/NCR/ED/ET),
             ``binary`` (one sigmoid WT channel) or ``gate`` (softmax over no tumour / tumour per slice).
         patch_size: the training patch (3-D) or slice size (2-D), the default inference window.
+        inference_roi_size: the sliding window inference uses instead of the patch (``None``: the patch),
+            e.g. ``configs/cpu.yaml``'s one window over a whole cropped brain; each side a multiple of
+            the network's down-sampling (:func:`input_divisors`), checked here so a bad value stops
+            training before it starts.
         input_channels: the input channels in order (``input_channels`` of the training config: the
             modalities, plus ``salient`` with M4's salient channel); a network argument
             ``in_channels`` must count them.
@@ -128,6 +135,7 @@ class ModelRecord:
         input_channels: Sequence[str] = MODALITIES,
         inference_recipe: Mapping[str, Any] | None = None,
         train_settings: Mapping[str, Any] | None = None,
+        inference_roi_size: Sequence[int] | None = None,
     ) -> None:
         if output_type not in OUTPUT_CHANNELS:
             raise OptionError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_CHANNELS)}")
@@ -140,6 +148,7 @@ class ModelRecord:
                 f"{len(input_channels)} channels ({', '.join(input_channels)}): set in_channels to "
                 f"{len(input_channels)}, or change salient_channel"
             )
+        dims = spatial_dims({"network": spec, "patch_size": patch_size})
         self.record: dict[str, Any] = {
             "network": spec,
             "input_channels": list(input_channels),
@@ -148,6 +157,12 @@ class ModelRecord:
             # internal label values (what output channels and class indices refer to) and each dataset's
             "label_convention": {"internal": {str(k): v for k, v in CLASS_NAMES.items()}, "schemes": LABEL_SCHEMES},
             "patch_size": [int(s) for s in patch_size] if patch_size is not None else None,
+            # absent (not null) without one: records saved before the key existed look the same
+            **(
+                {"inference_roi_size": check_window(inference_roi_size, spec, "inference_roi_size", dims)}
+                if inference_roi_size is not None
+                else {}
+            ),
             "inference_recipe": recipe,
             "train_settings": dict(train_settings or {}),
             "bundle_version": bundle_version(),
@@ -213,6 +228,56 @@ def input_divisors(spec: Mapping[str, Any]) -> tuple[int, ...]:
     raise OptionError(
         f"{spec['_target_']}: bundle.checkpoints.input_divisors does not know this network's down-sampling"
     )
+
+
+def check_window(window: Any, spec: Mapping[str, Any], key: str = "roi_size", dims: int | None = None) -> list[int]:
+    """``window`` (a sliding window or slice size) as a list of ints, each a multiple of the network's down-sampling.
+
+    One sentence naming ``key`` otherwise. A network :func:`input_divisors` does not know is checked for
+    the number of sides only (MONAI's inferer then reports what the network refuses). ``dims``: the
+    model's spatial dimensions when the spec does not state them (:func:`spatial_dims` of its record).
+    """
+    dims = spatial_dims({"network": spec}) if dims is None else dims
+    sizes = [window] if isinstance(window, (int, float, str)) else window
+    try:
+        sides = [int(v) for v in sizes]
+        whole = all(float(v) == int(v) and int(v) > 0 for v in sizes) and len(sides) == dims
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise OptionError(f"{key}: {window!r} is not {dims} positive whole numbers (one side per spatial axis)")
+    try:
+        divisors = input_divisors(spec)
+    except OptionError:
+        return sides
+    if any(side % d for side, d in zip(sides, divisors)):
+        fitting = [-(-side // d) * d for side, d in zip(sides, divisors)]  # the next multiple up
+        raise OptionError(
+            f"{key}: {sides} is not a multiple of {list(divisors)} per side, the down-sampling of the network "
+            f"({str(spec['_target_']).rsplit('.', 1)[-1]}); e.g. {fitting}"
+        )
+    return sides
+
+
+def inference_window(record: Mapping[str, Any], roi_size: Sequence[int] | None = None) -> list[int]:
+    """The window inference uses: the user's ``roi_size``, else the recorded ``inference_roi_size``, else the patch.
+
+    3-D models: the sliding window; 2-D models: the slice size the slices are resized to. Checked
+    against the network (:func:`check_window`); a record of any age without ``inference_roi_size``
+    uses its training patch, as inference always did.
+    """
+    dims = spatial_dims(record)
+    if roi_size is not None:
+        window, source = check_window(roi_size, record["network"], "roi_size", dims), "roi_size given"
+    elif record.get("inference_roi_size") is not None:
+        key = "model_record#inference_roi_size"
+        window, source = check_window(record["inference_roi_size"], record["network"], key, dims), "the recorded window"
+    elif record.get("patch_size") is not None:
+        window, source = [int(s) for s in record["patch_size"]], "the training patch"
+    else:
+        raise OptionError("roi_size: the checkpoint records no training patch; give the window, e.g. --roi_size")
+    logger.info("%s %s: %s", "slice size" if dims == 2 else "sliding window", window, source)
+    return window
 
 
 def spatial_shape_pattern(spec: Mapping[str, Any]) -> list[str]:
@@ -326,6 +391,7 @@ def save_model(
     inference_recipe: Mapping[str, Any] | None = None,
     train_settings: Mapping[str, Any] | None = None,
     input_channels: Sequence[str] = MODALITIES,
+    inference_roi_size: Sequence[int] | None = None,
 ) -> Path:
     """Write ``{"model": weights, "model_record": record}`` as training does (for tools and tests)."""
     path = Path(path)
@@ -336,6 +402,7 @@ def save_model(
         input_channels=input_channels,
         inference_recipe=inference_recipe,
         train_settings=train_settings,
+        inference_roi_size=inference_roi_size,
     )
     torch.save({MODEL_KEY: network.state_dict(), RECORD_KEY: record.state_dict()}, path)
     return path

@@ -13,6 +13,9 @@ or a flag):
 4. :class:`CloseTumourRegionsd` - dilation then erosion (closing) of the nested WT, TC and ET masks
    by a small structuring element (a cross by default).
 
+Before them, every method's recipe runs :class:`OutsideBrainToBackgroundd`: no tumour where all input
+channels are 0, outside the skull-stripped brain (the papers are silent; docs/methods.md).
+
 Label maps are ``(1, *spatial)`` with internal labels (0 bg, 1 NCR, 2 ED, 3 ET), numpy or torch
 (CPU or CUDA, MetaTensor included); every function returns the same type on the same device with
 the same dtype. Connected components are labelled on the tumour's bounding box
@@ -28,14 +31,16 @@ import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, MaskIntensity
 from monai.utils import convert_data_type, convert_to_dst_type
 
 from bundle.constants import BACKGROUND, ED, ET, NCR, REGION_NAMES, STRUCTURING_ELEMENTS
 from bundle.label_maps import bounding_box, connected_components
+from bundle.transforms import SalientMaskd
 
 __all__ = [
     "CloseTumourRegionsd",
+    "OutsideBrainToBackgroundd",
     "RemoveSmallTumourComponentsd",
     "SmallETComponentsToNCRd",
     "SmallETVolumeToNCRd",
@@ -361,3 +366,50 @@ class CloseTumourRegionsd(_LabelMapStepd):
     def step(self, labels: NdarrayOrTensor, data: Mapping[Hashable, Any]) -> NdarrayOrTensor:
         """Close each nested tumour region and relabel."""
         return close_tumour_regions(labels, self.filter_size, self.element)
+
+
+class OutsideBrainToBackgroundd(MapTransform):
+    """Every voxel outside the brain becomes background: where all input channels of ``image_key`` are 0.
+
+    BraTS volumes are skull-stripped with the background exactly 0 in every modality, so a voxel where
+    all channels are 0 holds no brain and no tumour (none of the 385,810 tumour voxels of the three
+    BraTS 2021 sample cases lies there; ``docs/inference.md``). A network trained on patches around the
+    tumour and the brain never sees that background and can call it tumour; this step removes such
+    predictions. Runs first among the clean-up steps, on the network's grid: ``image_key`` is the
+    preprocessed image of the same item (cropped to the brain, as the labels), read before ``Invertd``.
+
+    The brain is :class:`bundle.transforms.SalientMaskd`'s rule (non-zero in any channel), here on the
+    preprocessed image: every intensity transform of the bundle keeps the zero background at 0 and
+    leaves a brain voxel non-zero in at least one channel (the z-score over non-zero voxels, M2's
+    [0, 1] scaling, M3's percentile clip of non-zero voxels; tested), and M4's salient channel, when
+    the model takes it, is that mask itself. An intensity transform that moves the background off 0
+    makes the mask the whole volume, so the step does nothing rather than remove tumour. Masking is
+    MONAI's ``MaskIntensity`` (it keeps each label map's type, device and dtype).
+
+    Args:
+        keys: label maps ``(1, *spatial)`` (background 0).
+        image_key: the item's image ``(C, *spatial)`` on the same grid as the label maps.
+        allow_missing_keys: skip missing label keys.
+    """
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.brain_mask = SalientMaskd(keys=image_key, mask_key="brain")
+        self.mask = MaskIntensity()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Set the label maps to background outside the brain of ``image_key``."""
+        d = dict(data)
+        if self.image_key not in d:
+            raise KeyError(f"{type(self).__name__}: the item has no {self.image_key!r} to find the brain in")
+        brain = self.brain_mask({self.image_key: d[self.image_key]})["brain"]
+        for key in self.key_iterator(d):
+            if tuple(brain.shape[1:]) != tuple(d[key].shape[1:]):
+                raise ValueError(
+                    f"{type(self).__name__}: {key} has the spatial shape {tuple(d[key].shape[1:])}, the image "
+                    f"{self.image_key} {tuple(brain.shape[1:])}; both must be on the network's grid"
+                )
+            masked = self.mask(d[key], mask_data=brain)
+            d[key] = convert_to_dst_type(masked, d[key], dtype=d[key].dtype)[0]
+        return d

@@ -13,7 +13,9 @@ keys (``--tta false``, ``--closing true``...) override it. Keys:
 * the rule from probabilities to labels, by the model's output type (:data:`RULE_KEYS`):
   ``wt_threshold``, ``tc_threshold``, ``et_threshold`` (regions), ``binary_threshold`` (binary),
   nothing for the argmax of class models;
-* the post-processing steps, in order, each a boolean with its numbers (:data:`STEPS`).
+* the post-processing steps, in order, each a boolean with its numbers (:data:`STEPS`): first
+  ``mask_outside_brain`` (no tumour where every input channel is 0; every method's recipe runs it),
+  then M4's four clean-up steps.
 
 A user option the recipe cannot honour (a region threshold for a class model, an ET rule for a
 binary model, a step's number while the step is off) is an :class:`~bundle.errors.OptionError`
@@ -37,6 +39,7 @@ from bundle.options import as_bool
 from bundle.paths import BUNDLE_ROOT
 
 __all__ = [
+    "LATER_STEPS",
     "LEGACY_BINARY_THRESHOLD",
     "RECIPE_KEYS",
     "RULE_KEYS",
@@ -57,11 +60,14 @@ RULE_KEYS: dict[str, tuple[str, ...]] = {
 }
 #: The post-processing steps in the order they run, each with the keys of its numbers.
 STEPS: dict[str, tuple[str, ...]] = {
+    "mask_outside_brain": (),
     "et_components_to_ncr": ("et_component_min_size", "et_component_min_prob"),
     "et_volume_to_ncr": ("et_min_volume", "et_volume_min_prob"),
     "remove_small_components": ("min_component_size",),
     "closing": ("closing_size", "closing_element"),
 }
+#: Steps added after checkpoints recorded recipes: a recorded recipe without one ran without it, and still does.
+LATER_STEPS = ("mask_outside_brain",)
 #: Steps that act on ET, which a binary (whole-tumour) model does not have.
 ET_STEPS = ("et_components_to_ncr", "et_volume_to_ncr")
 #: Every key a recipe may hold.
@@ -211,7 +217,18 @@ def resolve_recipe(
     if given_recipe is not None:
         recipe = normalise_recipe(given_recipe, output_type, "inference_recipe#")
     elif record.get("inference_recipe") is not None:
-        recipe = normalise_recipe(record["inference_recipe"], output_type, f"{checkpoint}: inference_recipe#")
+        recorded = dict(record["inference_recipe"])
+        absent = [step for step in LATER_STEPS if step not in recorded]
+        if absent:
+            logger.info(
+                "%s records its recipe without %s (saved before the step existed): running without it, as then; "
+                "--%s true switches it on",
+                checkpoint,
+                ", ".join(absent),
+                absent[0],
+            )
+        recorded.update(dict.fromkeys(absent, False))
+        recipe = normalise_recipe(recorded, output_type, f"{checkpoint}: inference_recipe#")
     else:
         recipe = normalise_recipe(_legacy_recipe(default_recipe, output_type, checkpoint), output_type)
     given = {key: value for key, value in options.items() if value is not None}

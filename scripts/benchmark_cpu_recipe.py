@@ -13,9 +13,17 @@ per region WT / TC / ET).
 Same conditions: the two pipelines run at the same time, each with ``--threads`` torch / OpenMP threads
 (default 1 each on a 2-core machine), so both see the same load from the machine's other jobs.
 
+Seconds per case (``--speed_rounds N``): after both pipelines, each final model segments ``--val_case``
+again with ``python -m bundle infer --tta false`` N times, the recipes alternating, one at a time with
+``--speed_threads`` threads (default: all cores), so each has the machine to itself and both see the
+same drift of its load. Per run: the case's time by Ignite's own timer (loading, preprocessing, the
+network, post-processing, writing the NIfTI; what every further case of a folder costs) and the
+command's wall time (plus Python, torch and MONAI imports, config parsing and building the network).
+
     python scripts/benchmark_cpu_recipe.py --dataset_dir ../shared/brats_samples --minutes 20 \\
-        --json docs/benchmark_cpu_recipe.json
+        --speed_rounds 3 --json docs/benchmark_cpu_recipe.json
     python scripts/benchmark_cpu_recipe.py --dataset_dir ../shared/brats_samples --minutes 3 --recipes cpu   # a trial
+    python scripts/benchmark_cpu_recipe.py --reuse_training --speed_rounds 3 ...   # time saved models again
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -190,6 +199,35 @@ def _pipeline(name: str, args: argparse.Namespace, datalist: Path, fold: int, ov
     print(f"{name}: {json.dumps(record)}", flush=True)
 
 
+def _speed(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Seconds per case without TTA of each recipe's final model, one process at a time, recipes alternating."""
+    case_dir = Path(args.dataset_dir).resolve() / args.val_case
+    threads = args.speed_threads or os.cpu_count() or 1
+    runs: dict[str, dict[str, list[float]]] = {n: {"case_seconds": [], "wall_seconds": []} for n in names}
+    for round_index in range(args.speed_rounds):
+        for name in names:
+            work = Path(args.work_dir).resolve() / name
+            checkpoint = work / "models" / FINAL_MODEL
+            if not checkpoint.is_file():
+                continue
+            log = work / f"speed_{round_index}.log"
+            cmd = [
+                sys.executable, "-m", "bundle", "infer", str(case_dir), "--output", str(work / "speed"),
+                "--checkpoint", str(checkpoint), "--tta", "false", "--overwrite", "true",
+            ]  # fmt: skip
+            runs[name]["wall_seconds"].append(round(_run(cmd, log, threads), 1))
+            runs[name]["case_seconds"].append(_engine_seconds(log, "SupervisedEvaluator"))
+            print(f"speed {name} round {round_index}: {runs[name]}", flush=True)
+    return {
+        name: {
+            **r,
+            "threads": threads,
+            "median_case_seconds": statistics.median(r["case_seconds"]) if r["case_seconds"] else None,
+        }
+        for name, r in runs.items()
+    }
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     """A table cell: rounded numbers, '-' for missing."""
     if value is None:
@@ -229,6 +267,8 @@ def main() -> None:
     parser.add_argument(
         "--reuse_training", action="store_true", help="skip a recipe's training when --work_dir holds its final model"
     )
+    parser.add_argument("--speed_rounds", type=int, default=0, help="runs of each final model for seconds per case")
+    parser.add_argument("--speed_threads", type=int, default=None, help="threads of those runs (default: all cores)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
@@ -251,6 +291,8 @@ def main() -> None:
     for t in threads:
         t.join()
     results = {n: results[n] for n in names}
+    load_after_training = os.getloadavg()
+    speed = _speed(args, names) if args.speed_rounds else None
     load = os.getloadavg()
     report = {
         "command": "python " + " ".join(sys.argv),
@@ -260,9 +302,11 @@ def main() -> None:
         "threads_each": args.threads,
         "val_case": args.val_case,
         "cpu_count": os.cpu_count(),
+        "load_average_after_scoring": [round(x, 2) for x in load_after_training],
         "load_average_at_end": [round(x, 2) for x in load],
         "platform": platform.platform(),
         "results": results,
+        "seconds_per_case_no_tta": speed,
     }
     print(markdown_table(results))
     text = json.dumps(report, indent=2)

@@ -60,11 +60,12 @@ def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, smal
     assert loader.batch_size == 2 and loader.num_workers == 0
     crops = [t for t in parser.get_parsed_content("train#random_transforms") if isinstance(t, RandCropByPosNegLabeld)]
     assert len(crops) == 1 and crops[0].cropper.pos_ratio == pytest.approx(0.75)  # 3 tumour : 1 other patch
+    assert crops[0].image_key is None, "the other patches are centred anywhere in the box, background too"
     batch = next(iter(loader))
     assert tuple(batch["image"].shape) == (2, 4, 64, 64, 64) and tuple(batch["label"].shape) == (2, 3, 64, 64, 64)
 
     trainer = parser.get_parsed_content("train#trainer")
-    assert trainer.state.epoch_length == parser["steps_per_epoch"] == 50  # steps, whatever the number of cases
+    assert trainer.state.epoch_length == parser["steps_per_epoch"] == 100  # steps, whatever the number of cases
     assert trainer.state.max_epochs == parser["epochs"]
     scheduler = parser.get_parsed_content("lr_scheduler")
     assert isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR)
@@ -79,18 +80,24 @@ def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, smal
 
 
 def test_validation_scores_the_inference_recipes_labels(tmp_path: Path, small_demo: Path) -> None:
-    """Thresholds and clean-up of the recorded recipe: an isolated 8-voxel blob is no tumour in validation."""
+    """Thresholds and clean-up of the recorded recipe: an isolated 8-voxel blob and anything outside the brain
+    are no tumour in validation."""
     parser = _parser(tmp_path, small_demo)
     recipe = parser.get_parsed_content("recipe")
     assert recipe["remove_small_components"] and recipe["min_component_size"] == 50
+    assert recipe["mask_outside_brain"]
+    image = torch.zeros(4, 32, 32, 32)
+    image[:, :26] = 1.0  # the brain; all four channels 0 beyond it
     logits = torch.full((3, 32, 32, 32), -8.0)
     logits[:, 4:12, 4:12, 4:12] = 8.0  # a 512-voxel tumour, enhancing everywhere
-    logits[:, 24:26, 24:26, 24:26] = 8.0  # an 8-voxel speck far from it
+    logits[:, 20:22, 24:26, 24:26] = 8.0  # an 8-voxel speck far from it, in the brain
+    logits[:, 28:, :, :] = 8.0  # 4096 voxels of background around the brain
     label = torch.zeros(3, 32, 32, 32)
     label[:, 4:12, 4:12, 4:12] = 1.0
-    out = parser.get_parsed_content("validate#postprocessing")({"pred": logits, "label": label})
+    out = parser.get_parsed_content("validate#postprocessing")({"image": image, "pred": logits, "label": label})
     assert tuple(out["pred"].shape) == (3, 32, 32, 32)
-    assert torch.equal(torch.as_tensor(out["pred"]).bool(), label.bool()), "the speck is removed, the tumour kept"
+    kept = torch.as_tensor(out["pred"]).bool()
+    assert torch.equal(kept, label.bool()), "the speck and the outside of the brain are removed, the tumour kept"
     assert torch.equal(torch.as_tensor(out["logits"]), logits), "the validation loss still sees the raw output"
     assert not {"pred_label", "pred_mean"} & set(out)
 
@@ -107,7 +114,8 @@ def test_the_checkpoint_record_is_all_inference_needs(tmp_path: Path, small_demo
     inference["checkpoint"] = str(checkpoint)
     built = inference.get_parsed_content("network_def")
     built.load_state_dict(network.state_dict())  # strict: the same layers, the same shapes
-    assert inference.get_parsed_content("roi_size") == [64, 64, 64]
+    assert record["inference_roi_size"] == [160, 192, 160]  # one window over a whole cropped brain
+    assert inference.get_parsed_content("window") == [160, 192, 160]
     assert inference.get_parsed_content("recipe")["tta"] is True  # the recipe's; --tta false turns it off
 
 

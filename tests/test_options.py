@@ -197,6 +197,7 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         INFERENCE,
         lambda p: type(p.get_parsed_content("slicer_segmentation_writer")).__name__ == "AtomicSaveImaged",
     ),
+    "mask_outside_brain": (INFERENCE, _postprocessing_flag("OutsideBrainToBackgroundd")),
     "et_components_to_ncr": (INFERENCE, _postprocessing_flag("SmallETComponentsToNCRd")),
     "et_volume_to_ncr": (INFERENCE, _postprocessing_flag("SmallETVolumeToNCRd")),
     "remove_small_components": (INFERENCE, _postprocessing_flag("RemoveSmallTumourComponentsd")),
@@ -210,6 +211,17 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     "validate_disjoint": (TRAIN, lambda p: p.get_parsed_content("validate#disjoint_classes") is not None),
     "channels_last": (TRAIN, _channels_last_probe),
     "salient_channel": (TRAIN, _salient_probe),
+    "crop_neg_in_brain": (
+        TRAIN,
+        lambda p: (
+            next(
+                t
+                for t in p.get_parsed_content("train#random_transforms")
+                if type(t).__name__ == "RandCropByPosNegLabeld"
+            ).image_key
+            is not None
+        ),
+    ),
     "upsample_ds_heads": (TRAIN, lambda p: p.get_parsed_content("network_factory").keywords["upsample_heads"]),
     "skip_empty_slices": (
         ["configs/train.yaml", "configs/train_2d.yaml"],

@@ -65,6 +65,7 @@ def test_each_method_states_its_inference_and_the_papers_numbers() -> None:
         "wt_threshold": 0.45,
         "tc_threshold": 0.40,
         "et_threshold": 0.45,
+        "mask_outside_brain": True,
         "et_components_to_ncr": True,
         "et_component_min_size": 16,
         "et_component_min_prob": 0.9,
@@ -77,10 +78,11 @@ def test_each_method_states_its_inference_and_the_papers_numbers() -> None:
         "closing_size": 3,
         "closing_element": "cross",
     }
-    # M1-M3: one pass, their own rule, no post-processing
+    # M1-M3: one pass, their own rule, none of M4's clean-up steps; every method masks the outside of the brain
     for recipe, output_type in ((M1, "regions"), (M2, "binary"), (M3, "classes")):
         checked = normalise_recipe(recipe, output_type)
-        assert checked["tta"] is False and not any(checked[step] for step in STEPS), recipe
+        assert checked["tta"] is False and checked["mask_outside_brain"] is True, recipe
+        assert not any(checked[step] for step in STEPS if step != "mask_outside_brain"), recipe
     assert (M1["wt_threshold"], M1["tc_threshold"], M1["et_threshold"]) == (0.5, 0.5, 0.5)
     assert M2["binary_threshold"] == 0.5 and "wt_threshold" not in M2 and "wt_threshold" not in M3
 
@@ -261,10 +263,15 @@ def _channels_first(prob: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.moveaxis(prob, -1, 0) if prob.ndim == 4 else prob[None]).float()
 
 
+def _brain(case: Path) -> np.ndarray:
+    """The brain in the files' grid: voxels where any modality is non-zero (every recipe's mask_outside_brain)."""
+    images = [np.asarray(nib.load(f).dataobj) for f in sorted(case.glob("*.nii.gz"))]
+    return np.any([image != 0 for image in images], axis=0)
+
+
 def _brain_box(case: Path) -> tuple[slice, ...]:
     """The brain's bounding box in the files' grid (where configs/train.yaml's CropForegroundd crops)."""
-    images = [np.asarray(nib.load(f).dataobj) for f in sorted(case.glob("*.nii.gz"))]
-    return bounding_box(np.any([image != 0 for image in images], axis=0))
+    return bounding_box(_brain(case))
 
 
 def _inside(box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -296,12 +303,14 @@ def test_m3_checkpoint_runs_one_pass_argmax_and_nothing_else_by_default(case: Pa
     """``python -m monai.bundle run --config_file configs/inference.yaml`` with no flag: M3's recipe."""
     checkpoint = _checkpoint(tmp_path / "m3.pt", "classes", M3, 2, {"spacing": None, "clahe": False})
     output = _run("monai.bundle", case, tmp_path / "out", checkpoint)
-    assert "2-D classes model, one pass, argmax, post-processing: none" in output
+    assert "2-D classes model, one pass, argmax, post-processing: mask_outside_brain;" in output
     seg, prob, std = _files(tmp_path / "out")
     assert float(std.max()) == 0.0  # one pass: nothing varies across flips
     argmax = prob.argmax(-1)  # class indices are the internal labels
     internal = to_internal(torch.as_tensor(seg.astype(np.int64)), "brats2021").numpy()
-    np.testing.assert_array_equal(internal, argmax)  # the argmax itself: no post-processing changed it
+    brain = _brain(case)
+    np.testing.assert_array_equal(internal, argmax * brain)  # the argmax in the brain, background outside it
+    assert argmax[~brain].any(), "the random network calls some background tumour: the test sees the mask act"
     assert len(np.unique(internal)) == 4  # every class occurs, so the test could see a step act
     # M3's own preprocessing, from the recorded training configs (percentile clip before the z-score)
     parser = ConfigParser()
@@ -324,8 +333,9 @@ def test_explicit_options_override_m3s_recipe(case: Path, tmp_path: Path) -> Non
     assert float(std2.max()) > 0.0
     internal2 = to_internal(torch.as_tensor(seg2.astype(np.int64)), "brats2021").numpy()
     probs = _channels_first(prob2)
+    in_brain = torch.as_tensor(_brain(case))[None]
     by_hand = remove_small_tumour_components(
-        small_et_components_to_ncr(probs.argmax(0, keepdim=True), probs[3], 16, 0.9), 50
+        small_et_components_to_ncr(probs.argmax(0, keepdim=True) * in_brain, probs[3], 16, 0.9), 50
     )[0].numpy()
     np.testing.assert_array_equal(internal2, by_hand)
     assert (internal2 != probs.argmax(0).numpy()).sum() > 0
@@ -336,14 +346,14 @@ def test_m4_checkpoint_runs_its_recipe_and_the_user_overrides_it(case: Path, tmp
     checkpoint = _checkpoint(tmp_path / "m4.pt", "regions", M4, 3)
     output = _run("bundle", case, tmp_path / "out", checkpoint)
     assert "3-D regions model, flip TTA" in output
-    assert "et_components_to_ncr, et_volume_to_ncr, remove_small_components, closing" in output
+    assert "mask_outside_brain, et_components_to_ncr, et_volume_to_ncr, remove_small_components, closing" in output
     seg, prob, std = _files(tmp_path / "out")
     assert float(std.max()) > 0.0  # the flips disagree: TTA ran
     # post-processing runs on the preprocessed grid, cropped to the brain: outside it, nothing
     box = _brain_box(case)
     assert not seg[~_inside(box, seg.shape)].any()
     seg, probs = seg[box], _channels_first(prob)[(slice(None), *box)]
-    labels = regions_to_labels(probs, 0.45, 0.40, 0.45)
+    labels = regions_to_labels(probs, 0.45, 0.40, 0.45) * torch.as_tensor(_brain(case)[box])[None]
     by_hand = close_tumour_regions(
         remove_small_tumour_components(
             small_et_volume_to_ncr(small_et_components_to_ncr(labels, probs[2], 16, 0.9), probs[2], 73, 0.9), 50
@@ -360,7 +370,7 @@ def test_m4_checkpoint_runs_its_recipe_and_the_user_overrides_it(case: Path, tmp
           save_probabilities=True, save_uncertainty=True)  # fmt: skip
     seg, prob, std = _files(tmp_path / "off")
     assert float(std.max()) == 0.0
-    plain = regions_to_labels(_channels_first(prob), 0.6, 0.40, 0.45)[0].numpy()
+    plain = regions_to_labels(_channels_first(prob), 0.6, 0.40, 0.45)[0].numpy() * _brain(case)
     np.testing.assert_array_equal(to_internal(torch.as_tensor(seg.astype(np.int64)), "brats2021").numpy(), plain)
 
 
@@ -370,7 +380,7 @@ def test_a_variant_given_as_config_file_brings_its_recipe(case: Path, tmp_path: 
           save_uncertainty=True, config_file="configs/variants/m1_la_resunet.yaml")  # fmt: skip
     seg, prob, std = _files(tmp_path / "out")
     assert float(std.max()) == 0.0
-    plain = regions_to_labels(_channels_first(prob), 0.5, 0.5, 0.5)[0].numpy()
+    plain = regions_to_labels(_channels_first(prob), 0.5, 0.5, 0.5)[0].numpy() * _brain(case)
     np.testing.assert_array_equal(to_internal(torch.as_tensor(seg.astype(np.int64)), "brats2021").numpy(), plain)
     with pytest.raises(OptionError, match="wt_threshold: missing; a region model"):
         infer(str(case), output=str(tmp_path / "m3"), checkpoint=str(checkpoint),
@@ -382,7 +392,7 @@ def test_m2_checkpoint_writes_its_mask_and_refuses_et_rules(case: Path, tmp_path
     (seg_file,) = infer(str(case), output=str(tmp_path / "out"), checkpoint=str(checkpoint), save_probabilities=True)
     seg = np.asarray(nib.load(seg_file).dataobj)
     prob = np.asarray(nib.load(tmp_path / "out" / "Case_001_prob.nii.gz").dataobj)
-    np.testing.assert_array_equal(seg, (prob >= 0.5).astype(np.uint8).reshape(seg.shape))
+    np.testing.assert_array_equal(seg, (prob >= 0.5).astype(np.uint8).reshape(seg.shape) * _brain(case))
     assert set(np.unique(seg).tolist()) == {0, 1}
     with pytest.raises(OptionError, match=r"^et_components_to_ncr: a binary model"):
         infer(str(case), output=str(tmp_path / "x"), checkpoint=str(checkpoint), et_components_to_ncr=True)
