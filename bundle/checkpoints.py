@@ -378,8 +378,9 @@ def network_from_checkpoint(path: str | Path) -> torch.nn.Module:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The network a checkpoint records, with its weights, in eval mode on ``device``."""
-    network = network_from_checkpoint(path)
-    network.load_state_dict(model_state(path))
+    checkpoint = load_checkpoint(path)  # read once: record and weights come from the same file
+    network = network_from_spec(dict(checkpoint[RECORD_KEY])["network"])
+    network.load_state_dict(checkpoint[MODEL_KEY])
     return network.to(device).eval()
 
 

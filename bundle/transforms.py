@@ -171,6 +171,7 @@ class ConcurrentNibabelReader(NibabelReader):
             raise ValueError(f"ConcurrentNibabelReader decodes in memory on the CPU; {unusable} cannot apply")
         super().__init__(**kwargs)
         self.max_workers = max_workers
+        self._voxels: dict[int, np.ndarray] = {}  # id(image) -> its C-ordered voxels, from read to get_data
 
     def read(self, data: Sequence[PathLike | str] | PathLike | str, **kwargs: Any) -> Any:
         """The nibabel image of ``data`` (one file), or the list of images of a list of files."""
@@ -190,7 +191,7 @@ class ConcurrentNibabelReader(NibabelReader):
 
     def _get_array_data(self, img: Any, filename: Any) -> Any:
         """The voxels :meth:`read` already put in C order in its threads (MONAI's own read otherwise)."""
-        voxels = getattr(self, "_voxels", {}).pop(id(img), None)
+        voxels = self._voxels.pop(id(img), None)
         return voxels if voxels is not None else super()._get_array_data(img, filename)
 
 
