@@ -8,6 +8,11 @@
     DIR/bundle/       this package, vendored so `_target_: bundle....` resolves from DIR alone
     DIR/schemas/      meta_schema.json for `monai.bundle verify_metadata` offline
     DIR/LICENSE, DIR/large_files.yml (md5 of the model files)
+    DIR/.bundle_export.json  the checkpoint it came from and every file written (left out of the zip)
+
+Nothing of the user's is ever deleted: ``DIR`` must be new, empty, or an earlier export holding only what
+that export wrote; the folder is assembled beside ``DIR`` and renamed into place when complete, so a
+failed export leaves nothing (:func:`check_destination`, :func:`export`).
 
 The folder passes the model zoo's CI as ``ci/verify_bundle.py`` calls MONAI (default arguments):
 ``verify_metadata``, ``verify_net_in_out`` with ``n = 1``, ``ckpt_export`` (scripted, no ``key_in_ckpt``)
@@ -32,6 +37,7 @@ and left out of the zip (to be hosted at ``url_base``), everything else over it 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +46,7 @@ import pydoc
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,7 @@ import yaml
 from bundle.checkpoints import (
     MODEL_KEY,
     RECORD_KEY,
+    CheckpointError,
     input_divisors,
     load_checkpoint,
     network_data_format,
@@ -65,6 +73,11 @@ logger = logging.getLogger(__name__)
 MAX_FILE_BYTES = 25 * 1024 * 1024
 MODEL_FILES = ("models/model.pt", "models/model.ts")
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp")
+#: Written into every export: the checkpoint it came from and every file it wrote, so that a later export
+#: replaces that folder only while it holds nothing else (:func:`check_destination`).
+EXPORT_MARKER = ".bundle_export.json"
+#: The repository's folders copied into an export whole.
+COPIED_FOLDERS = ("configs", "bundle", "schemas")
 
 
 def inference_form(
@@ -116,11 +129,12 @@ def bundle_env(bundle_dir: str | Path) -> dict[str, str]:
     """Environment for a child process that must see only ``bundle_dir`` (and site-packages)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(Path(bundle_dir).resolve())
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no byte-code caches in the exported folder
     return env
 
 
 def _copy_tree(out: Path) -> None:
-    for folder in ("configs", "bundle", "schemas"):
+    for folder in COPIED_FOLDERS:
         shutil.copytree(BUNDLE_ROOT / folder, out / folder, ignore=_IGNORE)
     (out / "docs").mkdir()
     for name in ("README.md", "methods.md", "data_license.txt"):  # configs cite docs/methods.md
@@ -148,16 +162,21 @@ def _check_sizes(out: Path) -> list[str]:
     return too_big
 
 
-def _zip(out: Path, leave_out: list[str]) -> Path:
-    staging = out.parent / f".{out.name}.zipping"
-    if staging.exists():
+def _zip(folder: Path, name: str, leave_out: list[str], destination: Path) -> None:
+    """Zip ``folder`` as ``name/...`` (without ``leave_out`` and the export marker) to ``destination``.
+
+    Staged in a new hidden folder beside ``destination`` (removed whatever happens), so no file or
+    folder of the user's is touched and a failed zip leaves nothing.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".zipping", dir=destination.parent))
+    try:
+        shutil.copytree(folder, staging / name, ignore=_IGNORE)
+        for relative in [*leave_out, EXPORT_MARKER]:
+            (staging / name / relative).unlink(missing_ok=True)
+        made = Path(shutil.make_archive(str(staging / "archive"), "zip", root_dir=staging, base_dir=name))
+        os.replace(made, destination)
+    finally:
         shutil.rmtree(staging)
-    shutil.copytree(out, staging / out.name)
-    for relative in leave_out:
-        (staging / out.name / relative).unlink()
-    result = Path(shutil.make_archive(str(out), "zip", root_dir=staging, base_dir=out.name))
-    shutil.rmtree(staging)
-    return result
 
 
 def _export_torchscript(out: Path, record: Mapping[str, Any]) -> None:
@@ -197,26 +216,149 @@ def _export_torchscript(out: Path, record: Mapping[str, Any]) -> None:
         raise RuntimeError(f"ckpt_export failed in {out}:\n{result.stderr[-3000:]}")
 
 
+def _files_under(folder: Path) -> list[str]:
+    """Every file (or link) below ``folder``, relative, sorted; Python's byte-code caches left out."""
+    found = []
+    for path in folder.rglob("*"):
+        if "__pycache__" in path.parts or path.suffix == ".pyc":
+            continue
+        if path.is_file() or path.is_symlink():
+            found.append(path.relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The export marker of ``folder`` (what an earlier export wrote there), or None."""
+    try:
+        marker = json.loads((folder / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_destination(out: Path, archive: Path | None = None) -> bool:
+    """Refuse, in one sentence and before any work, an output the export may not replace; True if one is replaced.
+
+    The export writes a new folder, or replaces a folder only when everything in it was written by an
+    earlier export (its :data:`EXPORT_MARKER` lists the files; Python's byte-code caches aside). Never the
+    folder the user stands in or one holding it, never this repository or a folder it copies from, never a
+    file. ``archive`` (with ``--zip``): ``<output>.zip`` is replaced only if the earlier export wrote it.
+    """
+    where = f"--output {out}"
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, out):
+        raise OptionError(f"{where}: is the folder you are in, or holds it; export to a new folder, e.g. dist/brats")
+    if _inside(BUNDLE_ROOT, out) or any(_inside(out, BUNDLE_ROOT / f) for f in (*COPIED_FOLDERS, "docs", "models")):
+        raise OptionError(f"{where}: is this repository or a folder of it that the export copies; choose a new folder")
+    replaced = False
+    marker: dict[str, Any] | None = None
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OptionError(f"{where}: is a file or a link, not a folder; choose a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        marker = _read_marker(out)
+        if marker is None:
+            raise OptionError(
+                f"{where}: the folder exists and was not written by an export (no {EXPORT_MARKER}); "
+                "choose a new or empty folder"
+            )
+        foreign = [f for f in _files_under(out) if f not in set(marker["files"]) | {EXPORT_MARKER}]
+        if foreign:
+            raise OptionError(
+                f"{where}: holds {foreign[0]}"
+                + (f" and {len(foreign) - 1} other file(s)" if len(foreign) > 1 else "")
+                + ", which the earlier export did not write; move them away or choose a new folder"
+            )
+        replaced = True
+    if archive is not None and (archive.exists() or archive.is_symlink()):
+        recorded = (marker or {}).get("zip_md5")
+        if not archive.is_file() or archive.is_symlink() or recorded is None or md5sum(archive) != recorded:
+            raise OptionError(
+                f"--zip: {archive} exists and is not the zip of the export in {out}; move it away or choose "
+                "a new folder"
+            )
+    return replaced
+
+
 def export(
     output: str,
     zip: bool = False,  # the CLI flag is --zip
     checkpoint: str | None = None,
     url_base: str | None = None,
 ) -> str:
-    """Write the model-zoo bundle to ``output`` (replacing an earlier export there); return its path.
+    """Write the model-zoo bundle to ``output``; return its path. Nothing of the user's is ever deleted.
 
+    ``output`` is a new or empty folder, or an earlier export, which is replaced only when it holds
+    nothing the export did not write (:func:`check_destination`). The bundle is assembled in a hidden
+    folder beside ``output`` and renamed into place when complete, so a failed export leaves nothing.
     ``checkpoint``: the trained state dict (default models/model.pt). ``zip``: also write
     ``<output>.zip``. ``url_base``: where the large model files will be hosted (large_files.yml).
     """
     out = Path(output).resolve()
     source = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     if not source.is_file():
-        raise FileNotFoundError(f"{source}: checkpoint does not exist (train one first, or pass --checkpoint)")
-    if out.exists():
-        if any(out.iterdir()) and not (out / "configs" / "metadata.json").is_file():
-            raise FileExistsError(f"{out}: exists and is not an earlier export; choose an empty folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        raise CheckpointError(f"{source}: checkpoint does not exist (train one first, or pass --checkpoint)")
+    archive = out.with_name(f"{out.name}.zip") if zip else None
+    replacing = check_destination(out, archive)
+    made_parents = [p for p in reversed(out.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's folder is private; the export is a folder like any other
+    zipped: Path | None = None
+    try:
+        record, leave_out = _assemble(staging, source, url_base)
+        marker = {"checkpoint": str(source.resolve()), "checkpoint_md5": md5sum(source), "files": []}
+        if archive is not None:
+            zipped = staging.with_name(f"{staging.name}.zip")
+            _zip(staging, out.name, leave_out, zipped)
+            marker["zip_md5"] = md5sum(zipped)
+        marker["files"] = [*_files_under(staging), EXPORT_MARKER]
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _move_into_place(staging, out, replacing)
+        if zipped is not None and archive is not None:
+            os.replace(zipped, archive)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if zipped is not None:
+            zipped.unlink(missing_ok=True)
+        for parent in reversed(made_parents):  # only the empty folders this export made
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+    if leave_out:
+        logger.warning("over 25 MB, to be hosted (url in large_files.yml), not zipped: %s", ", ".join(leave_out))
+    logger.info("bundle exported to %s (network %s)", out, record["network"]["_target_"])
+    if archive is not None:
+        logger.info("zip: %s", archive)
+    return str(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(staging: Path, out: Path, replacing: bool) -> None:
+    """Rename the assembled ``staging`` to ``out``; an earlier export (or empty folder) there is removed after."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    if not replacing:  # an empty folder
+        out.rmdir()
+        os.replace(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
+    os.replace(out, old)  # onto the new empty folder: POSIX rename replaces an empty directory
+    os.replace(staging, out)
+    shutil.rmtree(old)
+
+
+def _assemble(out: Path, source: Path, url_base: str | None) -> tuple[dict[str, Any], list[str]]:
+    """Write the bundle's files into the (new, empty) folder ``out``; return the exported record and the large files."""
     _copy_tree(out)
     (out / "models").mkdir()
     checkpoint = load_checkpoint(source)  # read once: a full-width checkpoint is over 100 MB
@@ -230,10 +372,4 @@ def export(
     metadata_file.write_text(json.dumps(metadata, indent=4) + "\n")
     _export_torchscript(out, record)
     _write_large_files(out, url_base)
-    leave_out = _check_sizes(out)
-    if leave_out:
-        logger.warning("over 25 MB, to be hosted (url in large_files.yml), not zipped: %s", ", ".join(leave_out))
-    logger.info("bundle exported to %s (network %s)", out, record["network"]["_target_"])
-    if zip:
-        logger.info("zip: %s", _zip(out, leave_out))
-    return str(out)
+    return record, _check_sizes(out)
