@@ -1,6 +1,6 @@
-"""``python -m bundle``: see :mod:`bundle.cli`."""
+"""``python -m bundle``: see :mod:`bundle.integrations.cli`."""
 
-from bundle.cli import main
+from bundle.integrations.cli import main
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
 Everything the bundle writes for a later step to read (datalists, metrics tables, summaries,
 segmentations) goes through :func:`atomic_path`: the data is written to a hidden temporary file in
 the same folder, renamed over the final name when complete (``os.replace`` is atomic on one file
-system) and removed if writing fails. Hidden, because folder scans (:func:`bundle.files.find_segmentations`,
+system) and removed if writing fails. Hidden, because folder scans (:func:`bundle.evaluation.files.find_segmentations`,
 case discovery) skip hidden files, so a killed run's leftover is never taken for a result; the name
 holds the process id and a random token, so two processes writing the same file never share one.
 """

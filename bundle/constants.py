@@ -43,7 +43,7 @@ LABEL_SCHEMES: dict[str, dict[int, int]] = {
 BRATS2021_SUFFIXES: dict[str, str] = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}
 BRATS2023_SUFFIXES: dict[str, str] = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
 
-#: Structuring elements of the morphological post-processing (bundle.postprocessing): the cross of face
+#: Structuring elements of the morphological post-processing (bundle.inference.postprocessing): the cross of face
 #: neighbours (6-connected in 3-D) and the full cube (26-connected).
 STRUCTURING_ELEMENTS: tuple[str, ...] = ("cross", "cube")
 

@@ -79,3 +79,7 @@ def report_user_errors() -> bool:
 
 class NonFiniteError(UserError):
     """Training produced a NaN or infinite loss or weight; nothing of it may be saved as a model."""
+
+
+class DataError(UserError):
+    """A user's dataset problem, with a message that names the file and the problem."""

@@ -52,9 +52,10 @@ from monai.transforms import (
 from monai.utils import set_determinism
 
 from bundle.data import generate_demo_dataset, select_cases
-from bundle.gate import GatedSliceInferer
-from bundle.slices import ResizedSliceInferer, slice_classes
-from bundle.workflow import make_dataset
+from bundle.inference.gate import GatedSliceInferer
+from bundle.inference.inferers import ResizedSliceInferer
+from bundle.training.slices import slice_classes
+from bundle.training.workflow import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["configs/train.yaml", "configs/train_2d.yaml"]

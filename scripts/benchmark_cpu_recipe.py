@@ -71,7 +71,7 @@ def _budget_overlay(path: Path, seconds: int) -> Path:
         "wall_time_budget_seconds": seconds,
         "wall_time_limit": "$ignite.handlers.TimeLimit(@wall_time_budget_seconds)",  # its clock starts here
         "final_model_saver": {
-            "_target_": "bundle.workflow.ResumableCheckpointSaver",
+            "_target_": "bundle.training.workflow.ResumableCheckpointSaver",
             "save_dir": "@ckpt_dir",
             "save_dict": {"model": "@network", "model_record": "@model_record"},
             "save_final": True,

@@ -61,8 +61,8 @@ from ignite.engine import Events  # noqa: E402
 from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
 from monai.transforms import apply_transform  # noqa: E402
 
-from bundle.checkpoints import save_model  # noqa: E402
 from bundle.constants import MODALITIES  # noqa: E402
+from bundle.plan.checkpoints import save_model  # noqa: E402
 
 DEFAULT_CASE = ROOT.parent / "shared" / "brats_samples" / "BraTS2021_00000"
 TINY_NET = {

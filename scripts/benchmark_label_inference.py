@@ -4,7 +4,7 @@ Serves a real BraTS 2021 case folder (``label_serve``'s steps: studies view, ser
 the default full-width network of configs/train.yaml, randomly initialised (untrained weights give the
 timing, not a segmentation), and times ``MONAILabelClient.infer`` for the same case: first one pass
 (the CPU default), then with ``{"tta": true}`` in the request. The bundle's own inference of the case
-in this process (``bundle.infer.infer``, one pass) is the baseline, so the server's overhead shows.
+in this process (``bundle.inference.run.infer``, one pass) is the baseline, so the server's overhead shows.
 Needs the MONAI Label venv. Prints a Markdown table and writes ``results.json``.
 
     .venv-label/bin/python scripts/benchmark_label_inference.py --studies ../shared/brats_samples \
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from bundle.checkpoints import save_model
-from bundle.infer import infer
-from bundle.label import MODEL_NAME, prepare_server, start_server
+from bundle.inference.run import infer
+from bundle.integrations.monailabel import MODEL_NAME, prepare_server, start_server
+from bundle.plan.checkpoints import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['date']}, {results['machine']}, CUDA: {results['cuda']}, case {results['case']}")
     print("| inference of one full-size case | seconds |\n|---|---|")
-    print(f"| bundle.infer, one pass (baseline, no server) | {results['bundle_infer_one_pass_s']} |")
+    print(f"| bundle.inference.run, one pass (baseline, no server) | {results['bundle_infer_one_pass_s']} |")
     print(f"| MONAI Label, one pass (CPU default) | {results['server_one_pass_s']} |")
     if "server_tta_8_flips_s" in results:
         print(f'| MONAI Label, 8-flip TTA (`{{"tta": true}}`) | {results["server_tta_8_flips_s"]} |')

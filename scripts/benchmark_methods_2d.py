@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from bundle.checkpoints import network_from_checkpoint, read_record
 from bundle.data import generate_demo_dataset
+from bundle.plan.checkpoints import network_from_checkpoint, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The demo overlay goes before train_2d.yaml: its 3-D patch and network width are train.yaml's keys,

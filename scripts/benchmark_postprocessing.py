@@ -32,15 +32,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bundle.constants import ET, NCR  # noqa: E402
-from bundle.files import load_label_map  # noqa: E402
-from bundle.postprocessing import (  # noqa: E402
+from bundle.evaluation.files import load_label_map  # noqa: E402
+from bundle.inference.postprocessing import (  # noqa: E402
     close_tumour_regions,
     remove_small_tumour_components,
     small_et_components_to_ncr,
     small_et_volume_to_ncr,
 )
-from bundle.probs_to_labels import regions_to_labels  # noqa: E402
-from bundle.recipes import normalise_recipe  # noqa: E402
+from bundle.inference.to_labels import regions_to_labels  # noqa: E402
+from bundle.plan.recipes import normalise_recipe  # noqa: E402
 
 
 def _seconds(repeats: int, function: Any, *arguments: Any) -> tuple[float, Any]:

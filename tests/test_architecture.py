@@ -79,8 +79,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_import_graph_reads_every_kind_of_import() -> None:
     graph = import_graph()
     assert "bundle.errors" in graph["bundle"] and "bundle.options" in graph["bundle"]  # from bundle import x
-    assert "bundle.files" in graph["bundle.evaluation"]  # from bundle.files import ...
-    assert "bundle.plots" in graph["bundle.evaluation"]  # inside a function
+    assert "bundle.evaluation.files" in graph["bundle.evaluation.reports"]  # from bundle.evaluation.files import ...
+    assert "bundle.evaluation.plots" in graph["bundle.evaluation.reports"]  # inside a function
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -88,3 +88,46 @@ def test_the_import_graph_reads_every_kind_of_import() -> None:
 def test_no_import_cycle_inside_bundle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle in bundle/: " + " -> ".join(cycle or [])
+
+
+#: The package's floors, bottom up: a module imports only from its own floor or the floors below
+#: (docs/architecture.md). Training and inference share a floor; the import-cycle test keeps them apart.
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("bundle", "bundle.atomic", "bundle.constants", "bundle.errors", "bundle.options", "bundle.paths"),
+    ("bundle.data",),
+    ("bundle.transforms",),
+    ("bundle.networks",),
+    ("bundle.plan",),
+    ("bundle.evaluation",),
+    ("bundle.training", "bundle.inference"),
+    ("bundle.integrations", "bundle.__main__"),
+)
+
+
+def floor_of(module: str) -> int:
+    """The floor of a module: that of the longest package prefix listed in :data:`FLOORS`."""
+    best, floor = "", -1
+    for level, names in enumerate(FLOORS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+                best, floor = name, level
+    return floor
+
+
+def test_every_module_has_a_floor_and_imports_point_down() -> None:
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if floor_of(m) < 0)
+    assert not unplaced, f"modules on no floor of FLOORS: {unplaced}"
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if floor_of(target) > floor_of(module)
+    )
+    assert not upward, "imports pointing up a floor:\n" + "\n".join(upward)
+
+
+def test_the_floor_rule_catches_an_upward_import() -> None:
+    assert floor_of("bundle.data.layouts") == 1 and floor_of("bundle.integrations.cli") == 7
+    assert floor_of("bundle.training.losses") == floor_of("bundle.inference.run") == 6
+    assert floor_of("bundle.evaluation.metrics") < floor_of("bundle.training.handlers")

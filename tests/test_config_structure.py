@@ -44,7 +44,7 @@ def test_the_position_check_sees_what_it_must() -> None:
     assert POSITION.search("train#handlers#2#_disabled_")
     assert POSITION.search("%configs/train.yaml::deterministic_transforms#7")
     assert not POSITION.search("train#named_handlers#stats#_disabled_")
-    assert not POSITION.search("bundle.transforms_2d.CLAHEd")
+    assert not POSITION.search("bundle.transforms.CLAHEd")
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -68,7 +68,7 @@ def test_the_demo_overlay_holds_every_demo_setting() -> None:
 
 
 def test_training_without_data_says_what_to_do(tmp_path: Path) -> None:
-    from bundle.data import DataError
+    from bundle.errors import DataError
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.yaml"))

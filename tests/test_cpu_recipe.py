@@ -19,8 +19,8 @@ from monai.bundle import ConfigParser
 from monai.handlers import EarlyStopHandler, LrScheduleHandler
 from monai.transforms import RandCropByPosNegLabeld
 
-from bundle.checkpoints import MODEL_KEY, RECORD_KEY
 from bundle.data import generate_demo_dataset
+from bundle.plan.checkpoints import MODEL_KEY, RECORD_KEY
 
 CPU_CONFIGS = [str(REPO_ROOT / "configs" / "train.yaml"), str(REPO_ROOT / "configs" / "cpu.yaml")]
 

@@ -1,4 +1,4 @@
-"""Cross-validation (bundle.cv, ``python -m bundle cv``): two folds end to end on tiny demo data, the fold summary."""
+"""Cross-validation (``python -m bundle cv``): two folds end to end on tiny demo data, the fold summary."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from bundle.cli import COMMANDS
-from bundle.cv import CaseMetricsCollector, parse_fold_ids, run_cv, summarize_folds
-from bundle.data import DataError, generate_demo_dataset, prepare
+from bundle.data import generate_demo_dataset, prepare
+from bundle.errors import DataError
+from bundle.integrations.cli import COMMANDS
+from bundle.integrations.cv import CaseMetricsCollector, parse_fold_ids, run_cv, summarize_folds
 
 # the tiny network and schedule of tests/test_training.py, as command-line flags
 TINY_FLAGS = [

@@ -14,7 +14,6 @@ from conftest import AFFINE, SHAPE, shared_samples_dir, write_brats_case
 
 from bundle.constants import LABEL_SCHEMES, MODALITIES
 from bundle.data import (
-    DataError,
     assign_folds,
     detect_layout,
     discover_cases,
@@ -25,6 +24,7 @@ from bundle.data import (
     prepare,
     select_cases,
 )
+from bundle.errors import DataError
 from bundle.transforms import LabelsToRegionsd, ToInternalConventiond, map_label_values
 
 # ------------------------------------------------------------------------------------ discovery
@@ -152,7 +152,7 @@ def test_a_fraction_outside_0_1_is_one_sentence(ten_cases: Path, key: str) -> No
 def test_prepare_command_takes_the_holdout_and_subset(ten_cases: Path, tmp_path: Path) -> None:
     import fire
 
-    from bundle.cli import COMMANDS
+    from bundle.integrations.cli import COMMANDS
 
     out = tmp_path / "d.json"
     args = ["prepare", str(ten_cases), "--output", str(out), "--folds", "2", "--holdout_fraction", "0.2"]
@@ -418,7 +418,7 @@ def test_cache_dataset_threads_load_every_channel(tmp_path: Path) -> None:
     """train.yaml's preprocessing cached by four threads: every case keeps its four channels."""
     from monai.bundle import ConfigParser
 
-    from bundle.workflow import make_dataset
+    from bundle.training.workflow import make_dataset
 
     root = tmp_path / "cases"
     for i in range(12):
@@ -445,7 +445,7 @@ def test_cache_dataset_threads_load_every_channel(tmp_path: Path) -> None:
     ],
 )
 def test_label_values_are_read_exactly(tmp_path: Path, values: np.ndarray) -> None:
-    from bundle.data import _read_label_values
+    from bundle.data.io import _read_label_values
 
     rng = np.random.default_rng(0)
     data = rng.choice(values, size=(12, 10, 8)).astype(values.dtype)

@@ -30,8 +30,8 @@ from test_pipeline_2d import train_workflow
 from test_resume import KILLED, _last_checkpoints, _probe, _wait
 
 from bundle.errors import find_user_error
-from bundle.slices import SliceClassesd, SliceDataset, SliceDraw, check_slice_options
-from bundle.workflow import ResumableState, random_states
+from bundle.training.slices import SliceClassesd, SliceDataset, SliceDraw, check_slice_options
+from bundle.training.workflow import ResumableState, random_states
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CONFIGS = REPO_ROOT / "configs"
@@ -303,7 +303,7 @@ def test_m3_learning_rate_moves_once_per_epoch_over_whole_epochs(tmp_path: Path,
 
 
 def test_resumable_state_carries_the_slice_draw_and_the_augmentations() -> None:
-    """What bundle.workflow.ResumableState saves reaches SliceDraw's generator (slices_per_volume) too."""
+    """What bundle.training.workflow.ResumableState saves reaches SliceDraw's generator (slices_per_volume) too."""
     parser = _parser(M3, augment=True, slices_per_volume=2)
     loader: DataLoader = parser.get_parsed_content("train#dataloader")
     states = random_states(loader.dataset)

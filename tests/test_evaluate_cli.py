@@ -18,10 +18,10 @@ import torch
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser
 
-from bundle.checkpoints import build_network, save_model
-from bundle.cli import COMMANDS
 from bundle.data import generate_demo_dataset
-from bundle.evaluation import evaluate_folder
+from bundle.evaluation.reports import evaluate_folder
+from bundle.integrations.cli import COMMANDS
+from bundle.plan.checkpoints import build_network, save_model
 
 SHAPE = (16, 14, 10)
 SPACING = (1.0, 1.0, 2.0)
@@ -212,8 +212,9 @@ def test_evaluate_config_from_a_checkpoint(tmp_path: Path) -> None:
 
 def test_labelled_cases_of_a_fold_and_a_missing_prediction(tmp_path: Path) -> None:
     """evaluate.yaml's data: a datalist fold's validation cases; each prediction must exist before scoring."""
-    from bundle.data import DataError, prepare, select_cases
-    from bundle.evaluation import evaluate_datalist
+    from bundle.data import prepare, select_cases
+    from bundle.errors import DataError
+    from bundle.evaluation.reports import evaluate_datalist
 
     data = generate_demo_dataset(tmp_path / "data", num_cases=4, num_test_cases=1, shape=(16, 16, 12))
     assert [i["case_id"] for i in select_cases(str(data), labelled=True)] == [f"Demo_{i:05d}" for i in range(4)]
@@ -372,7 +373,7 @@ def test_hidden_files_in_a_prediction_folder_are_not_cases(folders: tuple[Path, 
 
 
 def test_evaluate_datalist_checks_headers_first(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    from bundle.evaluation import evaluate_datalist
+    from bundle.evaluation.reports import evaluate_datalist
 
     pred_dir, truth_dir = folders
     for case in ("Case_0", "Case_1", "Case_2"):

@@ -20,8 +20,8 @@ import yaml
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, verify_net_in_out
 
-from bundle.checkpoints import read_record, save_model
-from bundle.export import MAX_FILE_BYTES, bundle_env, export, input_divisors, md5sum, network_data_format
+from bundle.integrations.export import MAX_FILE_BYTES, bundle_env, export, md5sum
+from bundle.plan.checkpoints import input_divisors, network_data_format, read_record, save_model
 
 METADATA = REPO_ROOT / "configs" / "metadata.json"
 
@@ -247,7 +247,7 @@ def test_exported_record_and_metadata_describe_the_inference_network(exported: P
 
 PARITY = """
 import sys, torch
-from bundle.checkpoints import load_model
+from bundle.plan.checkpoints import load_model
 trained = load_model(sys.argv[1])  # the training network, deep-supervision heads and all, in eval mode
 exported = load_model('models/model.pt')  # plain weights + models/model_record.json
 ts = torch.jit.load('models/model.ts', map_location='cpu'); ts.eval()
@@ -371,7 +371,7 @@ def test_zoo_unit_test_pattern_train_evaluate_infer(exported: Path, tmp_path: Pa
 
 def test_a_plain_state_dict_reads_its_record_from_beside_it(tmp_path: Path) -> None:
     """The zoo export's model.pt: plain weights, the record in model_record.json; without it, one sentence."""
-    from bundle.checkpoints import CheckpointError, load_checkpoint, record_file
+    from bundle.plan.checkpoints import CheckpointError, load_checkpoint, record_file
 
     parser = ConfigParser()
     parser.read_config([str(REPO_ROOT / "configs" / f) for f in ("train.yaml", "demo.yaml")])

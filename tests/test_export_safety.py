@@ -1,6 +1,6 @@
 """``python -m bundle export`` never deletes what it did not write, and a failed export leaves nothing.
 
-Through the command users type (``python -m bundle export``, i.e. :func:`bundle.cli.main`): a folder
+Through the command users type (``python -m bundle export``, i.e. :func:`bundle.integrations.cli.main`): a folder
 shaped like a clone of this repository (``.git``, tests, notes, runs, ``configs/metadata.json``), the
 folder the user stands in (``--output .``), a folder holding it, a file, a bad checkpoint. A real
 export then replaces an earlier export, but not one a user has added a file to, nor a zip it did not write.
@@ -15,11 +15,25 @@ from pathlib import Path
 import pytest
 import torch
 
-import bundle.cli
-import bundle.export
-from bundle.checkpoints import network_from_spec, save_model
+import bundle.data.datalist
+import bundle.errors
+import bundle.evaluation.files
+import bundle.evaluation.metrics
+import bundle.evaluation.plots
+import bundle.evaluation.reports
+import bundle.evaluation.statistics
+import bundle.inference.run
+import bundle.integrations.cli
+import bundle.integrations.cv
+import bundle.integrations.export
+import bundle.integrations.monailabel
+import bundle.networks
+import bundle.options
+import bundle.paths
+import bundle.plan.checkpoints
 from bundle.errors import OptionError
-from bundle.export import EXPORT_MARKER, export
+from bundle.integrations.export import EXPORT_MARKER, export
+from bundle.plan.checkpoints import network_from_spec, save_model
 
 
 def _checkout(root: Path) -> dict[Path, bytes]:
@@ -45,7 +59,7 @@ def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *a
     """``python -m bundle export ARGS``: exit status and what it printed on stderr."""
     monkeypatch.setattr(sys, "argv", ["bundle", "export", *args])
     try:
-        bundle.cli.main()
+        bundle.integrations.cli.main()
         status = 0
     except SystemExit as stop:
         status = int(stop.code or 0)
@@ -83,7 +97,7 @@ def test_export_to_the_folder_one_stands_in_is_refused(
 
 def test_export_into_this_repository_is_refused(monkeypatch, tmp_path: Path, checkpoint: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    for inside in (bundle.export.BUNDLE_ROOT, bundle.export.BUNDLE_ROOT / "bundle" / "exported"):
+    for inside in (bundle.paths.BUNDLE_ROOT, bundle.paths.BUNDLE_ROOT / "bundle" / "exported"):
         with pytest.raises(OptionError, match="is this repository or a folder of it"):
             export(str(inside), checkpoint=str(checkpoint))
 
@@ -112,11 +126,11 @@ def _fake_torchscript(out: Path, record: object) -> None:
 def test_an_earlier_export_is_replaced_only_while_it_holds_only_its_own_files(
     monkeypatch, tmp_path: Path, checkpoint: Path
 ) -> None:
-    monkeypatch.setattr(bundle.export, "_export_torchscript", _fake_torchscript)
+    monkeypatch.setattr(bundle.integrations.export, "_export_torchscript", _fake_torchscript)
     out = tmp_path / "dist" / "brats"
     export(str(out), zip=True, checkpoint=str(checkpoint))
     marker = json.loads((out / EXPORT_MARKER).read_text())
-    assert marker["checkpoint_md5"] == bundle.export.md5sum(checkpoint)
+    assert marker["checkpoint_md5"] == bundle.integrations.export.md5sum(checkpoint)
     assert "models/model.pt" in marker["files"] and "configs/metadata.json" in marker["files"]
     assert not [p for p in tmp_path.joinpath("dist").iterdir() if p.name.startswith(".")]  # no staging left
     assert (out.stat().st_mode & 0o777) == (out.parent.stat().st_mode & 0o777)  # as a folder made with mkdir
@@ -146,7 +160,7 @@ def test_an_earlier_export_is_replaced_only_while_it_holds_only_its_own_files(
 
 
 def test_an_empty_folder_is_used(monkeypatch, tmp_path: Path, checkpoint: Path) -> None:
-    monkeypatch.setattr(bundle.export, "_export_torchscript", _fake_torchscript)
+    monkeypatch.setattr(bundle.integrations.export, "_export_torchscript", _fake_torchscript)
     (tmp_path / "empty").mkdir()
     export(str(tmp_path / "empty"), checkpoint=str(checkpoint))
     assert (tmp_path / "empty" / "models" / "model.pt").is_file()

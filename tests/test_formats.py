@@ -20,13 +20,14 @@ from monai.data import ITKReader
 from monai.transforms import Compose
 from test_inference_config import TINY_NET, _checkpoint, _oblique_lps_affine
 
-from bundle.checkpoints import save_model
 from bundle.constants import MODALITIES
-from bundle.data import DataError, check_case, check_cases, discover_cases, image_reader, read_header, select_cases
-from bundle.evaluation import evaluate_folder
-from bundle.files import read_label_map
-from bundle.infer import infer
+from bundle.data import check_case, check_cases, discover_cases, image_reader, read_header, select_cases
+from bundle.errors import DataError
+from bundle.evaluation.files import read_label_map
+from bundle.evaluation.reports import evaluate_folder
+from bundle.inference.run import infer
 from bundle.paths import BUNDLE_ROOT
+from bundle.plan.checkpoints import save_model
 from bundle.transforms import ThreadUnsafeLoadImaged
 
 ITK_FORMATS = (".nrrd", ".mha", ".mhd")

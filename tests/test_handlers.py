@@ -12,8 +12,8 @@ from ignite.engine import Engine, Events
 from monai.handlers import StatsHandler, from_engine
 from monai.metrics import ConfusionMatrixMetric, DiceMetric
 
-from bundle.handlers import BratsHD95Metric, RegionMetric, RegionMetricsCSVHandler
-from bundle.metrics import MAX_DISTANCE_MM, hd95
+from bundle.evaluation.handlers import BratsHD95Metric, RegionMetric, RegionMetricsCSVHandler
+from bundle.evaluation.metrics import MAX_DISTANCE_MM, hd95
 
 
 def _batch():

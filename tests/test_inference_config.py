@@ -1,4 +1,4 @@
-"""End-to-end tests of configs/inference.yaml (through bundle.infer.infer, i.e. monai.bundle's ConfigWorkflow)."""
+"""End-to-end tests of configs/inference.yaml (through inference.run.infer: monai.bundle's ConfigWorkflow)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import torch
 from conftest import shared_samples_dir
 from monai.bundle import ConfigParser
 
-from bundle.checkpoints import build_network, read_record, save_model
 from bundle.constants import MODALITIES
-from bundle.data import DataError, select_cases
-from bundle.infer import BUNDLE_ROOT, check_checkpoint, infer
+from bundle.data import select_cases
+from bundle.errors import DataError
+from bundle.inference.run import check_checkpoint, infer
+from bundle.paths import BUNDLE_ROOT
+from bundle.plan.checkpoints import build_network, read_record, save_model
 
 BRATS_SAMPLES = shared_samples_dir()  # ../shared/brats_samples or $BRATS_SAMPLES_DIR, None without them
 

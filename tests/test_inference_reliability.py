@@ -20,10 +20,12 @@ import pytest
 import yaml
 from test_inference_config import TINY_NET, _checkpoint, _write_case
 
-from bundle.cli import COMMANDS
-from bundle.data import DataError, generate_demo_dataset
-from bundle.errors import OptionError
-from bundle.infer import BUNDLE_ROOT, AtomicSaveImaged, infer
+from bundle.data import generate_demo_dataset
+from bundle.errors import DataError, OptionError
+from bundle.inference.run import infer
+from bundle.inference.writers import AtomicSaveImaged
+from bundle.integrations.cli import COMMANDS
+from bundle.paths import BUNDLE_ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT), "OMP_NUM_THREADS": "1"}
 CASES = ("Case_000", "Case_001", "Case_002")
@@ -277,7 +279,7 @@ def test_two_processes_writing_the_same_cases(setup, tmp_path):
     for run, output in zip(runs, outputs, strict=True):
         assert run.returncode == 0, output[-3000:]
         assert "Traceback" not in output, output[-3000:]
-        assert output.count("bundle.infer - INFO - wrote ") == 3 * len(cases), output[-3000:]
+        assert output.count("bundle.inference.writers - INFO - wrote ") == 3 * len(cases), output[-3000:]
     # the two runs wrote at the same time (each started writing before the other had finished)
     spans = [_write_span(output) for output in outputs]
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
@@ -303,7 +305,7 @@ def test_fortran_order_writer_writes_monai_nibabel_writers_bytes(tmp_path, outpu
     import torch
     from monai.data import MetaTensor, NibabelWriter
 
-    from bundle.infer import FortranOrderNibabelWriter
+    from bundle.inference.writers import FortranOrderNibabelWriter
 
     rng = np.random.default_rng(2)
     voxels = rng.integers(0, 4, size=(1, 23, 19, 11)).astype(np.float32)

@@ -17,9 +17,22 @@ import torch
 from monai.bundle import ConfigParser
 from test_inference_config import TINY_NET, _write_case, training_recipe
 
-import bundle.cli
-from bundle.checkpoints import build_network, check_window, inference_window, read_record, save_model
+import bundle.data.datalist
+import bundle.errors
+import bundle.evaluation.files
+import bundle.evaluation.metrics
+import bundle.evaluation.plots
+import bundle.evaluation.reports
+import bundle.evaluation.statistics
+import bundle.inference.run
+import bundle.integrations.cli
+import bundle.integrations.cv
+import bundle.integrations.export
+import bundle.integrations.monailabel
+import bundle.options
+import bundle.paths
 from bundle.errors import OptionError
+from bundle.plan.checkpoints import build_network, check_window, inference_window, read_record, save_model
 
 PATCH = [16, 16, 16]
 WINDOW = [24, 24, 16]  # TINY_NET down-samples 4x per axis (strides 1, 2, 2)
@@ -48,7 +61,7 @@ def _windows_of_bundle_infer(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -
         original(self, roi_size, *args, **kwargs)
 
     monkeypatch.setattr(monai.inferers.SlidingWindowInferer, "__init__", recording_init)
-    fire.Fire(bundle.cli.COMMANDS, command=argv)
+    fire.Fire(bundle.integrations.cli.COMMANDS, command=argv)
     return windows
 
 
@@ -83,7 +96,7 @@ def test_a_window_the_network_cannot_take_is_one_sentence_before_any_case(
         r"^roi_size: \[18, 20, 20\] is not a multiple of \[4, 4, 4\] per side, .*DynUNet.*; e\.g\. \[20, 20, 20\]$"
     )
     with pytest.raises(OptionError, match=message):
-        fire.Fire(bundle.cli.COMMANDS, command=[*argv, "--roi_size", "[18,20,20]"])
+        fire.Fire(bundle.integrations.cli.COMMANDS, command=[*argv, "--roi_size", "[18,20,20]"])
     assert not (tmp_path / "x").exists()
     with pytest.raises(OptionError, match=r"^roi_size: \[16, 16\] is not 3 positive whole numbers"):
         inference_window(read_record(checkpoint), [16, 16])

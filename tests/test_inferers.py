@@ -1,4 +1,4 @@
-"""Tests for bundle/inferers.py: flip test-time augmentation around a MONAI inferer."""
+"""Tests for bundle/inference/inferers.py: flip test-time augmentation around a MONAI inferer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 from monai.inferers import SimpleInferer, SliceInferer, SlidingWindowInferer
 from monai.transforms import FlattenSubKeysd
 
-from bundle.inferers import FlipTTAInferer, flip_combinations
+from bundle.inference.inferers import FlipTTAInferer, flip_combinations
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -27,12 +27,11 @@ import torch
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser
 
-from bundle.checkpoints import save_model
 from bundle.constants import LABEL_SCHEMES, MODALITIES, MSD_CHANNEL_ORDER
-from bundle.data import DataError, make_phantom
-from bundle.errors import UserError
-from bundle.export import md5sum
-from bundle.label import (
+from bundle.data import make_phantom
+from bundle.errors import DataError, UserError
+from bundle.integrations.export import md5sum
+from bundle.integrations.monailabel import (
     MODEL_NAME,
     PRED_KEY,
     app_inference_config,
@@ -44,6 +43,7 @@ from bundle.label import (
     label_channel_def,
     prepare_studies,
 )
+from bundle.plan.checkpoints import save_model
 
 # A tiny network and patch so CPU inference and one training epoch take seconds.
 TINY = {"network_factory#filters": [4, 8, 16, 32, 64], "roi_size": [32, 32, 32], "num_workers": 0}
@@ -170,7 +170,7 @@ def test_served_weights_survive_restarts_and_are_chosen_explicitly(
 ) -> None:
     models = tmp_path / "work" / "models"
     first = tiny_checkpoint(tmp_path / "first.pt", seed=0)
-    caplog.set_level(logging.INFO, logger="bundle.label")
+    caplog.set_level(logging.INFO, logger="bundle.integrations.monailabel")
     served = choose_checkpoint(models, first)
     assert md5sum(served) == md5sum(first) and f"copied from {first}" in caplog.text
 
@@ -240,7 +240,7 @@ def test_label_serve_command_ends_a_misspelt_option_with_one_sentence(brats_data
 
 
 def test_tta_default_is_one_pass_without_cuda_and_reads_strings(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="bundle.label")
+    caplog.set_level(logging.INFO, logger="bundle.integrations.monailabel")
     assert default_tta("false") is False and default_tta("true") is True
     if not torch.cuda.is_available():
         assert default_tta(None) is False
@@ -301,7 +301,7 @@ def test_train_yaml_honours_monai_label_overrides_on_brats_links(brats_dataset: 
     studies = prepare_studies(brats_dataset, tmp_path / "work")
     final = studies.folder / "labels" / "final"
     items = [{"image": str(studies.folder / p.name), "label": str(p)} for p in sorted(final.iterdir())]
-    # the app's train.json (bundle.label.assemble_app writes it): MONAI Label edits its train#handlers list
+    # the app's train.json (monailabel.assemble_app writes it): MONAI Label edits its train#handlers list
     train_json = tmp_path / "train.json"
     ConfigParser.export_config_file(app_train_config(REPO_ROOT, {}, studies.layout), str(train_json))
     config = ConfigParser.load_config_file(str(train_json))
@@ -493,7 +493,7 @@ def test_saved_labels_train_and_trained_weights_survive_a_restart(server: Server
     label = _infer(server, "BraTS2021_00003")
 
     # the same case segmented by the bundle itself with the trained weights, one pass, BraTS 2021 values
-    from bundle.infer import infer
+    from bundle.inference.run import infer
 
     (expected,) = infer(
         str(server.dataset / "BraTS2021_00003"),

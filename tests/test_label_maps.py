@@ -1,4 +1,4 @@
-"""Tests for bundle/label_maps.py: label-scheme mapping, bounding boxes and connected components, one helper each."""
+"""Tests for bundle/: label-scheme mapping, bounding boxes and connected components, one helper each."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 
 from bundle.constants import BACKGROUND, ED, ET, LABEL_SCHEMES, NCR
-from bundle.label_maps import (
+from bundle.data.labels import (
     INTERNAL,
     bounding_box,
     connected_components,

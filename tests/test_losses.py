@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.losses import DiceFocalLoss, TverskyLoss
 
-from bundle.losses import (
+from bundle.training.losses import (
     AdaptiveTverskyLoss,
     FocalTverskyLoss,
     RegionDiceBCELoss,

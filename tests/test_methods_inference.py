@@ -18,7 +18,7 @@ import yaml
 from monai.bundle import ConfigParser
 from test_methods_table import _split_top_level
 
-from bundle.recipes import normalise_recipe
+from bundle.plan.recipes import normalise_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ROOT / "docs" / "methods.md"

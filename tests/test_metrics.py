@@ -13,16 +13,8 @@ import pytest
 from scipy import ndimage
 
 from bundle.constants import DISJOINT_CLASSES, LABEL_SCHEMES, REGIONS
-from bundle.evaluation import (
-    case_id_from_path,
-    compare,
-    evaluate_folder,
-    load_label_map,
-    read_metrics_csv,
-    summarize,
-    write_metrics_csv,
-)
-from bundle.metrics import (
+from bundle.evaluation.files import case_id_from_path, load_label_map, read_metrics_csv, write_metrics_csv
+from bundle.evaluation.metrics import (
     MAX_DISTANCE_MM,
     evaluate_case,
     hd95,
@@ -33,6 +25,8 @@ from bundle.metrics import (
     region_masks,
     surface_distances,
 )
+from bundle.evaluation.reports import evaluate_folder, summarize
+from bundle.evaluation.statistics import compare
 
 SAMPLES = Path(os.environ.get("BRATS_SAMPLES", Path(__file__).parents[2] / "shared" / "brats_samples"))
 

@@ -13,8 +13,8 @@ from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
 from test_training import TINY
 
-from bundle.checkpoints import model_state
 from bundle.data import generate_demo_dataset
+from bundle.plan.checkpoints import model_state
 
 CONFIGS = [str(REPO_ROOT / "configs" / "train.yaml"), str(REPO_ROOT / "configs" / "multi_gpu_train.yaml")]
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from bundle.losses import RegionDiceBCELoss, StackedDeepSupervisionLoss
 from bundle.networks import (
     ContextExtraction,
     LargeKernelAttention,
@@ -21,6 +20,7 @@ from bundle.networks import (
     ResUNet,
     UpResidualBlock,
 )
+from bundle.training.losses import RegionDiceBCELoss, StackedDeepSupervisionLoss
 
 LEAKY = ("leakyrelu", {"negative_slope": 0.01})
 

@@ -27,12 +27,31 @@ from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
 from test_inference_config import TINY_NET, _checkpoint
 
-import bundle.cli
-import bundle.evaluation
-import bundle.infer
+import bundle.atomic
+import bundle.constants
+import bundle.data.datalist
+import bundle.data.io
+import bundle.data.labels
+import bundle.data.layouts
+import bundle.errors
+import bundle.evaluation.files
+import bundle.evaluation.metrics
+import bundle.evaluation.plots
+import bundle.evaluation.reports
+import bundle.evaluation.statistics
+import bundle.inference.run
+import bundle.inference.writers
+import bundle.integrations.cli
+import bundle.integrations.cv
+import bundle.integrations.export
+import bundle.integrations.monailabel
+import bundle.options
+import bundle.paths
+import bundle.plan.checkpoints
+import bundle.plan.recipes
 from bundle.errors import OptionError, find_user_error
 from bundle.options import as_bool
-from bundle.recipes import STEPS
+from bundle.plan.recipes import STEPS
 
 CONFIGS = REPO_ROOT / "configs"
 TRUE_SPELLINGS = ["true", "True", "TRUE", "1", "yes", "Yes", "on"]
@@ -68,7 +87,7 @@ def _config_files() -> list[Path]:
 
 
 #: inference.yaml's boolean options of the model's inference recipe: null there ("as the checkpoint's recipe"),
-#: read by bundle.recipes.resolve_recipe (with as_bool) when the initialize step evaluates @recipe
+#: read by bundle.plan.recipes.resolve_recipe (with as_bool) when the initialize step evaluates @recipe
 RECIPE_FLAGS = {"tta", *STEPS}
 
 
@@ -162,13 +181,13 @@ def _salient_probe(parser: ConfigParser) -> bool:
 def _evaluate_flag(index: int) -> Callable[[ConfigParser], bool]:
     def probe(parser: ConfigParser) -> bool:
         captured: list[tuple] = []
-        original = bundle.evaluation.evaluate_datalist
-        bundle.evaluation.evaluate_datalist = lambda *args: captured.append(args)  # type: ignore[assignment]
+        original = bundle.evaluation.reports.evaluate_datalist
+        bundle.evaluation.reports.evaluate_datalist = lambda *args: captured.append(args)  # type: ignore[assignment]
         try:
             parser["labelled_cases"] = "$[]"
             parser.get_parsed_content("run#1")
         finally:
-            bundle.evaluation.evaluate_datalist = original
+            bundle.evaluation.reports.evaluate_datalist = original
         return bool(captured[0][index])
 
     return probe
@@ -176,13 +195,13 @@ def _evaluate_flag(index: int) -> Callable[[ConfigParser], bool]:
 
 def _overwrite_probe(parser: ConfigParser) -> bool:
     captured: list[tuple] = []
-    original = bundle.infer.cases_to_segment
-    bundle.infer.cases_to_segment = lambda *args: captured.append(args) or []  # type: ignore[assignment]
+    original = bundle.inference.run.cases_to_segment
+    bundle.inference.run.cases_to_segment = lambda *args: captured.append(args) or []  # type: ignore[assignment]
     try:
         parser["datalist"] = "$[]"
         parser.get_parsed_content("cases_to_run")
     finally:
-        bundle.infer.cases_to_segment = original
+        bundle.inference.run.cases_to_segment = original
     return bool(captured[0][2])
 
 
@@ -303,7 +322,7 @@ def _bundle_cli(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> dict[str, A
 
     monkeypatch.setattr(monai.bundle, "ConfigWorkflow", workflow)
     with pytest.raises(_RecordedError):
-        fire.Fire(bundle.cli.COMMANDS, command=argv)
+        fire.Fire(bundle.integrations.cli.COMMANDS, command=argv)
     return seen
 
 
@@ -314,7 +333,7 @@ def test_bundle_infer_reads_its_flags_as_typed(monkeypatch: pytest.MonkeyPatch, 
             settings = _bundle_cli(monkeypatch, ["infer", str(tmp_path), f"--{flag}", word])
             assert settings[flag] is expected, f"--{flag} {word}"
     with pytest.raises(OptionError, match=rf"^{flag}: 'maybe' is not a boolean"):
-        fire.Fire(bundle.cli.COMMANDS, command=["infer", str(tmp_path), f"--{flag}", "maybe"])
+        fire.Fire(bundle.integrations.cli.COMMANDS, command=["infer", str(tmp_path), f"--{flag}", "maybe"])
 
 
 def test_bundle_infer_passes_config_keys_on_for_the_config_to_read(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -326,7 +345,7 @@ def test_bundle_infer_passes_config_keys_on_for_the_config_to_read(monkeypatch: 
     ("argv", "target", "name"),
     [
         (["prepare", "--dataset_dir", "D", "--skip_bad"], "bundle.data.prepare", "skip_bad"),
-        (["export", "--output", "O", "--zip"], "bundle.export.export", "zip"),
+        (["export", "--output", "O", "--zip"], "bundle.integrations.export.export", "zip"),
     ],
 )
 def test_bundle_commands_read_their_flags_as_typed(
@@ -337,30 +356,30 @@ def test_bundle_commands_read_their_flags_as_typed(
     monkeypatch.setattr(f"{module}.{function}", lambda *a, **kw: calls.append(kw))
     for words, expected in ((FALSE_SPELLINGS, False), (TRUE_SPELLINGS, True)):
         for word in words:
-            fire.Fire(bundle.cli.COMMANDS, command=[*argv, word])
+            fire.Fire(bundle.integrations.cli.COMMANDS, command=[*argv, word])
             assert calls.pop()[name] is expected, f"--{name} {word}"
     with pytest.raises(OptionError, match=rf"^{name}: 'ja' is not a boolean"):
-        fire.Fire(bundle.cli.COMMANDS, command=[*argv, "ja"])
+        fire.Fire(bundle.integrations.cli.COMMANDS, command=[*argv, "ja"])
 
 
 @pytest.mark.parametrize("flag", ["lesion_wise", "include_disjoint", "plots"])
 def test_bundle_evaluate_reads_its_flags_as_typed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: str) -> None:
     calls: list[tuple] = []
-    monkeypatch.setattr(bundle.evaluation, "check_predictions_exist", lambda *a: None)
-    monkeypatch.setattr(bundle.evaluation, "evaluate_folder", lambda *a: calls.append(("evaluate", *a)))
-    monkeypatch.setattr(bundle.evaluation, "evaluation_plots", lambda *a: calls.append(("plots",)))
+    monkeypatch.setattr(bundle.evaluation.reports, "check_predictions_exist", lambda *a: None)
+    monkeypatch.setattr(bundle.evaluation.reports, "evaluate_folder", lambda *a: calls.append(("evaluate", *a)))
+    monkeypatch.setattr(bundle.evaluation.reports, "evaluation_plots", lambda *a: calls.append(("plots",)))
     base = ["evaluate", "--pred", str(tmp_path), "--truth", str(tmp_path)]
     for words, expected in ((FALSE_SPELLINGS, False), (TRUE_SPELLINGS, True)):
         for word in words:
             calls.clear()
-            fire.Fire(bundle.cli.COMMANDS, command=[*base, f"--{flag}", word])
+            fire.Fire(bundle.integrations.cli.COMMANDS, command=[*base, f"--{flag}", word])
             if flag == "plots":
                 assert (("plots",) in calls) is expected, f"--plots {word}"
             else:
                 args = calls[0]
                 assert args[{"lesion_wise": 6, "include_disjoint": 7}[flag]] is expected, f"--{flag} {word}"
     with pytest.raises(OptionError, match=rf"^{flag}: 'oui' is not a boolean"):
-        fire.Fire(bundle.cli.COMMANDS, command=[*base, f"--{flag}", "oui"])
+        fire.Fire(bundle.integrations.cli.COMMANDS, command=[*base, f"--{flag}", "oui"])
 
 
 # ------------------------------------------------------------------ the observed bug, end to end

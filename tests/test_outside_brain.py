@@ -21,8 +21,8 @@ from monai.data import MetaTensor
 
 from bundle.constants import BACKGROUND, ED, ET, MODALITIES
 from bundle.errors import OptionError
-from bundle.postprocessing import OutsideBrainToBackgroundd
-from bundle.recipes import normalise_recipe, resolve_recipe
+from bundle.inference.postprocessing import OutsideBrainToBackgroundd
+from bundle.plan.recipes import normalise_recipe, resolve_recipe
 
 BRATS_SAMPLES = shared_samples_dir()
 STACKS = {
@@ -137,7 +137,7 @@ def test_a_recorded_recipe_that_predates_the_step_runs_without_it(caplog: pytest
     m4 = parser.get_parsed_content("inference_recipe")
     old = {key: value for key, value in m4.items() if key != "mask_outside_brain"}
     record = {"output_type": "regions", "inference_recipe": old}
-    with caplog.at_level("INFO", logger="bundle.recipes"):
+    with caplog.at_level("INFO", logger="bundle.plan.recipes"):
         assert resolve_recipe(record, m4, checkpoint="old.pt")["mask_outside_brain"] is False
     assert "old.pt records its recipe without mask_outside_brain" in caplog.text
     assert resolve_recipe(record, m4, checkpoint="old.pt", mask_outside_brain="true")["mask_outside_brain"] is True

@@ -18,11 +18,12 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
 from torch import nn
 
-from bundle.checkpoints import save_model
 from bundle.data import generate_demo_dataset
-from bundle.gate import GatedSliceInferer, tumour_class, tumour_present
-from bundle.slices import ResizedSliceInferer
-from bundle.transforms_2d import (
+from bundle.inference.gate import GatedSliceInferer
+from bundle.inference.inferers import ResizedSliceInferer
+from bundle.plan.checkpoints import save_model
+from bundle.training.gate import tumour_class, tumour_present
+from bundle.transforms import (
     CLAHEd,
     ClipNonzeroPercentilesd,
     RandChannelGammad,
@@ -238,7 +239,7 @@ def test_gated_inference_logs_the_gate_and_the_slices_it_passes(tmp_path: Path) 
     M2's recipe (one pass); the stand-in gate passes the slices made bright in channel 0: the upper half of
     Case_0's 16 slices, 4 of Case_1's.
     """
-    from bundle.infer import variant_recipe
+    from bundle.inference.run import variant_recipe
 
     depth = 16
     rng = np.random.default_rng(7)
@@ -263,7 +264,7 @@ def test_gated_inference_logs_the_gate_and_the_slices_it_passes(tmp_path: Path) 
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    gate_lines = [line for line in log.splitlines() if " - bundle.infer - INFO - gate: " in line]
+    gate_lines = [line for line in log.splitlines() if " - bundle.inference.run - INFO - gate: " in line]
     assert len(gate_lines) == 1 and f"gate: {tmp_path / 'gate.pt'}, threshold 0.4:" in gate_lines[0], log[-3000:]
     assert "Case_0: the gate passed 8 of 16 slices to the segmenter (50.0 %)" in log, log[-3000:]
     assert "Case_1: the gate passed 4 of 16 slices to the segmenter (25.0 %)" in log
@@ -283,7 +284,7 @@ def test_gated_inference_logs_the_gate_and_the_slices_it_passes(tmp_path: Path) 
 @pytest.mark.parametrize("threshold", [1.5, -0.1, "high", True])
 def test_a_gate_threshold_that_is_no_probability_is_refused_before_any_case(threshold: Any) -> None:
     from bundle.errors import OptionError
-    from bundle.infer import log_recipe
+    from bundle.inference.run import log_recipe
 
     record = {"network": {"spatial_dims": 2}, "output_type": "binary"}
     with pytest.raises(OptionError, match=r"^gate_threshold: .* is not a probability \(a number in \[0, 1\]\)$"):
@@ -299,8 +300,8 @@ def test_gate_slice_log_counts_every_flip_of_test_time_augmentation(
 
     from ignite.engine import Engine
 
-    from bundle.gate import GateSliceLog
-    from bundle.inferers import FlipTTAInferer
+    from bundle.inference.gate import GateSliceLog
+    from bundle.inference.inferers import FlipTTAInferer
 
     gated = GatedSliceInferer(gate=_BrightnessGate(), model_size=(32, 32), out_channels=1, spatial_dim=2)
     inferer = FlipTTAInferer(base_inferer=gated, tta=True, flip_batch_size=flip_batch_size)
@@ -309,7 +310,7 @@ def test_gate_slice_log_counts_every_flip_of_test_time_augmentation(
     volume[:, 0, ..., :6] = 1.0  # 6 of the 10 slices are "tumour-bearing" for the stand-in gate
     engine = Engine(lambda engine, batch: inferer(batch["image"], segmenter))
     GateSliceLog(gated).attach(engine)
-    caplog.set_level(logging.INFO, logger="bundle.gate")
+    caplog.set_level(logging.INFO, logger="bundle.inference.gate")
     engine.run([{"image": volume, "case_id": ["Case_7"]}], max_epochs=1)
     assert segmenter.slices_seen == 24
     line = "Case_7: the gate passed 24 of 40 slices to the segmenter (60.0 %; 10 slices in each of 4 flips)"
@@ -421,8 +422,8 @@ def test_gate_takes_resnet50_weights_from_a_file_adapting_the_first_convolution(
 
 def test_one_gate_epoch_through_the_bundle(tmp_path: Path) -> None:
     """configs/train_gate.yaml trains and validates the classifier and writes gate.pt with its record."""
-    from bundle.checkpoints import read_record
-    from bundle.gate import load_gate
+    from bundle.inference.gate import load_gate
+    from bundle.plan.checkpoints import read_record
 
     # 48 x 48 x 40 phantoms: some axial slices of the brain hold no tumour (at 32 x 32 x 24 all do)
     data = generate_demo_dataset(tmp_path / "demo", num_cases=4, num_test_cases=0, shape=(48, 48, 40))

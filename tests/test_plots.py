@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from bundle.constants import ED, ET, NCR
-from bundle.evaluation import write_metrics_csv
-from bundle.plots import (
-    LABEL_COLOURS,
+from bundle.constants import ED, ET, LABEL_COLOURS, NCR
+from bundle.evaluation.files import write_metrics_csv
+from bundle.evaluation.plots import (
     overlay_rgb,
     plot_case_overlays,
     plot_metric_boxplot,

@@ -1,4 +1,4 @@
-"""Tests for bundle/probs_to_labels.py and bundle/postprocessing.py: probabilities -> labels, M4's clean-up."""
+"""Tests for bundle/ and bundle/: probabilities -> labels, M4's clean-up."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from monai.transforms import Compose
 from scipy import ndimage
 
 from bundle.constants import BACKGROUND, ED, ET, NCR
-from bundle.postprocessing import (
+from bundle.inference.postprocessing import (
     CloseTumourRegionsd,
     RemoveSmallTumourComponentsd,
     SmallETComponentsToNCRd,
@@ -22,7 +22,7 @@ from bundle.postprocessing import (
     small_et_components_to_ncr,
     small_et_volume_to_ncr,
 )
-from bundle.probs_to_labels import (
+from bundle.inference.to_labels import (
     ClassesToLabelsd,
     LabelsToSchemed,
     RegionsToLabelsd,

@@ -1,4 +1,4 @@
-"""Each method's inference recipe: recorded by training, run by inference, overridden by the user (bundle/recipes.py).
+"""Each method's inference recipe: recorded by training, run by inference, overridden by the user (bundle/).
 
 The end-to-end tests run small checkpoints of each output type through the entry points users type
 (``python -m monai.bundle run --config_file configs/inference.yaml``, ``python -m bundle infer``) and
@@ -23,20 +23,20 @@ from monai.bundle import ConfigParser
 from scipy import ndimage
 from test_inference_config import _write_case, single_thread, training_recipe  # noqa: F401 (an autouse fixture)
 
-from bundle.checkpoints import ModelRecord, build_network, read_record, save_model
 from bundle.constants import ED, ET, NCR
+from bundle.data.labels import bounding_box, to_internal
 from bundle.errors import OptionError, find_user_error
-from bundle.files import load_label_map
-from bundle.infer import infer, variant_recipe
-from bundle.label_maps import bounding_box, to_internal
-from bundle.postprocessing import (
+from bundle.evaluation.files import load_label_map
+from bundle.inference.postprocessing import (
     close_tumour_regions,
     remove_small_tumour_components,
     small_et_components_to_ncr,
     small_et_volume_to_ncr,
 )
-from bundle.probs_to_labels import regions_to_labels
-from bundle.recipes import RECIPE_KEYS, STEPS, normalise_recipe, recipe_for, resolve_recipe, training_config
+from bundle.inference.run import infer, variant_recipe
+from bundle.inference.to_labels import regions_to_labels
+from bundle.plan.checkpoints import ModelRecord, build_network, read_record, save_model
+from bundle.plan.recipes import RECIPE_KEYS, STEPS, normalise_recipe, recipe_for, resolve_recipe, training_config
 
 CONFIGS = REPO_ROOT / "configs"
 VARIANTS = sorted((CONFIGS / "variants").glob("*.yaml"))
@@ -209,7 +209,7 @@ def test_another_methods_recipe_must_fit_the_model() -> None:
 
 
 def test_a_checkpoint_without_a_recipe_runs_m4s_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="bundle.recipes"):
+    with caplog.at_level(logging.WARNING, logger="bundle.plan.recipes"):
         assert resolve_recipe(_record("regions", None), M4, checkpoint="old.pt") == normalise_recipe(M4, "regions")
     assert "old.pt records no inference recipe" in caplog.text and "running M4's recipe" in caplog.text
     # as inference ran such checkpoints before: class models argmax, binary models a 0.5 mask, no ET steps

@@ -22,9 +22,9 @@ from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 from test_inference_config import TINY_NET, _checkpoint
 
-from bundle.data import DataError, generate_demo_dataset, make_datalist
-from bundle.errors import find_user_error
-from bundle.infer import infer
+from bundle.data import generate_demo_dataset, make_datalist
+from bundle.errors import DataError, find_user_error
+from bundle.inference.run import infer
 from bundle.transforms import ThreadUnsafeLoadImaged
 
 CASE = "BraTS2021_00001"
@@ -171,7 +171,7 @@ def test_the_loader_refuses_non_finite_voxels_and_names_the_modality_file(tmp_pa
 
 
 def test_monai_label_inference_config_refuses_a_nan_case(tmp_path: Path) -> None:
-    from bundle.label import app_inference_config
+    from bundle.integrations.monailabel import app_inference_config
 
     image = np.random.default_rng(0).uniform(0, 100, (12, 10, 8, 4)).astype(np.float32)
     image[0, 0, 0, 1] = np.nan
@@ -240,7 +240,7 @@ def test_the_non_finite_guard_checks_weights_at_the_end_of_an_epoch() -> None:
     from ignite.engine import Engine
 
     from bundle.errors import NonFiniteError
-    from bundle.handlers import StopOnNonFiniteLoss
+    from bundle.training.handlers import StopOnNonFiniteLoss
 
     def guarded_engine(loss: float) -> Engine:
         engine = Engine(lambda e, b: {"loss": torch.tensor(loss)})

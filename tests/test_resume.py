@@ -23,7 +23,7 @@ from conftest import REPO_ROOT
 from test_training import TINY
 
 from bundle.data import generate_demo_dataset
-from bundle.workflow import (
+from bundle.training.workflow import (
     AtomicDiskSaver,
     NewPassEachEpoch,
     ResumableCheckpointSaver,
@@ -142,7 +142,7 @@ def test_resume_is_bit_exact_when_the_batches_do_not_divide_steps_per_epoch(tmp_
     """configs/cpu.yaml's fixed epochs: 3 steps over passes of 2 batches, so epoch 1 ends inside the second pass.
 
     Killed in epoch 2 and resumed from epoch 1's checkpoint (iteration 3, mid-pass), the run equals the
-    uninterrupted one (before bundle.workflow.NewPassEachEpoch, iteration 4 differed).
+    uninterrupted one (before bundle.training.workflow.NewPassEachEpoch, iteration 4 differed).
     """
     cpu = {"configs": ("configs/train.yaml", "configs/cpu.yaml"), "steps_per_epoch": 3, "val_roi_size": [32, 32, 32]}
     reference, killed = tmp_path / "reference", tmp_path / "killed"

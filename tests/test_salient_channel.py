@@ -20,7 +20,12 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from test_inference_config import single_thread  # noqa: F401 - its autouse fixture: one intra-op thread
 
-from bundle.checkpoints import (
+from bundle.constants import MODALITIES, SALIENT_CHANNEL
+from bundle.errors import OptionError
+from bundle.inference.run import infer
+from bundle.integrations.monailabel import app_inference_config
+from bundle.paths import working_directory
+from bundle.plan.checkpoints import (
     CheckpointError,
     build_network,
     network_data_format,
@@ -28,11 +33,6 @@ from bundle.checkpoints import (
     salient_channel,
     save_model,
 )
-from bundle.constants import MODALITIES, SALIENT_CHANNEL
-from bundle.errors import OptionError
-from bundle.infer import infer
-from bundle.label import app_inference_config
-from bundle.paths import working_directory
 from bundle.transforms import SalientMaskd, input_channel_names
 
 FIVE = [*MODALITIES, SALIENT_CHANNEL]
@@ -213,7 +213,7 @@ def test_zoo_export_of_a_best_setting_checkpoint_says_five_channels(tmp_path: Pa
     import subprocess
     import sys
 
-    from bundle.export import bundle_env, export
+    from bundle.integrations.export import bundle_env, export
 
     checkpoint = _checkpoint(tmp_path / "best.pt", True)
     out = Path(export(str(tmp_path / "exported"), checkpoint=str(checkpoint)))

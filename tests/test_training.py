@@ -16,7 +16,8 @@ from conftest import REPO_ROOT, shared_samples_dir
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from bundle.data import DataError, generate_demo_dataset
+from bundle.data import generate_demo_dataset
+from bundle.errors import DataError
 
 TINY = {
     "num_folds": 2,
@@ -84,7 +85,7 @@ def test_one_epoch_through_the_bundle_cli(tmp_path: Path, tiny_demo: Path) -> No
     assert list((tmp_path / "out").glob("events.out.tfevents.*")), "no TensorBoard log"
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("input_block") for k in best["model"]), "model.pt holds the network's state dict"
-    record = best["model_record"]  # and what built it (bundle.checkpoints)
+    record = best["model_record"]  # and what built it (bundle.plan.checkpoints)
     assert record["network"]["_target_"] == "bundle.networks.nets.M4UNet"
     assert record["network"]["filters"] == TINY["network_factory#filters"]
     assert record["network"]["strides"] == [1, 2, 2, 2, 2]  # the depth follows the filters
@@ -173,7 +174,7 @@ def test_disk_cache_keeps_affines_and_is_keyed_by_transforms(tmp_path: Path, tin
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityd
 
     from bundle.data import make_datalist
-    from bundle.workflow import make_dataset
+    from bundle.training.workflow import make_dataset
 
     items = make_datalist(tiny_demo, folds=1)["training"][:1]
     load = [LoadImaged(keys="label", image_only=True), EnsureChannelFirstd(keys="label")]
@@ -192,7 +193,7 @@ def test_caches_hold_a_nested_composes_deterministic_steps(cache: str, tmp_path:
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform
 
     from bundle.data import make_datalist
-    from bundle.workflow import make_dataset
+    from bundle.training.workflow import make_dataset
 
     class Counting(MapTransform):
         calls = 0
@@ -232,7 +233,7 @@ def test_cached_cases_hold_the_cropped_brain_not_the_whole_volume_behind_it(tiny
 
 def test_patience_is_given_in_epochs_and_counted_in_validations() -> None:
     from bundle.errors import OptionError
-    from bundle.handlers import improvement_score, patience_in_validations
+    from bundle.training.handlers import improvement_score, patience_in_validations
 
     assert patience_in_validations(10, 2) == 5  # M4: 10 epochs, a validation every 2
     assert patience_in_validations(10, 3) == 4  # at least 10 epochs

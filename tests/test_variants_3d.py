@@ -27,8 +27,8 @@ import torch
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from bundle.checkpoints import network_from_checkpoint
 from bundle.data import generate_demo_dataset
+from bundle.plan.checkpoints import network_from_checkpoint
 
 TINY = {
     "num_folds": 2,

@@ -1,6 +1,6 @@
 """The bundle's U-Nets (methods M1-M4 in ``docs/methods.md``).
 
-Two deep-supervision contracts, both read by ``bundle.losses.StackedDeepSupervisionLoss`` (MONAI's
+Two deep-supervision contracts, both read by ``bundle.training.losses.StackedDeepSupervisionLoss`` (MONAI's
 ``DeepSupervisionLoss``):
 
 * heads up-sampled (``ResUNet``, ``ResSELKAUNet``, MONAI's ``DynUNet``, and ``M4UNet`` with

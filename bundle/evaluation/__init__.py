@@ -1,0 +1,1 @@
+"""Scoring: per-case metrics, Ignite metric handlers, label-map and table files, reports, paired statistics, plots."""

@@ -1,0 +1,135 @@
+"""Paired comparisons between two runs (``python -m bundle compare A B``).
+
+:func:`compare` pairs two runs' ``metrics.csv`` by case and region and reports, per metric and region,
+the mean difference B - A with its bootstrap confidence interval, Wilcoxon's signed-rank and the paired
+t-test's p-values, and a verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from bundle.evaluation.files import (
+    read_metrics_csv,
+    write_metrics_table,
+)
+from bundle.evaluation.reports import LOWER_IS_BETTER, SUMMARY_METRICS
+
+
+def compare(
+    run_a_csv: str | Path,
+    run_b_csv: str | Path,
+    metrics: Sequence[str] | None = None,
+    n_bootstrap: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    output_csv: str | Path | None = None,
+    verbose: bool = True,
+) -> list[dict]:
+    """Paired comparison of two runs' ``metrics.csv`` (B minus A), per region and metric.
+
+    Cases are paired by case id; both files must hold the same cases and regions (a ``ValueError`` names
+    the file and the cases that differ). Each result row has ``region``, ``metric``, ``n``, ``mean_a``,
+    ``mean_b``, ``mean_diff`` (B - A), ``ci_low`` / ``ci_high`` (percentile bootstrap 95 % CI of the mean
+    difference, ``n_bootstrap`` resamples of the cases, seeded), ``p_wilcoxon`` (two-sided Wilcoxon
+    signed-rank) and ``p_ttest`` (two-sided paired t-test), and ``verdict``: B is called better or worse
+    only if the Wilcoxon p-value is below ``alpha`` *and* the bootstrap CI excludes 0; otherwise
+    "no significant difference". Identical runs give mean difference 0 and p-values of 1.
+    """
+    a, b = read_metrics_csv(run_a_csv), read_metrics_csv(run_b_csv)
+    index_a, index_b = _index_rows(a, run_a_csv), _index_rows(b, run_b_csv)
+    only_a = sorted({c for c, _ in index_a} - {c for c, _ in index_b})
+    only_b = sorted({c for c, _ in index_b} - {c for c, _ in index_a})
+    if only_a:
+        raise ValueError(f"{run_b_csv}: missing case(s) present in {run_a_csv}: {', '.join(only_a)}")
+    if only_b:
+        raise ValueError(f"{run_a_csv}: missing case(s) present in {run_b_csv}: {', '.join(only_b)}")
+    if set(index_a) != set(index_b):
+        diff = sorted(set(index_a) ^ set(index_b))
+        raise ValueError(f"{run_a_csv} and {run_b_csv}: regions differ for (case, region) {diff[:5]}")
+    cases = sorted({c for c, _ in index_a})
+    regions = list(dict.fromkeys(r["region"] for r in a))
+    metrics = [m for m in (metrics or SUMMARY_METRICS) if m in a[0] and m in b[0]]
+    rng = np.random.default_rng(seed)
+    resample = rng.integers(0, len(cases), size=(n_bootstrap, len(cases)))
+    results = []
+    for region in regions:
+        for metric in metrics:
+            va = np.array([index_a[(c, region)][metric] for c in cases], dtype=float)
+            vb = np.array([index_b[(c, region)][metric] for c in cases], dtype=float)
+            diff = vb - va
+            boot = diff[resample].mean(axis=1)
+            ci_low, ci_high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+            p_w, p_t = _paired_p_values(diff)
+            results.append(
+                {
+                    "region": region,
+                    "metric": metric,
+                    "n": len(cases),
+                    "mean_a": float(va.mean()),
+                    "mean_b": float(vb.mean()),
+                    "mean_diff": float(diff.mean()),
+                    "ci_low": ci_low,
+                    "ci_high": ci_high,
+                    "p_wilcoxon": p_w,
+                    "p_ttest": p_t,
+                    "verdict": _verdict(metric, float(diff.mean()), ci_low, ci_high, p_w, alpha),
+                }
+            )
+    if output_csv is not None:
+        write_metrics_table(results, output_csv)
+    if verbose:
+        print(format_comparison(results))
+    return results
+
+
+def format_comparison(results: Sequence[dict]) -> str:
+    """One line per region and metric: difference, CI, p-values and verdict."""
+    lines = [
+        f"{'region':<6} {'metric':<20} {'mean B-A':>10} {'95% CI':>22} {'p Wilcoxon':>11} {'p t-test':>9}  verdict"
+    ]
+    for r in results:
+        ci = f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+        lines.append(
+            f"{r['region']:<6} {r['metric']:<20} {r['mean_diff']:>10.4f} {ci:>22} "
+            f"{r['p_wilcoxon']:>11.4g} {r['p_ttest']:>9.4g}  {r['verdict']}"
+        )
+    return "\n".join(lines)
+
+
+def _paired_p_values(diff: np.ndarray) -> tuple[float, float]:
+    """Two-sided Wilcoxon signed-rank and paired t-test p-values of paired differences.
+
+    All-zero differences (identical runs) give 1.0 for both: scipy returns NaN or raises there.
+    """
+    if np.allclose(diff, 0.0):
+        return 1.0, 1.0
+    try:
+        p_w = float(stats.wilcoxon(diff).pvalue)
+    except ValueError:  # fewer than two non-zero differences
+        p_w = 1.0
+    # a constant non-zero shift has zero variance: t is infinite (scipy warns and may return NaN)
+    constant = np.allclose(diff, diff[0])
+    p_t = (0.0 if len(diff) > 1 else 1.0) if constant else float(stats.ttest_1samp(diff, 0.0).pvalue)
+    return p_w, p_t
+
+
+def _verdict(metric: str, mean_diff: float, ci_low: float, ci_high: float, p: float, alpha: float) -> str:
+    if p >= alpha or ci_low <= 0.0 <= ci_high:
+        return "no significant difference"
+    improved = (mean_diff < 0) if metric in LOWER_IS_BETTER else (mean_diff > 0)
+    return f"B {'better' if improved else 'worse'} than A (p={p:.3g})"
+
+
+def _index_rows(rows: list[dict], path: str | Path) -> dict[tuple[str, str], dict]:
+    index: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        key = (row["case"], row["region"])
+        if key in index:
+            raise ValueError(f"{path}: case {key[0]!r} region {key[1]!r} appears twice")
+        index[key] = row
+    return index

@@ -1,0 +1,172 @@
+"""Writers of inference's outputs: atomic NIfTI files, and 3D Slicer segmentations.
+
+* :class:`AtomicSaveImaged` - MONAI's ``SaveImaged`` writing ``<case>_<postfix>.nii.gz`` through a hidden
+  temporary file renamed when complete (a killed run never leaves a truncated result).
+* :class:`FortranOrderNibabelWriter` - MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's
+  own order (same bytes, fewer copies).
+* :class:`SlicerSegmentationWriter` - MONAI's ``ITKWriter`` writing a ``.seg.nrrd`` with Slicer's segment
+  fields; :func:`slicer_segments` names and colours the segments of a label scheme.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from monai.data import ITKWriter, NibabelWriter
+from monai.transforms import SaveImaged
+
+from bundle.atomic import atomic_path
+from bundle.constants import CLASS_NAMES, ED, LABEL_COLOURS
+from bundle.data import image_stem
+from bundle.data.labels import scheme_values
+from bundle.paths import output_path
+
+logger = logging.getLogger(__name__)
+
+
+class AtomicSaveImaged(SaveImaged):
+    """MONAI's ``SaveImaged`` writing ``<output_dir>/<case_id>_<output_postfix><output_ext>`` atomically.
+
+    The image is written through :func:`bundle.atomic.atomic_path` (a hidden temporary file, renamed
+    when complete), so an interrupted run or a failure in the writer never leaves a truncated
+    ``*_seg.nii.gz`` that a later step would take for a result; two processes writing the same case
+    each write their own temporary file, and whichever renames last wins with a complete file.
+    The output name comes from the item's ``name_key`` (the datalist's ``case_id``) rather than the
+    first input file's name (``CASE_t1.nii.gz`` would give ``CASE_t1_seg``). ``writer_options`` go to
+    the writer's constructor (``SaveImage``'s ``init_kwargs``). All other arguments are ``SaveImaged``'s.
+    """
+
+    def __init__(
+        self, keys: Any, name_key: str = "case_id", writer_options: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("resample", False)  # Invertd already restored the input's grid
+        if str(kwargs.get("output_ext", ".nii.gz")).lower() in (".nii", ".nii.gz"):
+            kwargs.setdefault("writer", FortranOrderNibabelWriter)
+        kwargs.setdefault("print_log", False)
+        super().__init__(keys, **kwargs)
+        if writer_options:  # arguments of the writer class (e.g. SlicerSegmentationWriter's segments)
+            self.set_options(init_kwargs=dict(writer_options))
+        self.name_key = name_key
+        self.output_dir = Path(kwargs.get("output_dir", "./"))
+        self.output_postfix = kwargs.get("output_postfix", "trans")
+        self.output_ext = kwargs.get("output_ext", ".nii.gz")
+
+    def final_path(self, item: Mapping[Hashable, Any]) -> Path:
+        """The file this transform writes for ``item``: a datalist item (before loading) or a loaded one."""
+        name = item.get(self.name_key)
+        if not name:
+            source = item.get("image")
+            source = source[0] if isinstance(source, (list, tuple)) else source
+            meta = getattr(source, "meta", None)
+            name = image_stem(Path(str(meta["filename_or_obj"] if meta else source)).name)
+        return output_path(self.output_dir, str(name), self.output_postfix, self.output_ext)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Write every key of one item, each through a temporary file."""
+        d = dict(data)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for key in self.key_iterator(d):
+            name = d.get(self.name_key) or image_stem(Path(str(d[key].meta["filename_or_obj"])).name)
+            final = output_path(self.output_dir, name, self.output_postfix, self.output_ext)
+            # the writer appends the extension it picks the format from, so it is given the name without it
+            with atomic_path(final, suffix=self.output_ext) as tmp:
+                self.saver(img=d[key], filename=str(tmp)[: -len(self.output_ext)])
+            logger.info("wrote %s", final)
+        return d
+
+
+def slicer_segments(scheme: str, output_type: str = "regions") -> dict[int, tuple[str, tuple[float, float, float]]]:
+    """Label value -> (segment name, RGB colour) of what a model writes in a label scheme.
+
+    ``internal``: 1, 2, 3 (NCR, ED, ET); a ``binary`` model writes one whole-tumour value, 1.
+    """
+    if output_type == "binary":
+        return {1: ("WT", LABEL_COLOURS[ED])}
+    named = sorted((value, internal) for value, internal in scheme_values(scheme).items() if internal)
+    return {value: (CLASS_NAMES[internal], LABEL_COLOURS[internal]) for value, internal in named}
+
+
+class FortranOrderNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's own (Fortran) order: the same file, faster.
+
+    MONAI's writer gives nibabel a C-ordered array, which nibabel then writes slice by slice in
+    Fortran order (one strided copy per slice): 0.13 s of a 240 x 240 x 155 label map on one core.
+    One ``np.asfortranarray`` first makes nibabel's writes plain copies: 0.09 s, and the decompressed
+    bytes of the file are identical (tests/test_inference_reliability.py). :class:`AtomicSaveImaged`
+    uses it for ``.nii`` / ``.nii.gz``.
+    """
+
+    @classmethod
+    def create_backend_obj(
+        cls, data_array: Any, affine: Any = None, dtype: Any = None, **kwargs: Any
+    ) -> nib.nifti1.Nifti1Image:
+        """MONAI's ``Nifti1Image``, its voxels in Fortran order."""
+        image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
+        return nib.Nifti1Image(np.asfortranarray(image.dataobj), image.affine, image.header, extra=image.extra)
+
+
+class SlicerSegmentationWriter(ITKWriter):
+    """MONAI's ``ITKWriter`` writing a 3D Slicer segmentation (``.seg.nrrd``): the label map plus its segments.
+
+    Slicer opens a plain NRRD label map as a volume; with the ``Segment<i>_*`` header fields it opens it
+    as a segmentation whose segments carry the class names, label values and colours (one layer, label
+    values as the output scheme writes them). MONAI has no such writer; the fields are those Slicer's
+    ``vtkMRMLSegmentationStorageNode`` writes, as ``key:=value`` lines of the NRRD header (ITK's NRRD
+    writer, readable by pynrrd). ``segments``: label value -> (name, RGB colour in 0-1).
+    """
+
+    def __init__(
+        self,
+        output_dtype: Any = np.uint8,
+        affine_lps_to_ras: bool | None = True,
+        segments: Mapping[int, tuple[str, Sequence[float]]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(output_dtype=output_dtype, affine_lps_to_ras=affine_lps_to_ras, **kwargs)
+        self.segments = dict(segments or {})
+
+    def header_fields(self, labels: np.ndarray) -> dict[str, str]:
+        """The segmentation fields of the NRRD header for a ``(x, y, z)`` label map."""
+        fields = {
+            "Segmentation_MasterRepresentation": "Binary labelmap",
+            "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+            "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+        }
+        for index, (value, (name, colour)) in enumerate(sorted(self.segments.items())):
+            voxels = np.nonzero(labels == value)
+            extent = [int(f(axis)) for axis in voxels for f in (np.min, np.max)] if voxels[0].size else [0, -1] * 3
+            fields |= {
+                f"Segment{index}_ID": f"Segment_{value}",
+                f"Segment{index}_Name": name,
+                f"Segment{index}_NameAutoGenerated": "0",
+                f"Segment{index}_Color": " ".join(f"{c:g}" for c in colour),
+                f"Segment{index}_ColorAutoGenerated": "0",
+                f"Segment{index}_LabelValue": str(value),
+                f"Segment{index}_Layer": "0",
+                f"Segment{index}_Extent": " ".join(map(str, extent)),
+                f"Segment{index}_Tags": "|",
+            }
+        return fields
+
+    def write(self, filename: Any, verbose: bool = False, **kwargs: Any) -> None:
+        """Write the label map with the segment fields, gzip-compressed (what Slicer writes)."""
+        import itk
+
+        labels = np.asarray(self.data_obj)
+        if labels.ndim != 3:
+            raise ValueError(f"{filename}: a .seg.nrrd holds one 3-D label map, got shape {labels.shape}")
+        self.data_obj = self.create_backend_obj(
+            labels,
+            channel_dim=self.channel_dim,
+            affine=self.affine,
+            dtype=self.output_dtype,
+            affine_lps_to_ras=self.affine_lps_to_ras,
+        )
+        for key, value in self.header_fields(labels).items():
+            self.data_obj[key] = value
+        itk.imwrite(self.data_obj, str(filename), compression=True)

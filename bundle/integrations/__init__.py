@@ -1,0 +1,1 @@
+"""Entry points and ecosystems: the command line, the model-zoo export, cross-validation, MONAI Label."""
