@@ -52,11 +52,19 @@ def user_error_message(err: UserError) -> str:
     return f"error: {lines[0]}"
 
 
+def _close_progress_bars() -> None:
+    """Close open tqdm bars (an interrupted run's), so the sentence is the last line, not a bar after it."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
 def _excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
     user_error = find_user_error(value)
     if user_error is None:
         _previous_hook(kind, value, tb)
         return
+    _close_progress_bars()
     print(user_error_message(user_error), file=sys.stderr)
 
 

@@ -70,11 +70,11 @@ GATE = "train_gate.yaml"
 #: at 1 mm; narrower networks than the papers' (the variant files hold the papers' values).
 DEMO_WIDTH = [16, 32, 64, 128, 256]
 DEMO_SIZES: dict[str, dict[str, Any]] = {
-    "unet_2d.yaml": {"slice_size": [64, 64], "network_factory#channels": DEMO_WIDTH},
-    "m1_la_resunet.yaml": {"slice_size": [96, 96], "network_factory#channels": DEMO_WIDTH},
-    "m2_resunet_tversky.yaml": {"slice_size": [96, 96], "network_factory#channels": DEMO_WIDTH},
-    "m3_resse_lka_unet.yaml": {"slice_size": [64, 64], "network_factory#channels": DEMO_WIDTH},
-    GATE: {"slice_size": [96, 96]},  # the paper's ResNet-50 classifier (bundle.networks.SliceGateClassifier)
+    "unet_2d.yaml": {"patch_size": [64, 64], "network_factory#channels": DEMO_WIDTH},
+    "m1_la_resunet.yaml": {"patch_size": [96, 96], "network_factory#channels": DEMO_WIDTH},
+    "m2_resunet_tversky.yaml": {"patch_size": [96, 96], "network_factory#channels": DEMO_WIDTH},
+    "m3_resse_lka_unet.yaml": {"patch_size": [64, 64], "network_factory#channels": DEMO_WIDTH},
+    GATE: {"patch_size": [96, 96]},  # the paper's ResNet-50 classifier (bundle.networks.SliceGateClassifier)
 }
 
 
@@ -166,7 +166,7 @@ def train(name: str, variant: str, out: Path, args: argparse.Namespace) -> dict[
     result = {
         "model": name,
         "variant": variant,
-        "slice_size": list(wf.parser.get_parsed_content("slice_size")),
+        "slice_size": list(wf.parser.get_parsed_content("patch_size")),
         "params_M": sum(p.numel() for p in wf.parser.get_parsed_content("network").parameters()) / 1e6,
         "train_seconds": seconds,
         "best_metric": float(evaluator.state.best_metric),
@@ -183,13 +183,13 @@ def gate_savings(seg: dict[str, Any], gate: dict[str, Any]) -> dict[str, float]:
     seg_wf, gate_wf = seg["workflow"], gate["workflow"]
     network = seg_wf.parser.get_parsed_content("network").eval()
     classifier = gate_wf.parser.get_parsed_content("network").eval()
-    size = seg_wf.parser.get_parsed_content("slice_size")
+    size = seg_wf.parser.get_parsed_content("patch_size")
     loader = seg_wf.parser.get_parsed_content("validate#dataloader")
     plain = ResizedSliceInferer(model_size=size, spatial_dim=2, sw_batch_size=16)
     gated = GatedSliceInferer(
         classifier,
         model_size=size,
-        gate_size=gate_wf.parser.get_parsed_content("slice_size"),
+        gate_size=gate_wf.parser.get_parsed_content("patch_size"),
         out_channels=1,
         spatial_dim=2,
         sw_batch_size=16,
@@ -244,8 +244,8 @@ EPOCH_VARIANT = "configs/variants/m3_resse_lka_unet.yaml"
 SAMPLERS = {"main": "main's sampler, 4 per volume", "per_volume": "slices_per_volume: 4", "epoch": "every slice"}
 #: slice size and network widths: M3's on real data; the demo's (2.4 mm phantoms) as in DEMO_SIZES
 EPOCH_DATA = {
-    "demo": {"slice_size": [64, 64], "channels": DEMO_WIDTH},
-    "real": {"slice_size": [128, 128], "channels": [32, 64, 128, 256, 512]},
+    "demo": {"patch_size": [64, 64], "channels": DEMO_WIDTH},
+    "real": {"patch_size": [128, 128], "channels": [32, 64, 128, 256, 512]},
 }
 
 
@@ -279,7 +279,7 @@ class MainSliceWeightsd(MapTransform):
 def _main_sampler_loader(parser: ConfigParser, items: list[dict], cache: str, cache_dir: str) -> DataLoader:
     """main's 2-D training data for M3: every iteration 2 cached volumes x 4 slices drawn by RandWeightedCropd."""
     image, label = "image", "label"
-    size = parser.get_parsed_content("slice_size")
+    size = parser.get_parsed_content("patch_size")
     chain = [
         *parser.get_parsed_content("deterministic_transforms"),
         MainSliceWeightsd(label, image),

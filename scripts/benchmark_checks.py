@@ -6,7 +6,7 @@ file once (truncated data, NaN / Inf). It is compared in the same run with
 * the check it replaced (headers and the label map's values; the same function minus the image decoding),
 * train.yaml's deterministic preprocessing of the same case (what the first epoch pays anyway to
   fill the cache: load, reorient, crop, normalise, regions),
-* one training step of train.yaml's default network on a ``roi_size`` patch (batch 2), i.e. the
+* one training step of train.yaml's default network on a ``patch_size`` patch (batch 2), i.e. the
   per-case cost of one epoch on this machine.
 
     python scripts/benchmark_checks.py --dataset_dir ../shared/brats_samples [--steps 2] [--json out.json]
@@ -80,7 +80,7 @@ def main() -> None:
         network = train.get_parsed_content("network")
         loss_fn = train.get_parsed_content("loss")
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
-        roi = train.get_parsed_content("roi_size")
+        roi = train.get_parsed_content("patch_size")
         batch = torch.randn(2, 4, *roi).to(memory_format=torch.channels_last_3d)
         label = (torch.rand(2, 3, *roi) > 0.9).float()
 

@@ -73,7 +73,7 @@ def _budget_overlay(path: Path, seconds: int) -> Path:
         "final_model_saver": {
             "_target_": "bundle.training.workflow.ResumableCheckpointSaver",
             "save_dir": "@ckpt_dir",
-            "save_dict": {"model": "@network", "model_record": "@model_record"},
+            "save_dict": {"model": "@network", "model_record": "@model_plan"},
             "save_final": True,
             "final_filename": FINAL_MODEL,
         },

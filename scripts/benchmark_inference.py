@@ -376,25 +376,25 @@ def our_workflow(args: argparse.Namespace, case: Path, work: Path) -> tuple[Conf
     }
     if args.sw_batch_size:
         overrides["sw_batch_size"] = args.sw_batch_size
-    # the network as training builds it (full: train.yaml, demo: + demo.yaml), saved with its model
-    # record as training saves it; inference builds it from that record, window = the training patch
+    # the network as training builds it (full: train.yaml, demo: + demo.yaml), saved with its plan as
+    # training saves it; inference builds it from that plan, window = the training patch
     parser = ConfigParser()
     parser.read_config(
         [str(ROOT / "configs" / c) for c in ("train.yaml", "demo.yaml")[: 2 if args.network == "demo" else 1]]
     )
     if args.network in ("tiny", "standin"):
         parser["network_factory"] = {**(TINY_NET if args.network == "tiny" else STANDIN_NET), "_mode_": "callable"}
-        parser["roi_size"] = [128, 128, 128]
+        parser["patch_size"] = [128, 128, 128]
     with _Cwd(ROOT):
         network = parser.get_parsed_content("network_def")
         if args.network == "standin":
             intensity_standin(network)
-        patch = parser.get_parsed_content("roi_size")
+        patch = parser.get_parsed_content("patch_size")
         recipe = parser.get_parsed_content("inference_recipe")  # M4's: flips, thresholds, the four steps
-    save_model(work / "model.pt", network, patch_size=patch, inference_recipe=recipe, train_settings={"spacing": None})
+    save_model(work / "model.pt", network, patch_size=patch, inference_recipe=recipe)
     roi = [args.roi] * 3 if args.roi else patch
     if args.roi:
-        overrides["roi_size"] = roi
+        overrides["window"] = roi
     params = sum(p.numel() for p in network.parameters())
     del network
     with _Cwd(ROOT):

@@ -34,11 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_full_width_checkpoint(path: Path) -> Path:
-    """train.yaml's network as it is (full width), random weights, patch as train.yaml's roi_size."""
+    """train.yaml's network as it is (full width), random weights, patch as train.yaml's patch_size."""
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train.yaml"))
     torch.manual_seed(0)
-    return save_model(path, parser.get_parsed_content("network_def"), patch_size=parser.get_parsed_content("roi_size"))
+    network = parser.get_parsed_content("network_def")
+    return save_model(path, network, patch_size=parser.get_parsed_content("patch_size"))
 
 
 def free_port() -> int:

@@ -73,7 +73,7 @@ def main() -> None:
         "cases": len(dataset),
         "cache_fill_s_per_case": round(fill / max(1, len(dataset)), 3),
         "samples": seen,
-        "patch": workflow.parser.get_parsed_content("roi_size"),
+        "patch": workflow.parser.get_parsed_content("patch_size"),
         "num_workers": args.num_workers,
         "seconds_to_first_batch": round(first or 0.0, 3),
         "samples_per_s": round(seen / total, 2),

@@ -43,7 +43,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle.data import generate_demo_dataset
-from bundle.plan.checkpoints import network_from_checkpoint, read_record
+from bundle.plan import network_from_spec, read_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The demo overlay goes before train_2d.yaml: its 3-D patch and network width are train.yaml's keys,
@@ -54,13 +54,13 @@ DEMO_WIDTH = [16, 32, 64, 128, 256]
 #: scaled to the field of view of its real size (M1 240 -> 96, M2 256 -> 96, M3 128 -> 64), at half
 #: the papers' widths; the gate keeps the paper's ResNet-50 and M2's slice.
 METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "m1": ("M1 LA-ResUNet", "configs/variants/m1_la_resunet.yaml", {"slice_size": [96, 96]}),
-    "m2": ("M2 ResUNet + Tversky", "configs/variants/m2_resunet_tversky.yaml", {"slice_size": [96, 96]}),
-    "gate": ("M2's gate (ResNet-50)", "configs/train_gate.yaml", {"slice_size": [96, 96]}),
+    "m1": ("M1 LA-ResUNet", "configs/variants/m1_la_resunet.yaml", {"patch_size": [96, 96]}),
+    "m2": ("M2 ResUNet + Tversky", "configs/variants/m2_resunet_tversky.yaml", {"patch_size": [96, 96]}),
+    "gate": ("M2's gate (ResNet-50)", "configs/train_gate.yaml", {"patch_size": [96, 96]}),
     "m3": (
         "M3 ResSE-LKA-UNet",
         "configs/variants/m3_resse_lka_unet.yaml",
-        {"slice_size": [64, 64], "subset_fraction": 1.0},  # 10 % of 16 phantoms would be one case
+        {"patch_size": [64, 64], "subset_fraction": 1.0},  # 10 % of 16 phantoms would be one case
     ),
 }
 REGIONS = {"m1": ["WT", "TC", "ET"], "m2": ["WT"], "m3": ["WT", "TC", "ET", "NCR", "ED"]}
@@ -249,8 +249,8 @@ def main() -> None:
         entry: dict[str, Any] = {"label": label, "config": top, "train_command": shown(command)}
         entry["train_seconds"] = run(command, out / "logs" / "train.log")
         checkpoint = out / "models" / ("gate.pt" if method == "gate" else "model.pt")
-        record = read_record(checkpoint)
-        entry["params_M"] = sum(p.numel() for p in network_from_checkpoint(checkpoint).parameters()) / 1e6
+        record = read_plan(checkpoint)
+        entry["params_M"] = sum(p.numel() for p in network_from_spec(record["network"]).parameters()) / 1e6
         entry["slice_size"] = record["patch_size"]
         entry["recipe"] = record.get("inference_recipe")
         rows = epoch_rows(out)

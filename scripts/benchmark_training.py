@@ -117,7 +117,7 @@ def main() -> None:
     bare_step = statistics.median(bare_steps)
     report = {
         "data": args.dataset_dir or "demo phantoms (16 cases, 96x96x64)",
-        "roi_size": workflow.parser.get_parsed_content("roi_size"),
+        "roi_size": workflow.parser.get_parsed_content("patch_size"),
         "batch_size": workflow.parser.get_parsed_content("batch_size"),
         "filters": workflow.parser.get_parsed_content("network_factory#filters"),
         "num_workers": args.num_workers,

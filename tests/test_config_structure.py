@@ -59,11 +59,11 @@ def test_only_the_demo_overlay_knows_the_demo(path: Path) -> None:
 def test_the_demo_overlay_holds_every_demo_setting() -> None:
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "demo.yaml")])
-    assert parser["epochs"] == 40 and parser["roi_size"] == [64, 64, 64] and parser["cache"] == "memory"
+    assert parser["epochs"] == 40 and parser["patch_size"] == [64, 64, 64] and parser["cache"] == "memory"
     assert parser["network_factory"]["filters"] == [8, 16, 32, 64, 80, 80]  # the default's 6 levels at 1/4 width
     plain = ConfigParser()
     plain.read_config(str(CONFIGS / "train.yaml"))
-    assert plain["epochs"] == 300 and plain["roi_size"] == [128, 128, 128]
+    assert plain["epochs"] == 300 and plain["patch_size"] == [128, 128, 128]
     assert plain["network_factory"]["filters"] == [32, 64, 128, 256, 320, 320]
 
 
@@ -96,3 +96,41 @@ def test_monai_bundle_run_training_without_data_ends_with_what_to_do(tmp_path: P
     assert last.startswith("error: no data given: pass --dataset_dir DIR"), last
     assert "configs/demo.yaml" in last and "python -m bundle demo" in last
     assert not out.exists() and not (tmp_path / "models").exists()
+
+
+# ------------------------------------------------------------------------------------ declarative configs
+
+#: configs/inference.yaml and configs/train.yaml: what a MONAI user reads in one sitting (issue 21)
+SIZE_LIMITS = {"inference.yaml": (150, 15), "train.yaml": (300, None)}
+
+
+def _dollar_lines(text: str) -> int:
+    """Lines holding a MONAI expression (a ``$`` value or ``$import``), comments left out."""
+    return sum(1 for line in text.splitlines() if "$" in line.split(" #", 1)[0] and not line.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("name", sorted(SIZE_LIMITS))
+def test_the_main_configs_stay_declarative(name: str) -> None:
+    text = (CONFIGS / name).read_text()
+    max_lines, max_expressions = SIZE_LIMITS[name]
+    assert len(text.splitlines()) <= max_lines, f"{name}: {len(text.splitlines())} lines (at most {max_lines})"
+    if max_expressions is not None:
+        assert _dollar_lines(text) <= max_expressions, f"{name}: {_dollar_lines(text)} `$` lines"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_no_config_line_is_over_100_characters(path: Path) -> None:
+    long = [n for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 100]
+    assert not long, f"{path.name}: lines {long} are over 100 characters"
+
+
+def test_the_expression_count_reads_expressions_only() -> None:
+    assert _dollar_lines("a: $x\n# $y in a comment\nb: 1   # costs $3\n- $import os\n") == 2
+
+
+def test_one_name_per_window() -> None:
+    """The training patch is patch_size and the validation and inference window is window, everywhere."""
+    retired = re.compile(r"^\+?(roi_size|val_roi_size|inference_roi_size|slice_size)\b")
+    for path in CONFIG_FILES:
+        keys = [str(key) for key in (yaml.safe_load(path.read_text()) or {})]
+        assert not [k for k in keys if retired.match(k)], f"{path.name} uses a retired window name"

@@ -51,7 +51,7 @@ def _parser(tmp_path: Path, dataset_dir: Path, **overrides: Any) -> ConfigParser
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, small_demo: Path) -> None:
     parser = _parser(tmp_path, small_demo)
-    record = parser.get_parsed_content("model_record").state_dict()
+    record = parser.get_parsed_content("model_plan").state_dict()
     assert record["network"]["filters"] == [8, 16, 32, 64, 80, 80]  # the demo's width, M4's six levels
     assert record["patch_size"] == [64, 64, 64] and record["output_type"] == "regions"
     assert record["network"]["deep_supervision"] is True
@@ -83,7 +83,7 @@ def test_validation_scores_the_inference_recipes_labels(tmp_path: Path, small_de
     """Thresholds and clean-up of the recorded recipe: an isolated 8-voxel blob and anything outside the brain
     are no tumour in validation."""
     parser = _parser(tmp_path, small_demo)
-    recipe = parser.get_parsed_content("recipe")
+    recipe = parser.get_parsed_content("model_plan").state_dict()["inference_recipe"]
     assert recipe["remove_small_components"] and recipe["min_component_size"] == 50
     assert recipe["mask_outside_brain"]
     image = torch.zeros(4, 32, 32, 32)
@@ -105,7 +105,7 @@ def test_validation_scores_the_inference_recipes_labels(tmp_path: Path, small_de
 def test_the_checkpoint_record_is_all_inference_needs(tmp_path: Path, small_demo: Path) -> None:
     parser = _parser(tmp_path, small_demo)
     network = parser.get_parsed_content("network")
-    record = parser.get_parsed_content("model_record").state_dict()
+    record = parser.get_parsed_content("model_plan").state_dict()
     checkpoint = tmp_path / "model.pt"
     torch.save({MODEL_KEY: network.state_dict(), RECORD_KEY: record}, checkpoint)
     inference = ConfigParser()
@@ -114,8 +114,8 @@ def test_the_checkpoint_record_is_all_inference_needs(tmp_path: Path, small_demo
     inference["checkpoint"] = str(checkpoint)
     built = inference.get_parsed_content("network_def")
     built.load_state_dict(network.state_dict())  # strict: the same layers, the same shapes
-    assert record["inference_roi_size"] == [160, 192, 160]  # one window over a whole cropped brain
-    assert inference.get_parsed_content("window") == [160, 192, 160]
+    assert record["window"] == [160, 192, 160]  # one window over a whole cropped brain
+    assert list(inference.get_parsed_content("base_inferer").roi_size) == [160, 192, 160]
     assert inference.get_parsed_content("recipe")["tta"] is True  # the recipe's; --tta false turns it off
 
 

@@ -20,7 +20,7 @@ from bundle.integrations.cv import CaseMetricsCollector, parse_fold_ids, run_cv,
 
 # the tiny network and schedule of tests/test_training.py, as command-line flags
 TINY_FLAGS = [
-    "--roi_size",
+    "--patch_size",
     "[32,32,32]",
     "--network_factory#filters",
     "[4,8,16,32,64]",

@@ -77,7 +77,7 @@ def _parser(files: list[str] = TWO_D, augment: bool = False, **overrides: Any) -
         "bundle_root": str(REPO_ROOT),
         "deterministic_transforms": [_LoadSynthetic(keys=["image", "label"])],
         "train_datalist": [{"image": f"case{c}", "label": f"case{c}"} for c in range(3)],
-        "slice_size": list(SHAPE),
+        "patch_size": list(SHAPE),
         "cache": "memory",
         "num_workers": 0,
         **overrides,
@@ -257,7 +257,7 @@ def test_every_variant_validates_within_a_one_epoch_run(files: list[str]) -> Non
 TINY_M3 = {
     "num_folds": 2,
     "subset_fraction": 1.0,  # 10 % of four cases would be none
-    "slice_size": [32, 32],
+    "patch_size": [32, 32],
     "network_factory#channels": [4, 8, 16, 32, 64],
     "num_workers": 0,
     "cache": "memory",

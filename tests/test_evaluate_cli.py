@@ -21,7 +21,8 @@ from monai.bundle import ConfigParser
 from bundle.data import generate_demo_dataset
 from bundle.evaluation.reports import evaluate_folder
 from bundle.integrations.cli import COMMANDS
-from bundle.plan.checkpoints import build_network, save_model
+from bundle.plan.checkpoints import save_model
+from bundle.plan.network import build_network
 
 SHAPE = (16, 14, 10)
 SPACING = (1.0, 1.0, 2.0)
@@ -171,7 +172,7 @@ network_factory:
   deep_supervision: true
   deep_supr_num: 1
   res_block: true
-roi_size: [32, 32, 32]
+window: [32, 32, 32]
 """
 
 

@@ -21,7 +21,8 @@ from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, verify_net_in_out
 
 from bundle.integrations.export import MAX_FILE_BYTES, bundle_env, export, md5sum
-from bundle.plan.checkpoints import input_divisors, network_data_format, read_record, save_model
+from bundle.plan.checkpoints import read_plan, save_model
+from bundle.plan.network import input_divisors, network_data_format
 
 METADATA = REPO_ROOT / "configs" / "metadata.json"
 
@@ -34,7 +35,7 @@ def _train_yaml_record(**overrides: object) -> dict:
     parser.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
     for key, value in overrides.items():
         parser[key] = value
-    return parser.get_parsed_content("model_record").state_dict()  # what training records: network, channels
+    return parser.get_parsed_content("model_plan").state_dict()  # what training records: network, channels
 
 
 def test_metadata_network_data_format_is_derived_from_train_yaml() -> None:
@@ -231,8 +232,8 @@ def test_the_zoo_ci_checks_as_it_calls_them(exported: Path) -> None:
 
 @pytest.mark.slow
 def test_exported_record_and_metadata_describe_the_inference_network(exported: Path, trained_weights: Path) -> None:
-    record = read_record(exported / "models" / "model.pt")
-    trained = read_record(trained_weights)
+    record = read_plan(exported / "models" / "model.pt")
+    trained = read_plan(trained_weights)
     assert trained["network"]["deep_supervision"] is True
     trained_args = {k: v for k, v in trained["network"].items() if k not in ("_target_", "upsample_heads")}
     # M4UNet's inference form is MONAI's DynUNet (same weights and eval graph, and it scripts)
@@ -345,7 +346,7 @@ ZOO_PATTERN = """
 import sys, os, glob
 from monai.bundle import ConfigWorkflow
 data, work = sys.argv[1], sys.argv[2]
-common = dict(bundle_root='.', dataset_dir=data, roi_size=[64, 64, 64], num_workers=0)
+common = dict(bundle_root='.', dataset_dir=data, num_workers=0)
 train = ConfigWorkflow(config_file='configs/train.yaml', workflow_type='train', **common,
     epochs=1, val_interval=1, num_folds=3, output_dir=work + '/train', ckpt_dir=work + '/models', cache='none')
 train.initialize(); train.run(); train.finalize()
@@ -378,6 +379,6 @@ def test_a_plain_state_dict_reads_its_record_from_beside_it(tmp_path: Path) -> N
     nested = save_model(tmp_path / "nested.pt", parser.get_parsed_content("network_def"))
     torch.save(torch.load(nested, weights_only=True)["model"], tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match=r"model\.pt: .*a plain state dict, and no model_record\.json beside it"):
-        read_record(tmp_path / "model.pt")
-    record_file(tmp_path / "model.pt").write_text(json.dumps(read_record(nested)))
-    assert load_checkpoint(tmp_path / "model.pt")["model_record"] == read_record(nested)
+        read_plan(tmp_path / "model.pt")
+    record_file(tmp_path / "model.pt").write_text(json.dumps(read_plan(nested)))
+    assert load_checkpoint(tmp_path / "model.pt")["model_record"] == read_plan(nested)

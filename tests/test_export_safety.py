@@ -33,7 +33,8 @@ import bundle.paths
 import bundle.plan.checkpoints
 from bundle.errors import OptionError
 from bundle.integrations.export import EXPORT_MARKER, export
-from bundle.plan.checkpoints import network_from_spec, save_model
+from bundle.plan.checkpoints import save_model
+from bundle.plan.network import network_from_spec
 
 
 def _checkout(root: Path) -> dict[Path, bytes]:

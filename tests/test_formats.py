@@ -195,7 +195,7 @@ def test_inference_on_itk_formats_equals_nifti_and_writes_a_slicer_segmentation(
     nifti_dataset: Path, tmp_path: Path, tiny_checkpoint: Path, suffix: str
 ) -> None:
     other = convert_dataset(nifti_dataset, tmp_path / "other", suffix)
-    settings = dict(checkpoint=str(tiny_checkpoint), roi_size=[16, 16, 16], tta=False)
+    settings = dict(checkpoint=str(tiny_checkpoint), window=[16, 16, 16], tta=False)
     (a,) = infer(str(nifti_dataset / "BraTS2021_00001"), output=str(tmp_path / "a"), **settings)
     (b,) = infer(str(other / "BraTS2021_00001"), output=str(tmp_path / "b"), save_seg_nrrd="true", **settings)
     nifti, from_other = nib.load(a), nib.load(b)
@@ -221,7 +221,7 @@ def test_inference_on_itk_formats_equals_nifti_and_writes_a_slicer_segmentation(
 def test_inference_on_dicom_series_folders(nifti_dataset: Path, tmp_path: Path, tiny_checkpoint: Path) -> None:
     source = nifti_dataset / "BraTS2021_00001"
     folders = [write_dicom_series(source / f"BraTS2021_00001_{m}.nii.gz", tmp_path / "dicom" / m) for m in MODALITIES]
-    settings = dict(checkpoint=str(tiny_checkpoint), roi_size=[16, 16, 16], tta=False)
+    settings = dict(checkpoint=str(tiny_checkpoint), window=[16, 16, 16], tta=False)
     (a,) = infer(str(source), output=str(tmp_path / "a"), **settings)
     (b,) = infer([str(f) for f in folders], output=str(tmp_path / "b"), **settings)
     assert Path(b).name == "dicom_seg.nii.gz"  # folders named by their modality: the case is their folder
@@ -234,7 +234,7 @@ def test_seg_nrrd_is_not_written_unless_asked(nifti_dataset: Path, tmp_path: Pat
         str(nifti_dataset / "BraTS2021_00002"),
         output=str(tmp_path / "out"),
         checkpoint=str(tiny_checkpoint),
-        roi_size=[16, 16, 16],
+        window=[16, 16, 16],
         tta=False,
     )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["BraTS2021_00002_seg.nii.gz"]
@@ -274,7 +274,7 @@ def test_real_case_in_nrrd_and_mha_gives_the_nifti_segmentation_and_scores(tmp_p
         out = tmp_path / f"out{suffix}"
         # one window over the whole cropped brain: a sixth of the sliding-window work at 64^3 with 50 % overlap
         (segmentation,) = infer(
-            str(data / case.name), output=str(out), checkpoint=str(checkpoint), tta=False, roi_size=[160, 192, 160]
+            str(data / case.name), output=str(out), checkpoint=str(checkpoint), tta=False, window=[160, 192, 160]
         )
         rows = evaluate_folder(out, data, output_dir=out / "evaluation", lesion_wise=False, verbose=False)
         results[suffix] = (read_label_map(segmentation), rows, select_cases(data, labelled=True)[0]["label"])

@@ -16,9 +16,10 @@ from monai.bundle import ConfigParser
 from bundle.constants import MODALITIES
 from bundle.data import select_cases
 from bundle.errors import DataError
-from bundle.inference.run import check_checkpoint, infer
+from bundle.inference.run import base_inferer, infer
 from bundle.paths import BUNDLE_ROOT
-from bundle.plan.checkpoints import build_network, read_record, save_model
+from bundle.plan.checkpoints import Checkpoint, CheckpointError, read_plan, save_model
+from bundle.plan.network import build_network
 
 BRATS_SAMPLES = shared_samples_dir()  # ../shared/brats_samples or $BRATS_SAMPLES_DIR, None without them
 
@@ -62,7 +63,7 @@ def _checkpoint(
     torch.manual_seed(seed)
     factory = ConfigParser({"net": {**net_config, "_mode_": "callable"}}).get_parsed_content("net")
     recipe = training_recipe() if recipe is None else recipe
-    return save_model(path, build_network(factory), output_type, patch_size, recipe, {"spacing": None})
+    return save_model(path, build_network(factory), output_type, patch_size, inference_recipe=recipe)
 
 
 def _oblique_lps_affine(spacing=(1.2, 0.9, 2.0)) -> np.ndarray:
@@ -94,7 +95,7 @@ def _write_case(root: Path, case_id: str, shape=(21, 18, 13), affine=None, separ
 
 def _run(tmp_path: Path, inputs, **kwargs) -> list[str]:
     ckpt = _checkpoint(tmp_path / "model.pt", TINY_NET)
-    kwargs.setdefault("roi_size", [16, 16, 16])
+    kwargs.setdefault("window", [16, 16, 16])
     return infer(inputs, output=str(tmp_path / "out"), checkpoint=str(ckpt), **kwargs)
 
 
@@ -168,24 +169,26 @@ def test_bad_inputs_fail_before_inference_with_the_file_named(tmp_path):
 
 
 def test_checkpoint_that_does_not_match_the_network(tmp_path):
-    net = ConfigParser({"net": TINY_NET}).get_parsed_content("net")
-    other = dict(TINY_NET, filters=[8, 16, 32])
-    bad = _checkpoint(tmp_path / "other.pt", other)
-    with pytest.raises(DataError, match=r"other\.pt: checkpoint does not match the network"):
-        check_checkpoint(str(bad), net)
+    good = _checkpoint(tmp_path / "good.pt", TINY_NET)
+    assert Checkpoint(good).network().training is False  # weights loaded strictly, eval mode
+    # a plan that names another network than its weights (edited by hand): one sentence naming the file
+    state = torch.load(good, weights_only=True)
+    state["model_record"]["network"]["filters"] = [8, 16, 32]
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(
+        CheckpointError, match=r"edited\.pt: the weights do not fit the network \(.*DynUNet in its plan"
+    ):
+        Checkpoint(tmp_path / "edited.pt").network()
     with pytest.raises(DataError, match=r"missing\.pt: checkpoint file does not exist"):
-        check_checkpoint(str(tmp_path / "missing.pt"), net)
+        Checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(DataError, match=r"junk\.pt: not a readable PyTorch checkpoint"):
-        check_checkpoint(str(tmp_path / "junk.pt"), net)
-    good = _checkpoint(tmp_path / "good.pt", TINY_NET)
-    assert check_checkpoint(str(good), net) == str(good)
-    # through the workflow, before any case is read
+        Checkpoint(tmp_path / "junk.pt")
+    # through the workflow, before any case is read and nothing written
     case_dir = _write_case(tmp_path / "data", "Case_001")
-    with pytest.raises(DataError, match="checkpoint does not match"):
-        infer(str(case_dir), output=str(tmp_path / "out"), checkpoint=str(bad), network_def=TINY_NET)
-    # without the override the network is the one the checkpoint records, and it fits
-    assert infer(str(case_dir), output=str(tmp_path / "out2"), checkpoint=str(bad), tta=False)
+    with pytest.raises(DataError, match="the weights do not fit the network"):
+        infer(str(case_dir), output=str(tmp_path / "out"), checkpoint=str(tmp_path / "edited.pt"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_checkpoint_runs_on_a_case_folder_without_any_flag(tmp_path):
@@ -197,7 +200,7 @@ def test_demo_checkpoint_runs_on_a_case_folder_without_any_flag(tmp_path):
     case_dir = _write_case(tmp_path / "data", "Case_001")
     (seg,) = infer(str(case_dir), output=str(tmp_path / "out"), checkpoint=str(tmp_path / "demo.pt"), tta=False)
     assert nib.load(seg).shape == (21, 18, 13)
-    record = read_record(tmp_path / "demo.pt")
+    record = read_plan(tmp_path / "demo.pt")
     assert record["network"]["filters"] == [8, 16, 32, 64, 80, 80]
     assert record["input_channels"] == list(MODALITIES)
     assert record["output_type"] == "regions" and record["output_channels"] == ["WT", "TC", "ET"]
@@ -237,7 +240,7 @@ def test_truncated_file_is_named_and_leaves_no_output(tmp_path):
 @pytest.mark.skipif(BRATS_SAMPLES is None, reason="no BraTS samples in ../shared/brats_samples")
 def test_real_brats_case_shape_affine_and_labels(tmp_path):
     case_dir = sorted(p for p in BRATS_SAMPLES.iterdir() if p.is_dir())[0]
-    written = _run(tmp_path, str(case_dir), roi_size=[96, 96, 96], tta=False)
+    written = _run(tmp_path, str(case_dir), window=[96, 96, 96], tta=False)
     seg = nib.load(written[0])
     src = nib.load(next(case_dir.glob("*_t1.nii.gz")))
     assert seg.shape == src.shape == (240, 240, 155)
@@ -250,8 +253,8 @@ def test_real_brats_case_shape_affine_and_labels(tmp_path):
 )
 def test_windows_per_network_call_follow_the_device(device, spatial_dims, expected):
     """One 3-D window per call on the CPU (2.3 GB peak with train.yaml's network, 3.9 GB for two), two on a GPU."""
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.yaml"))
-    parser["spatial_dims"] = spatial_dims
-    parser["device"] = device  # a string, as `--device cuda` on the command line gives it
-    assert parser.get_parsed_content("sw_batch_size") == expected
+    plan = {"network": {**TINY_NET, "spatial_dims": spatial_dims}, "patch_size": [16] * spatial_dims}
+    plan |= {"output_type": "regions", "output_channels": ["WT", "TC", "ET"]}
+    # the device as `--device cuda` on the command line gives it: a string
+    assert base_inferer(plan, device=device).sw_batch_size == expected
+    assert base_inferer(plan, sw_batch_size=3, device=device).sw_batch_size == 3

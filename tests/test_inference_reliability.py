@@ -38,7 +38,7 @@ def setup(tmp_path: Path) -> dict[str, Path]:
     for i, case in enumerate(CASES):
         _write_case(data, case, shape=(17 + i, 15, 11), affine=np.diag([-1.0, -1.0, 1.0, 1.0]))
     tiny = tmp_path / "tiny.yaml"
-    tiny.write_text(yaml.safe_dump({"network_def": TINY_NET, "roi_size": [16, 16, 16]}))
+    tiny.write_text(yaml.safe_dump({"window": [16, 16, 16]}))
     return {"data": data, "checkpoint": _checkpoint(tmp_path / "model.pt", TINY_NET), "tiny": tiny}
 
 
@@ -187,7 +187,7 @@ def test_evaluate_from_a_checkpoint_scores_skipped_cases_too(tmp_path):
     --overwrite false continues a killed run, and every case is still scored."""
     data = generate_demo_dataset(tmp_path / "data", num_cases=2, num_test_cases=0, shape=(32, 32, 24))
     tiny = tmp_path / "tiny.yaml"
-    tiny.write_text(yaml.safe_dump({"network_def": TINY_NET, "roi_size": [32, 32, 32]}))
+    tiny.write_text(yaml.safe_dump({"window": [32, 32, 32]}))
     checkpoint = _checkpoint(tmp_path / "model.pt", TINY_NET)
     out = tmp_path / "out"
     args = ["--truth", str(data), "--checkpoint", str(checkpoint), "--config_file", str(tiny)]

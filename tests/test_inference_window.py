@@ -1,8 +1,8 @@
-"""The inference window a checkpoint records (``inference_roi_size``), through ``python -m bundle infer``.
+"""The window a checkpoint's plan records (``window``), through ``python -m bundle infer``.
 
-A recipe may name the sliding window its models infer with (``configs/cpu.yaml``: one window over a
-whole cropped brain); the model record carries it, inference uses it without a flag, an explicit
-``--roi_size`` wins, and records without it (every checkpoint saved before) keep using their patch.
+A recipe may name the sliding window its models validate and infer with (``configs/cpu.yaml``: one
+window over a whole cropped brain); the plan carries it, inference uses it without a flag, an explicit
+``--window`` wins, and plans without one use their training patch (as every version-1 checkpoint did).
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ import bundle.integrations.monailabel
 import bundle.options
 import bundle.paths
 from bundle.errors import OptionError
-from bundle.plan.checkpoints import build_network, check_window, inference_window, read_record, save_model
+from bundle.plan.checkpoints import read_plan, save_model
+from bundle.plan.network import build_network, check_window, inference_window
 
 PATCH = [16, 16, 16]
 WINDOW = [24, 24, 16]  # TINY_NET down-samples 4x per axis (strides 1, 2, 2)
 
 
-def _checkpoint(path: Path, inference_roi_size: list[int] | None) -> Path:
+def _checkpoint(path: Path, window: list[int] | None) -> Path:
     torch.manual_seed(0)
     factory = ConfigParser({"net": {**TINY_NET, "_mode_": "callable"}}).get_parsed_content("net")
-    recipe = training_recipe()
     network = build_network(factory)
-    return save_model(path, network, "regions", PATCH, recipe, {"spacing": None}, inference_roi_size=inference_roi_size)
+    return save_model(path, network, "regions", PATCH, window=window, inference_recipe=training_recipe())
 
 
 @pytest.fixture(scope="module")
@@ -65,24 +65,24 @@ def _windows_of_bundle_infer(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -
     return windows
 
 
-def test_bundle_infer_uses_the_recorded_window_and_an_explicit_roi_size_wins(
+def test_bundle_infer_uses_the_recorded_window_and_an_explicit_one_wins(
     monkeypatch: pytest.MonkeyPatch, case: Path, tmp_path: Path
 ) -> None:
     checkpoint = _checkpoint(tmp_path / "model.pt", WINDOW)
-    assert read_record(checkpoint)["inference_roi_size"] == WINDOW
+    assert read_plan(checkpoint)["window"] == WINDOW
     base = ["infer", str(case), "--checkpoint", str(checkpoint), "--tta", "false"]
     assert _windows_of_bundle_infer(monkeypatch, [*base, "--output", str(tmp_path / "a")]) == [tuple(WINDOW)]
     assert (tmp_path / "a" / "Case_001_seg.nii.gz").is_file()
-    explicit = [*base, "--output", str(tmp_path / "b"), "--roi_size", "[20,20,20]"]
+    explicit = [*base, "--output", str(tmp_path / "b"), "--window", "[20,20,20]"]
     assert _windows_of_bundle_infer(monkeypatch, explicit) == [(20, 20, 20)]
 
 
 def test_a_checkpoint_without_the_key_keeps_its_patch(
     monkeypatch: pytest.MonkeyPatch, case: Path, tmp_path: Path
 ) -> None:
-    """Records saved before ``inference_roi_size`` existed have no such key: their window is the training patch."""
+    """A plan without a window (M4's): the training patch."""
     checkpoint = _checkpoint(tmp_path / "old.pt", None)
-    assert "inference_roi_size" not in read_record(checkpoint)
+    assert read_plan(checkpoint)["window"] is None
     argv = ["infer", str(case), "--checkpoint", str(checkpoint), "--tta", "false", "--output", str(tmp_path / "o")]
     assert _windows_of_bundle_infer(monkeypatch, argv) == [tuple(PATCH)]
 
@@ -92,18 +92,16 @@ def test_a_window_the_network_cannot_take_is_one_sentence_before_any_case(
 ) -> None:
     checkpoint = _checkpoint(tmp_path / "model.pt", WINDOW)
     argv = ["infer", str(case), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "x")]
-    message = (
-        r"^roi_size: \[18, 20, 20\] is not a multiple of \[4, 4, 4\] per side, .*DynUNet.*; e\.g\. \[20, 20, 20\]$"
-    )
+    message = r"^window: \[18, 20, 20\] is not a multiple of \[4, 4, 4\] per side, .*DynUNet.*; e\.g\. \[20, 20, 20\]$"
     with pytest.raises(OptionError, match=message):
-        fire.Fire(bundle.integrations.cli.COMMANDS, command=[*argv, "--roi_size", "[18,20,20]"])
+        fire.Fire(bundle.integrations.cli.COMMANDS, command=[*argv, "--window", "[18,20,20]"])
     assert not (tmp_path / "x").exists()
-    with pytest.raises(OptionError, match=r"^roi_size: \[16, 16\] is not 3 positive whole numbers"):
-        inference_window(read_record(checkpoint), [16, 16])
+    with pytest.raises(OptionError, match=r"^window: \[16, 16\] is not 3 positive whole numbers"):
+        inference_window(read_plan(checkpoint), [16, 16])
 
 
 def test_training_refuses_a_window_the_network_cannot_take(tmp_path: Path) -> None:
-    with pytest.raises(OptionError, match=r"^inference_roi_size: \[24, 24, 18\] is not a multiple of \[4, 4, 4\]"):
+    with pytest.raises(OptionError, match=r"^window: \[24, 24, 18\] is not a multiple of \[4, 4, 4\]"):
         _checkpoint(tmp_path / "bad.pt", [24, 24, 18])
     spec = {"_target_": "bundle.networks.M4UNet", "spatial_dims": 3, "strides": [1, 2, 2, 2, 2, 2]}
     assert check_window([160, 192, 160], spec) == [160, 192, 160]  # configs/cpu.yaml's, for its 5 down-samplings
@@ -111,11 +109,13 @@ def test_training_refuses_a_window_the_network_cannot_take(tmp_path: Path) -> No
         check_window([160, 200, 160], spec)
 
 
-def test_the_cpu_recipe_records_its_validation_window() -> None:
+def test_the_cpu_recipe_validates_and_infers_with_one_window() -> None:
     parser = ConfigParser()
     root = Path(__file__).resolve().parents[1]
     parser.read_config([str(root / "configs" / "train.yaml"), str(root / "configs" / "cpu.yaml")])
-    assert parser.get_parsed_content("inference_roi_size") == parser.get_parsed_content("val_roi_size")
+    window = parser.get_parsed_content("window")
+    assert window and list(parser.get_parsed_content("validate#inferer").roi_size) == window
     plain = ConfigParser()
     plain.read_config(str(root / "configs" / "train.yaml"))
-    assert plain.get_parsed_content("inference_roi_size") is None  # M4: the training patch
+    assert plain.get_parsed_content("window") is None  # M4: the training patch
+    assert list(plain.get_parsed_content("validate#inferer").roi_size) == [128, 128, 128]

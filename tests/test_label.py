@@ -46,7 +46,7 @@ from bundle.integrations.monailabel import (
 from bundle.plan.checkpoints import save_model
 
 # A tiny network and patch so CPU inference and one training epoch take seconds.
-TINY = {"network_factory#filters": [4, 8, 16, 32, 64], "roi_size": [32, 32, 32], "num_workers": 0}
+TINY = {"network_factory#filters": [4, 8, 16, 32, 64], "patch_size": [32, 32, 32], "num_workers": 0}
 SHAPE = (40, 36, 30)
 MSD_VALUE = {internal: value for value, internal in LABEL_SCHEMES["msd"].items()}
 BRATS2021_INTERNAL = LABEL_SCHEMES["brats2021"]
@@ -93,7 +93,7 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """Randomly initialised weights of the tiny network (what MONAI Label needs to list the model)."""
     parser = ConfigParser(expand_config(REPO_ROOT, "train.yaml", TINY))
     torch.manual_seed(seed)
-    return save_model(path, parser.get_parsed_content("network_def"), patch_size=TINY["roi_size"])
+    return save_model(path, parser.get_parsed_content("network_def"), patch_size=TINY["patch_size"])
 
 
 @pytest.fixture
@@ -294,18 +294,39 @@ def test_app_inference_config_runs_monai_labels_pipeline_on_a_4d_lps_case(tmp_pa
     assert set(torch.unique(pred).int().tolist()) <= {0, 1, 2, 3}
 
 
-def test_train_yaml_honours_monai_label_overrides_on_brats_links(brats_dataset: Path, tmp_path: Path) -> None:
-    """The exact call MONAI Label's BundleTrainTask makes (run id 'run', no initialize), on the datastore's items."""
+def cpu_recipe_checkpoint(path: Path) -> Path:
+    """A checkpoint as configs/cpu.yaml trains it (its plan: window, recipe, schedule, sampling), tiny widths."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "configs" / f) for f in ("train.yaml", "cpu.yaml")])
+    small = {"network_factory#filters": [4, 8, 8, 8], "patch_size": [16, 16, 16], "window": [24, 24, 16]}
+    for key, value in {**small, "device": "$torch.device('cpu')", "num_workers": 0}.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    torch.save(
+        {"model": network.state_dict(), "model_record": parser.get_parsed_content("model_plan").state_dict()}, path
+    )
+    return path
+
+
+def test_monai_label_fine_tuning_keeps_the_served_plan(brats_dataset: Path, tmp_path: Path) -> None:
+    """The exact call MONAI Label's BundleTrainTask makes (run id 'run', no initialize) on the app's train.json,
+    from a configs/cpu.yaml checkpoint: one epoch, and the new model.pt records the same plan."""
     from monai.bundle import run
 
+    from bundle.plan import read_plan
+    from bundle.plan.specs import same_component
+
+    served = read_plan(cpu_recipe_checkpoint(tmp_path / "served.pt"))
     studies = prepare_studies(brats_dataset, tmp_path / "work")
     final = studies.folder / "labels" / "final"
     items = [{"image": str(studies.folder / p.name), "label": str(p)} for p in sorted(final.iterdir())]
-    # the app's train.json (monailabel.assemble_app writes it): MONAI Label edits its train#handlers list
+    # the app's train.json (monailabel.assemble_app writes it from the served plan): MONAI Label edits train#handlers
     train_json = tmp_path / "train.json"
-    ConfigParser.export_config_file(app_train_config(REPO_ROOT, {}, studies.layout), str(train_json))
+    ConfigParser.export_config_file(app_train_config(REPO_ROOT, served, {}, studies.layout), str(train_json))
     config = ConfigParser.load_config_file(str(train_json))
     assert isinstance(config["train"]["handlers"], list) and config["cache"] == "none"
+    assert config["window"] == [24, 24, 16] and config["steps_per_epoch"] == 100  # the plan's, not train.yaml's
     bundle_root = tmp_path / "bundle"
     overrides: dict[str, Any] = {
         "bundle_root": str(bundle_root),
@@ -314,8 +335,7 @@ def test_train_yaml_honours_monai_label_overrides_on_brats_links(brats_dataset: 
         "train#dataset#data": items[:1],
         "train#handlers": config["train"]["handlers"],
         "validate#dataset#data": items[1:],
-        "network_factory#filters": TINY["network_factory#filters"],
-        "roi_size": TINY["roi_size"],
+        "steps_per_epoch": 2,  # a user's explicit change (logged); the plan keeps the rest
         "num_workers": 0,
     }
     run(
@@ -326,9 +346,13 @@ def test_train_yaml_honours_monai_label_overrides_on_brats_links(brats_dataset: 
         config_file=str(train_json),
         **overrides,
     )
-    assert (bundle_root / "models" / "model.pt").is_file(), "one epoch must still validate and save the model"
     assert list((bundle_root / "runs" / "train").glob("checkpoint_*epoch=1.pt"))
     assert not (bundle_root / "data").exists(), "MONAI Label's datalist must be used, not the demo data"
+    tuned = read_plan(bundle_root / "models" / "model.pt")  # one epoch still validates and saves the model
+    for key in ("network", "input_channels", "preprocessing", "patch_size", "window", "inference_recipe"):
+        assert same_component(tuned[key], served[key]), key
+    changed = {k for k in served["training"] if not same_component(tuned["training"][k], served["training"][k])}
+    assert changed == {"steps_per_epoch"}, changed
 
 
 # ------------------------------------------------------------------ a real MONAI Label server

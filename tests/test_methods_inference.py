@@ -29,6 +29,7 @@ STACKS = {
     "M4": ["configs/train.yaml"],
 }
 KEY = re.compile(r"`((?:configs/[\w/]+\.yaml::)?[a-z_#]+)`")  # a config id, optionally of another file
+RECIPE = "inference_recipe#"
 
 
 def _rows(method: str) -> list[list[str]]:
@@ -50,7 +51,8 @@ def _values(cell: str) -> list[object]:
             value = yaml.safe_load(part)
         except yaml.YAMLError:
             value = None
-        name = isinstance(value, str) and re.fullmatch(r"[a-z_]+", value)  # e.g. gaussian, classes, cross
+        # e.g. gaussian, classes, cross, and the class a preprocessing step names
+        name = isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*", value)
         values.append(value if name or isinstance(value, (int, float, bool, list)) else None)
     return values
 
@@ -88,8 +90,8 @@ def test_each_inference_row_says_match_or_chosen_and_matches_the_config(method: 
 
 @pytest.mark.parametrize("method", sorted(STACKS))
 def test_every_recipe_key_has_a_row(method: str) -> None:
-    documented = {k.partition("#")[2] for cells in _rows(method) for k in KEY.findall(cells[1]) if "::" not in k}
-    documented.discard("")  # output_type and other top-level ids
+    keys = [k for cells in _rows(method) for k in KEY.findall(cells[1])]
+    documented = {k.removeprefix(RECIPE) for k in keys if k.startswith(RECIPE)}
     stack = _parsed(STACKS[method])
     recipe = normalise_recipe(stack.get_parsed_content("inference_recipe"), stack.get_parsed_content("output_type"))
     assert documented == set(recipe), (

@@ -104,7 +104,7 @@ def test_the_table_rows_that_hold_paper_numbers_are_checked() -> None:
     assert ("train", ("num_folds", "holdout_fraction")) in checked
     assert ("train", ("monitor", "early_stop_patience", "val_interval")) in checked
     assert ("m2_resunet_tversky", ("early_stop_patience",)) in checked
-    assert ("m3_resse_lka_unet", ("slice_size", "network_factory#in_channels")) in checked
+    assert ("m3_resse_lka_unet", ("patch_size", "network_factory#in_channels")) in checked
     for method in ("m1_la_resunet", "m2_resunet_tversky", "m3_resse_lka_unet", "train_gate"):
         assert (method, ("batch_size",)) in checked
         assert (method, ("slices_per_volume", "skip_empty_slices")) in checked
@@ -112,7 +112,7 @@ def test_the_table_rows_that_hold_paper_numbers_are_checked() -> None:
     # M4's network, loss and deep supervision (the paper's baseline) and its best setting
     assert ("train", ("network_factory#filters",)) in checked
     assert ("train", ("network_factory#strides",)) in checked
-    assert ("train", ("loss#loss#lambda_dice", "loss#loss#lambda_bce")) in checked
+    assert ("train", ("loss_factory#loss#lambda_dice", "loss_factory#loss#lambda_bce")) in checked
     assert ("train", ("upsample_ds_heads",)) in checked
     assert ("train", ("salient_channel", "network_factory#in_channels")) in checked
     assert ("m4_resunet_ds", ("network_factory#filters",)) in checked

@@ -378,6 +378,6 @@ def test_variant_config_builds_its_network_and_loss(variant: str) -> None:
         network = parser.get_parsed_content("network_def")
     assert type(network).__name__ == network_class
     assert callable(parser.get_parsed_content("loss"))
-    assert len(parser.get_parsed_content("roi_size")) == spatial_dims
+    assert len(parser.get_parsed_content("patch_size")) == spatial_dims
     if variant == "dynunet":
         assert parser["network_factory"]["res_block"] is False

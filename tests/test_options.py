@@ -8,7 +8,6 @@ read off the object that uses it.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -105,46 +104,42 @@ def test_the_boolean_keys_found_are_the_documented_ones() -> None:
     assert set(ALL_BOOLEAN_KEYS) == set(PROBES), "a boolean key was added or removed: give it a probe below"
 
 
-@pytest.mark.parametrize("key", ALL_BOOLEAN_KEYS)
-def test_every_use_of_a_boolean_key_goes_through_as_bool(key: str) -> None:
-    """Textually: each ``@key`` outside a ``check_flags(...)`` call is ``as_bool(@key, 'key')``.
-
-    The recipe's flags are handed to ``resolve_recipe(...)`` whole (null: the checkpoint's value), which
-    reads each one with ``as_bool`` (tests/test_recipes.py).
-    """
-    pattern = re.compile(rf"@{key}\b")
-    for path in _config_files():
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if "check_flags(" in line or (key in RECIPE_FLAGS and "resolve_recipe(" in line):
-                continue
-            for match in pattern.finditer(line):
-                start = match.start()
-                wrapped = line[max(0, start - len("as_bool(")) : start] == "as_bool("
-                wrapped = wrapped and line[start:].startswith(f"@{key}, '{key}')")
-                assert wrapped, f"{path.name}:{number}: @{key} is not read through bundle.options.as_bool"
-
-
-def _check_flags_calls(*paths: Path) -> str:
-    """The arguments of every ``check_flags(...)`` and ``resolve_recipe(...)`` call (which reads the recipe flags)."""
-    return " ".join(" ".join(re.findall(r"(?:check_flags|resolve_recipe)\(([^)]*)\)", p.read_text())) for p in paths)
+def _checked_keys(path: Path) -> set[str]:
+    """The keys an ``initialize`` step of ``path`` checks: ``check_flags`` arguments, and the recipe's options."""
+    config = yaml.safe_load(path.read_text()) or {}
+    steps = [*config.get("initialize", []), *config.get("+initialize", [])]
+    keys = {k for step in steps if isinstance(step, dict) and "check_flags" in str(step.get("_target_")) for k in step}
+    recipe = config.get("recipe")
+    if isinstance(recipe, dict) and "resolve_recipe" in str(recipe.get("_target_")):
+        keys |= set(recipe.get("options", {}))  # read with as_bool when initialize logs the recipe
+    return keys - {"_target_"}
 
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: p.name)
 def test_each_config_checks_its_boolean_keys_before_any_work(path: Path) -> None:
-    """In its own ``initialize`` check_flags, or in that of train.yaml / inference.yaml it is merged over."""
-    calls = _check_flags_calls(path, CONFIGS / "train.yaml", CONFIGS / "inference.yaml")
+    """In its own ``initialize`` check_flags, or in that of train.yaml / inference.yaml it is merged over.
+
+    How each key is read where it is used (with ``bundle.options.as_bool``, in the factory that uses it)
+    is checked by its effect below, through ``monai.bundle run`` with every spelling.
+    """
+    checked = _checked_keys(path) | _checked_keys(CONFIGS / "train.yaml") | _checked_keys(CONFIGS / "inference.yaml")
     for key in _boolean_keys(path):
-        assert f"{key}=@{key}" in calls, f"{path.name}: {key} is in no initialize check_flags(...)"
+        assert key in checked, f"{path.name}: {key} is in no initialize check_flags"
 
 
 # ------------------------------------------------------------------ what each key changes
 
 
+def _postprocessing(parser: ConfigParser) -> list[Any]:
+    """Inference's post-processing transforms, nested blocks flattened."""
+    return list(parser.get_parsed_content("postprocessing").flatten().transforms)
+
+
 def _postprocessing_flag(name: str) -> Callable[[ConfigParser], bool]:
-    """Whether the step ``name`` is in the post-processing (a step that is off is not there: ``_disabled_``)."""
+    """Whether the step ``name`` is in the post-processing (a step that is off is not there)."""
 
     def probe(parser: ConfigParser) -> bool:
-        steps = [t for t in parser.get_parsed_content("postprocessing").transforms if type(t).__name__ == name]
+        steps = [t for t in _postprocessing(parser) if type(t).__name__ == name]
         assert len(steps) <= 1
         return bool(steps)
 
@@ -171,38 +166,54 @@ def _channels_last_probe(parser: ConfigParser) -> bool:
 
 
 def _salient_probe(parser: ConfigParser) -> bool:
-    """The preprocessing makes the channel, and the record (input_channels) says so."""
+    """The preprocessing makes the channel, and the plan (input_channels) says so."""
+    parser["network_factory#filters"] = [4, 8, 8, 8, 8, 8]
+    parser["device"] = "$torch.device('cpu')"
     steps = {type(t).__name__ for t in parser.get_parsed_content("deterministic_transforms")}
     made = {"SalientMaskd", "ConcatItemsd"} <= steps
     assert made == (parser.get_parsed_content("input_channels")[-1] == "salient")
     return made
 
 
-def _evaluate_flag(index: int) -> Callable[[ConfigParser], bool]:
+def _evaluate_flag(name: str) -> Callable[[ConfigParser], bool]:
+    """The value scoring reads (with as_bool, as evaluate_datalist does) from what the config hands it."""
+
     def probe(parser: ConfigParser) -> bool:
-        captured: list[tuple] = []
+        captured: list[dict] = []
         original = bundle.evaluation.reports.evaluate_datalist
-        bundle.evaluation.reports.evaluate_datalist = lambda *args: captured.append(args)  # type: ignore[assignment]
+        bundle.evaluation.reports.evaluate_datalist = lambda **kwargs: captured.append(kwargs)  # type: ignore[assignment]
         try:
             parser["labelled_cases"] = "$[]"
             parser.get_parsed_content("run#1")
         finally:
             bundle.evaluation.reports.evaluate_datalist = original
-        return bool(captured[0][index])
+        return as_bool(captured[0][name], name)
 
     return probe
 
 
 def _overwrite_probe(parser: ConfigParser) -> bool:
-    captured: list[tuple] = []
+    captured: list[dict] = []
     original = bundle.inference.run.cases_to_segment
-    bundle.inference.run.cases_to_segment = lambda *args: captured.append(args) or []  # type: ignore[assignment]
+    bundle.inference.run.cases_to_segment = lambda **kwargs: captured.append(kwargs) or []  # type: ignore[assignment]
     try:
         parser["datalist"] = "$[]"
         parser.get_parsed_content("cases_to_run")
     finally:
         bundle.inference.run.cases_to_segment = original
-    return bool(captured[0][2])
+    return as_bool(captured[0]["overwrite"], "overwrite")
+
+
+def _validation_step(name: str, configs: tuple[str, ...] = ()) -> Callable[[ConfigParser], bool]:
+    """Whether validation's post-processing holds a transform of class ``name``."""
+
+    def probe(parser: ConfigParser) -> bool:
+        parser["network_factory#filters"] = [4, 8, 8, 8, 8, 8]
+        parser["device"] = "$torch.device('cpu')"
+        steps = parser.get_parsed_content("validate#postprocessing").transforms
+        return any(type(t).__name__ == name for t in steps)
+
+    return probe
 
 
 INFERENCE = ["configs/inference.yaml"]
@@ -211,10 +222,13 @@ TRAIN = ["configs/train.yaml"]
 PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     "tta": (INFERENCE, lambda p: p.get_parsed_content("inferer").tta),
     "save_uncertainty": (INFERENCE, lambda p: p.get_parsed_content("inferer").return_std),
-    "save_probabilities": (INFERENCE, lambda p: "pred_mean" in p.get_parsed_content("inverted_keys")),
+    "save_probabilities": (
+        INFERENCE,
+        lambda p: any(type(t).__name__ == "Invertd" and "pred_mean" in t.keys for t in _postprocessing(p)),
+    ),
     "save_seg_nrrd": (
         INFERENCE,
-        lambda p: type(p.get_parsed_content("slicer_segmentation_writer")).__name__ == "AtomicSaveImaged",
+        lambda p: any(getattr(t, "output_ext", "") == ".seg.nrrd" for t in _postprocessing(p)),
     ),
     "mask_outside_brain": (INFERENCE, _postprocessing_flag("OutsideBrainToBackgroundd")),
     "et_components_to_ncr": (INFERENCE, _postprocessing_flag("SmallETComponentsToNCRd")),
@@ -227,7 +241,8 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         lambda p: p.get_parsed_content("train#trainer#amp") and p.get_parsed_content("validate#evaluator#amp"),
     ),
     "resume": (TRAIN, _resume_probe),
-    "validate_disjoint": (TRAIN, lambda p: p.get_parsed_content("validate#disjoint_classes") is not None),
+    "validate_disjoint": (TRAIN, _validation_step("RegionsToDisjointd")),
+    "validate_with_recipe": (TRAIN, _validation_step("RegionsToLabelsd")),
     "channels_last": (TRAIN, _channels_last_probe),
     "salient_channel": (TRAIN, _salient_probe),
     "crop_neg_in_brain": (
@@ -248,10 +263,10 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     ),
     "clahe": (
         ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m3_resse_lka_unet.yaml"],
-        lambda p: type(p.get_parsed_content("intensity_transform").transforms[1]).__name__ == "CLAHEd",
+        lambda p: p.get_parsed_content("intensity_transform").get("clahe") is not None,
     ),
-    "lesion_wise": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag(5)),
-    "include_disjoint": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag(6)),
+    "lesion_wise": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag("lesion_wise")),
+    "include_disjoint": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag("include_disjoint")),
 }
 
 

@@ -18,10 +18,12 @@ import torch
 from conftest import REPO_ROOT, shared_samples_dir
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.transforms import Compose
 
 from bundle.constants import BACKGROUND, ED, ET, MODALITIES
 from bundle.errors import OptionError
 from bundle.inference.postprocessing import OutsideBrainToBackgroundd
+from bundle.plan import migrate
 from bundle.plan.recipes import normalise_recipe, resolve_recipe
 
 BRATS_SAMPLES = shared_samples_dir()
@@ -110,7 +112,8 @@ def test_every_methods_intensity_transform_keeps_the_brain_where_the_raw_image_h
     parser.read_config([str(REPO_ROOT / "configs" / f) for f in STACKS[method]])
     if method.endswith("CLAHE"):
         parser["clahe"] = True
-    transform = parser.get_parsed_content("intensity_transform")
+    steps = parser.get_parsed_content("intensity_transform")  # named callable-mode steps, in order
+    transform = Compose([step(keys="image") for step in steps.values()])
     for raw in _raw_cases(real):
         image = MetaTensor(torch.as_tensor(raw.astype(np.float32)))
         brain = _brain(image)
@@ -136,10 +139,11 @@ def test_a_recorded_recipe_that_predates_the_step_runs_without_it(caplog: pytest
     parser.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
     m4 = parser.get_parsed_content("inference_recipe")
     old = {key: value for key, value in m4.items() if key != "mask_outside_brain"}
-    record = {"output_type": "regions", "inference_recipe": old}
-    with caplog.at_level("INFO", logger="bundle.plan.recipes"):
-        assert resolve_recipe(record, m4, checkpoint="old.pt")["mask_outside_brain"] is False
+    record = {"network": {"_target_": "bundle.networks.M4UNet"}, "output_type": "regions", "inference_recipe": old}
+    with caplog.at_level("INFO", logger="bundle.plan.plan"):
+        plan = migrate(record, "old.pt")  # a version-1 record, as checkpoints of then hold it
+        assert resolve_recipe(plan)["mask_outside_brain"] is False
     assert "old.pt records its recipe without mask_outside_brain" in caplog.text
-    assert resolve_recipe(record, m4, checkpoint="old.pt", mask_outside_brain="true")["mask_outside_brain"] is True
+    assert resolve_recipe(plan, options={"mask_outside_brain": "true"})["mask_outside_brain"] is True
     with pytest.raises(OptionError, match=r"^inference_recipe#mask_outside_brain: missing"):
         normalise_recipe(old, "regions")  # a training config's block must state it

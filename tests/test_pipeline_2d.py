@@ -123,7 +123,7 @@ def _slice_sample(size: int = 64) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("variant", ["m1", "m2", "m3"])
 def test_augmentations_keep_shape_dtype_and_are_reproducible(variant: str) -> None:
-    parser = _parser(VARIANTS[variant], slice_size=[64, 64])
+    parser = _parser(VARIANTS[variant], patch_size=[64, 64])
     augment = Compose(parser.get_parsed_content("train#augmentations"))
     outputs = []
     for _ in range(2):
@@ -199,21 +199,24 @@ def test_gated_inference_skips_tumour_free_slices_and_writes_oriented_nifti(tmp_
         nib.save(nib.Nifti1Image(vol, affine), case / f"Case_0_{modality}.nii.gz")
     segmenter = _CountingSegmenter()
     segmenter.bundle_network_spec = {"_target_": f"{__name__}._CountingSegmenter"}  # what build_network records
-    save_model(tmp_path / "model.pt", segmenter, output_type="binary", patch_size=[32, 32])  # M2: one WT channel
+    from bundle.inference.run import variant_recipe
+    from bundle.plan.plan import M4_PREPROCESSING
+
+    m2_recipe = variant_recipe(CONFIGS / "variants" / VARIANTS["m2"])  # M2: one WT channel
+    save_model(tmp_path / "model.pt", segmenter, "binary", [32, 32], inference_recipe=m2_recipe,
+               preprocessing=M4_PREPROCESSING)  # fmt: skip
     gated = GatedSliceInferer(
         gate=_BrightnessGate(), model_size=(32, 32), out_channels=1, spatial_dim=2, sw_batch_size=4
     )
     workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / "inference.yaml"), str(CONFIGS / "inference_2d.yaml")],
+        config_file=str(CONFIGS / "inference.yaml"),
         workflow_type="infer",
         bundle_root=str(REPO_ROOT),
-        train_config=_stack(VARIANTS["m2"]),
         dataset_dir=str(case),
         output_dir=str(tmp_path / "out"),
         checkpoint=str(tmp_path / "model.pt"),
         network=segmenter,
-        slice_inferer=gated,
-        remove_small_components=False,
+        base_inferer=gated,
         tta=True,
         num_workers=0,
     )
@@ -264,7 +267,7 @@ def test_gated_inference_logs_the_gate_and_the_slices_it_passes(tmp_path: Path) 
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    gate_lines = [line for line in log.splitlines() if " - bundle.inference.run - INFO - gate: " in line]
+    gate_lines = [line for line in log.splitlines() if " - bundle.inference.gate - INFO - gate: /" in line]
     assert len(gate_lines) == 1 and f"gate: {tmp_path / 'gate.pt'}, threshold 0.4:" in gate_lines[0], log[-3000:]
     assert "Case_0: the gate passed 8 of 16 slices to the segmenter (50.0 %)" in log, log[-3000:]
     assert "Case_1: the gate passed 4 of 16 slices to the segmenter (25.0 %)" in log
@@ -284,11 +287,11 @@ def test_gated_inference_logs_the_gate_and_the_slices_it_passes(tmp_path: Path) 
 @pytest.mark.parametrize("threshold", [1.5, -0.1, "high", True])
 def test_a_gate_threshold_that_is_no_probability_is_refused_before_any_case(threshold: Any) -> None:
     from bundle.errors import OptionError
-    from bundle.inference.run import log_recipe
+    from bundle.inference.gate import load_slice_gate
 
-    record = {"network": {"spatial_dims": 2}, "output_type": "binary"}
+    plan = {"network": {"spatial_dims": 2}, "output_type": "binary"}
     with pytest.raises(OptionError, match=r"^gate_threshold: .* is not a probability \(a number in \[0, 1\]\)$"):
-        log_recipe({}, record, "model.pt", gate_checkpoint="gate.pt", gate_threshold=threshold)
+        load_slice_gate("gate.pt", threshold, plan=plan)  # before the gate's file is read
 
 
 @pytest.mark.parametrize("flip_batch_size", [1, 4])
@@ -330,7 +333,7 @@ def test_gate_slice_label() -> None:
 TINY_2D = {
     "num_folds": 2,
     "subset_fraction": 1.0,  # M3's 10 % of four tiny cases would be none (tests/test_data.py checks the subset)
-    "slice_size": [32, 32],
+    "patch_size": [32, 32],
     "network_factory#channels": [4, 8, 16, 32, 64],
     "epochs": 1,
     "val_interval": 1,
@@ -423,7 +426,7 @@ def test_gate_takes_resnet50_weights_from_a_file_adapting_the_first_convolution(
 def test_one_gate_epoch_through_the_bundle(tmp_path: Path) -> None:
     """configs/train_gate.yaml trains and validates the classifier and writes gate.pt with its record."""
     from bundle.inference.gate import load_gate
-    from bundle.plan.checkpoints import read_record
+    from bundle.plan.checkpoints import read_plan
 
     # 48 x 48 x 40 phantoms: some axial slices of the brain hold no tumour (at 32 x 32 x 24 all do)
     data = generate_demo_dataset(tmp_path / "demo", num_cases=4, num_test_cases=0, shape=(48, 48, 40))
@@ -435,7 +438,7 @@ def test_one_gate_epoch_through_the_bundle(tmp_path: Path) -> None:
         # one fold: validation on all four cases, so both tumour-free and tumour slices are there (AUC defined)
         **{
             **{k: v for k, v in TINY_2D.items() if not k.startswith("network_factory")},
-            "slice_size": [64, 64],
+            "patch_size": [64, 64],
             "num_folds": 1,
             "slices_per_volume": 1,  # a short run: 4 slices (tests/test_epoch_2d.py checks whole epochs)
             "tumour_slice_ratio": 0.5,
@@ -450,8 +453,8 @@ def test_one_gate_epoch_through_the_bundle(tmp_path: Path) -> None:
     metrics = workflow.parser.get_parsed_content("validate#evaluator").state.metrics
     workflow.finalize()
     assert 0.0 <= metrics["val_auc"] <= 1.0 and 0.0 <= metrics["val_accuracy"] <= 1.0
-    record = read_record(tmp_path / "models" / "gate.pt")
-    assert record["network"]["_target_"] == "bundle.networks.classifier.SliceGateClassifier"
+    record = read_plan(tmp_path / "models" / "gate.pt")
+    assert record["network"]["_target_"] == "bundle.networks.SliceGateClassifier"
     assert record["output_type"] == "gate" and record["patch_size"] == [64, 64]
     gate = load_gate(str(tmp_path / "models" / "gate.pt"))
     with torch.no_grad():

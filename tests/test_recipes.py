@@ -35,8 +35,10 @@ from bundle.inference.postprocessing import (
 )
 from bundle.inference.run import infer, variant_recipe
 from bundle.inference.to_labels import regions_to_labels
-from bundle.plan.checkpoints import ModelRecord, build_network, read_record, save_model
-from bundle.plan.recipes import RECIPE_KEYS, STEPS, normalise_recipe, recipe_for, resolve_recipe, training_config
+from bundle.plan import ModelPlan, migrate, read_plan, save_model
+from bundle.plan.network import build_network
+from bundle.plan.plan import planned_preprocessing
+from bundle.plan.recipes import RECIPE_KEYS, STEPS, normalise_recipe, recipe_for, resolve_recipe
 
 CONFIGS = REPO_ROOT / "configs"
 VARIANTS = sorted((CONFIGS / "variants").glob("*.yaml"))
@@ -60,7 +62,6 @@ def _stack(variant: Path) -> list[str]:
 
 def test_each_method_states_its_inference_and_the_papers_numbers() -> None:
     assert normalise_recipe(M4, "regions") == {
-        "train_config": ["configs/train.yaml"],
         "tta": True,
         "wt_threshold": 0.45,
         "tc_threshold": 0.40,
@@ -84,25 +85,41 @@ def test_each_method_states_its_inference_and_the_papers_numbers() -> None:
         assert checked["tta"] is False and checked["mask_outside_brain"] is True, recipe
         assert not any(checked[step] for step in STEPS if step != "mask_outside_brain"), recipe
     assert (M1["wt_threshold"], M1["tc_threshold"], M1["et_threshold"]) == (0.5, 0.5, 0.5)
-    assert M2["binary_threshold"] == 0.5 and "wt_threshold" not in M2 and "wt_threshold" not in M3
+    m2, m3 = normalise_recipe(M2, "binary"), normalise_recipe(M3, "classes")
+    assert m2["binary_threshold"] == 0.5 and "wt_threshold" not in m2 and "wt_threshold" not in m3
+
+
+def _planned(stack: list[str], **settings: object) -> dict:
+    """The preprocessing part of the plan a training config stack records (without building its network)."""
+    parser = ConfigParser()
+    parser.read_config(stack)
+    for key, value in settings.items():
+        parser[key] = value
+    return planned_preprocessing(
+        parser.get_parsed_content("spacing"),
+        parser.get_parsed_content("salient_channel"),
+        parser.get_parsed_content("intensity_transform"),
+        parser.get_parsed_content("label_transform"),
+    )
 
 
 @pytest.mark.parametrize("variant", [CONFIGS / "train.yaml", *VARIANTS], ids=lambda p: p.stem)
-def test_a_recipes_training_configs_give_the_models_preprocessing(variant: Path) -> None:
-    """``train_config`` must reproduce the preprocessing of the stack the model trains with: a variant that
-    changes the intensity steps and forgets to name itself there would run its models on other inputs."""
+def test_every_stack_plans_its_preprocessing_and_recipe_by_value(variant: Path) -> None:
+    """What a checkpoint records of its preprocessing is the steps themselves, with their numbers."""
     stack = [str(variant)] if variant.name == "train.yaml" else _stack(variant)
     full = ConfigParser()
     full.read_config(stack)
-    recipe = full.get_parsed_content("inference_recipe")
-    output_type = full.get_parsed_content("output_type")
-    assert recipe_for(recipe, output_type) is not None
-    recorded = training_config(recipe["train_config"], REPO_ROOT)
-    for key in ("intensity_transform", "label_transform", "deterministic_transforms"):
-        assert recorded.get(key) == full.get(key), f"{variant.name}: {key} differs from the recipe's train_config"
-    if variant.stem in ("m1_la_resunet", "m2_resunet_tversky", "m3_resse_lka_unet"):
-        # each paper's method states its own inference (the block is its own, not train.yaml's)
-        assert recipe["train_config"][-1] == f"configs/variants/{variant.name}" and recipe["tta"] is False
+    assert recipe_for(full.get_parsed_content("inference_recipe"), full.get_parsed_content("output_type"))
+    intensity = [step["_target_"].rsplit(".", 1)[-1] for step in _planned(stack)["intensity"]]
+    expected = {
+        "m2_resunet_tversky": ["ScaleIntensityd"],
+        "m3_resse_lka_unet": ["ClipNonzeroPercentilesd", "FastNormalizeIntensityd"],
+    }.get(variant.stem, ["FastNormalizeIntensityd"])
+    assert intensity == expected
+    if variant.stem == "m3_resse_lka_unet":  # CLAHE when asked for, with its numbers
+        steps = _planned(stack, clahe="yes")["intensity"]
+        assert steps[1] == {"_target_": "bundle.transforms.CLAHEd", "clip_limit": 2.0, "tiles": [8, 8]}
+        assert steps[0]["lower"] == 0.5 and steps[0]["upper"] == 99.5
 
 
 @pytest.mark.parametrize(
@@ -113,7 +130,6 @@ def test_a_recipes_training_configs_give_the_models_preprocessing(variant: Path)
         ({"wt_threshold": 1.5}, "regions", r"inference_recipe#wt_threshold: 1.5 is not a probability"),
         ({"et_min_volume": 7.5}, "regions", r"inference_recipe#et_min_volume: 7.5 is not a whole number"),
         ({"closing_size": 4}, "regions", r"inference_recipe#closing_size: 4 is not odd"),
-        ({"train_config": []}, "regions", r"inference_recipe#train_config: \[\] is not a list of config files"),
         ({}, "classes", r"inference_recipe#wt_threshold: a class model \(softmax, argmax\) has no such rule"),
         ({}, "binary", r"inference_recipe#binary_threshold: missing; a binary model"),
     ],
@@ -135,36 +151,45 @@ def test_steps_need_their_numbers_and_binary_models_have_no_et() -> None:
 def test_training_records_the_checked_recipe_and_refuses_a_bad_one(tmp_path: Path) -> None:
     net = torch.nn.Conv3d(4, 3, 1)
     net.bundle_network_spec = {"_target_": "torch.nn.Conv3d", "in_channels": 4, "out_channels": 3, "kernel_size": 1}
-    record = ModelRecord(net, "regions", [8, 8, 8], inference_recipe={**M4, "tta": "false"}, train_settings={"a": 1})
-    state = record.state_dict()
-    assert state["inference_recipe"]["tta"] is False and state["train_settings"] == {"a": 1}
-    assert ModelRecord(net, "gate", [8, 8], inference_recipe=M4).state_dict()["inference_recipe"] is None
-    with pytest.raises(OptionError, match=r"train_config: .*nowhere.yaml does not exist"):
-        ModelRecord(net, "regions", inference_recipe={**M4, "train_config": ["configs/nowhere.yaml"]})
+    state = ModelPlan(net, "regions", [8, 8, 8], inference_recipe={**M4, "tta": "false"}).state_dict()
+    assert state["inference_recipe"]["tta"] is False and state["plan_version"] == 2
+    assert ModelPlan(net, "gate", [8, 8], inference_recipe=M4).state_dict()["inference_recipe"] is None
     # training's initialize step stops on a bad block before any case is read
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.yaml"))
     parser["inference_recipe#et_min_volume"] = -3
-    step = next(i for i, s in enumerate(parser["initialize"]) if "recipe_for" in str(s))
+    parser["network_factory#filters"] = [4, 8, 8, 8, 8, 8]
+    parser["device"] = "$torch.device('cpu')"
+    step = parser["initialize"].index("@model_plan")
     with pytest.raises(RuntimeError) as raised:
         parser.get_parsed_content(f"initialize#{step}")
     assert str(find_user_error(raised.value)).startswith("inference_recipe#et_min_volume: -3 is not a whole number")
 
 
 @pytest.mark.parametrize("method", ["m3", "m2"])
-def test_a_2d_methods_training_config_records_its_recipe_and_settings(method: str) -> None:
-    """train.yaml's model_record with a variant over it: what model.pt and every last checkpoint hold."""
+def test_a_2d_methods_training_config_records_its_recipe_and_preprocessing(method: str) -> None:
+    """train.yaml's model_plan with a variant over it: what model.pt and every last checkpoint hold."""
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / f) for f in STACKS[method]])
     parser["network_factory#channels"] = [4, 8, 16, 32, 64]
     parser["device"] = "$torch.device('cpu')"
     if method == "m3":
         parser["clahe"] = "yes"
-    record = parser.get_parsed_content("model_record").state_dict()
-    assert record["inference_recipe"] == normalise_recipe({"m3": M3, "m2": M2}[method], record["output_type"])
-    assert record["output_type"] == {"m3": "classes", "m2": "binary"}[method]
-    expected_settings = {"spacing": None, **({"clahe": True} if method == "m3" else {})}
-    assert record["train_settings"] == expected_settings
+    plan = parser.get_parsed_content("model_plan").state_dict()
+    assert plan["inference_recipe"] == normalise_recipe({"m3": M3, "m2": M2}[method], plan["output_type"])
+    assert plan["output_type"] == {"m3": "classes", "m2": "binary"}[method]
+    intensity = [step["_target_"].rsplit(".", 1)[-1] for step in plan["preprocessing"]["intensity"]]
+    assert (
+        intensity
+        == {"m3": ["ClipNonzeroPercentilesd", "CLAHEd", "FastNormalizeIntensityd"], "m2": ["ScaleIntensityd"]}[method]
+    )
+    assert (
+        plan["preprocessing"]["target"]
+        == {
+            "m3": None,
+            "m2": {"_target_": "bundle.transforms.LabelsToRegionsd", "regions": {"WT": [1, 2, 3]}},
+        }[method]
+    )
 
 
 # ------------------------------------------------------------------------------------ resolving a run's recipe
@@ -178,13 +203,17 @@ def _record(output_type: str, recipe: dict | None) -> dict:
 
 
 def test_the_checkpoints_recipe_runs_and_options_override_it() -> None:
-    assert resolve_recipe(_record("classes", M3), M4) == normalise_recipe(M3, "classes")
-    assert resolve_recipe(_record("regions", M4), M4, tta="false", closing=False)["tta"] is False
+    assert resolve_recipe(_record("classes", M3)) == normalise_recipe(M3, "classes")
+    assert resolve_recipe(_record("regions", M4), options={"tta": "false", "closing": False})["tta"] is False
     # a variant's block given for this run replaces the checkpoint's
-    assert resolve_recipe(_record("regions", M4), M4, given_recipe=M1) == normalise_recipe(M1, "regions")
-    # a step switched on for M3 takes M4's numbers (the steps are M4's), or the user's
-    on = resolve_recipe(_record("classes", M3), M4, et_volume_to_ncr=True, et_min_volume=30)
+    assert resolve_recipe(_record("regions", M4), given=M1) == normalise_recipe(M1, "regions")
+    # a step switched on for M3 has its numbers in M3's plan (train.yaml's, M4's), or the user's
+    on = resolve_recipe(_record("classes", M3), options={"et_volume_to_ncr": True, "et_min_volume": 30})
     assert (on["et_volume_to_ncr"], on["et_min_volume"], on["et_volume_min_prob"]) == (True, 30, 0.9)
+    # a step switched on whose numbers the recipe lacks: one sentence
+    bare = {k: v for k, v in normalise_recipe(M3, "classes").items() if k != "min_component_size"}
+    with pytest.raises(OptionError, match=r"^min_component_size: missing; the remove_small_components step is on"):
+        resolve_recipe(_record("classes", bare), options={"remove_small_components": True})
 
 
 @pytest.mark.parametrize(
@@ -200,29 +229,44 @@ def test_the_checkpoints_recipe_runs_and_options_override_it() -> None:
 )
 def test_an_option_the_recipe_cannot_honour_is_an_error(output_type, recipe, options, message) -> None:
     with pytest.raises(OptionError, match=message):
-        resolve_recipe(_record(output_type, recipe), M4, **options)
+        resolve_recipe(_record(output_type, recipe), options=options)
 
 
 def test_another_methods_recipe_must_fit_the_model() -> None:
     with pytest.raises(OptionError, match=r"inference_recipe#wt_threshold: missing; a region model"):
-        resolve_recipe(_record("regions", M4), M4, given_recipe=M3)
+        resolve_recipe(_record("regions", M4), given=M3)
+
+
+def _v1(output_type: str, recipe: dict | None = None) -> dict:
+    """A model record as the bundle wrote it before plans (version 1), with or without a recipe."""
+    record = {"network": {"_target_": "torch.nn.Conv3d"}, "output_type": output_type, "patch_size": [16] * 3}
+    return {**record, "inference_recipe": recipe} if recipe is not None else record
 
 
 def test_a_checkpoint_without_a_recipe_runs_m4s_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="bundle.plan.recipes"):
-        assert resolve_recipe(_record("regions", None), M4, checkpoint="old.pt") == normalise_recipe(M4, "regions")
+    with caplog.at_level(logging.WARNING, logger="bundle.plan.plan"):
+        plan = migrate(_v1("regions"), "old.pt")
+    assert resolve_recipe(plan) == normalise_recipe(M4, "regions")
     assert "old.pt records no inference recipe" in caplog.text and "running M4's recipe" in caplog.text
     # as inference ran such checkpoints before: class models argmax, binary models a 0.5 mask, no ET steps
-    classes = resolve_recipe(_record("classes", None), M4)
+    classes = resolve_recipe(migrate(_v1("classes")))
     assert "wt_threshold" not in classes and classes["tta"] and classes["closing"]
-    binary = resolve_recipe(_record("binary", None), M4)
+    binary = resolve_recipe(migrate(_v1("binary")))
     assert binary["binary_threshold"] == 0.5 and not binary["et_components_to_ncr"] and not binary["et_volume_to_ncr"]
     assert set(binary) <= set(RECIPE_KEYS)
+    # a version-1 recipe without a step inference added later runs without it, and keeps the numbers then used
+    old = {k: v for k, v in normalise_recipe(M1, "regions").items() if k != "mask_outside_brain"}
+    old = {k: v for k, v in old.items() if k not in ("closing_size", "closing_element")}
+    with caplog.at_level(logging.INFO, logger="bundle.plan.plan"):
+        recipe = resolve_recipe(migrate(_v1("regions", {**old, "train_config": ["configs/train.yaml"]}), "m1.pt"))
+    assert recipe["mask_outside_brain"] is False and (recipe["closing_size"], recipe["closing_element"]) == (3, "cross")
+    assert "m1.pt records its recipe without mask_outside_brain" in caplog.text
 
 
 def test_bundle_infer_takes_a_variants_recipe_from_config_file(tmp_path: Path) -> None:
     assert variant_recipe("configs/variants/m3_resse_lka_unet.yaml") == M3
     assert variant_recipe("configs/variants/segresnet.yaml") == M4  # a baseline trains, and infers, as train.yaml
+    assert variant_recipe("configs/variants/m4_resunet_ds.yaml") == M4  # a variant setting network_factory#... too
     # a variant that overrides ids of another file of its stack (a 2-D one: train_2d.yaml's) is read as it is
     variant = tmp_path / "mine.yaml"
     variant.write_text("network_factory: {_target_: UNet}\ntrain#slice_only#x: 1\ninference_recipe: {tta: false}\n")
@@ -235,8 +279,13 @@ def test_bundle_infer_takes_a_variants_recipe_from_config_file(tmp_path: Path) -
 # ------------------------------------------------------------------------------------ end to end
 
 
-def _checkpoint(path: Path, output_type: str, recipe: dict, spatial_dims: int, settings: dict | None = None) -> Path:
-    """A one-layer network with random (so flip-dependent) 3x3 weights, saved as training saves models."""
+def _checkpoint(
+    path: Path, output_type: str, recipe: dict, spatial_dims: int, preprocessing: dict | None = None
+) -> Path:
+    """A one-layer network with random (so flip-dependent) 3x3 weights, saved as training saves models.
+
+    ``preprocessing``: the plan's (default: that of the method of the output type, M4, M3 or M2).
+    """
     out_channels = {"regions": 3, "classes": 4, "binary": 1}[output_type]
     conv = "torch.nn.Conv3d" if spatial_dims == 3 else "torch.nn.Conv2d"
     spec = {"_target_": conv, "in_channels": 4, "out_channels": out_channels, "kernel_size": 3, "padding": 1}
@@ -249,7 +298,9 @@ def _checkpoint(path: Path, output_type: str, recipe: dict, spatial_dims: int, s
             network.weight[(0, 1, *[1] * spatial_dims)] = 10.0
             network.bias.fill_(-5.0)
     patch = [16] * spatial_dims
-    return save_model(path, network, output_type, patch, recipe, settings or {"spacing": None})
+    method = {"regions": ("train.yaml",), "classes": STACKS["m3"], "binary": STACKS["m2"]}[output_type]
+    planned = preprocessing or _planned([str(CONFIGS / f) for f in method])
+    return save_model(path, network, output_type, patch, preprocessing=planned, inference_recipe=recipe)
 
 
 def _files(out: Path, case: str = "Case_001") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -301,7 +352,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_m3_checkpoint_runs_one_pass_argmax_and_nothing_else_by_default(case: Path, tmp_path: Path) -> None:
     """``python -m monai.bundle run --config_file configs/inference.yaml`` with no flag: M3's recipe."""
-    checkpoint = _checkpoint(tmp_path / "m3.pt", "classes", M3, 2, {"spacing": None, "clahe": False})
+    checkpoint = _checkpoint(tmp_path / "m3.pt", "classes", M3, 2)
     output = _run("monai.bundle", case, tmp_path / "out", checkpoint)
     assert "2-D classes model, one pass, argmax, post-processing: mask_outside_brain;" in output
     seg, prob, std = _files(tmp_path / "out")
@@ -312,21 +363,25 @@ def test_m3_checkpoint_runs_one_pass_argmax_and_nothing_else_by_default(case: Pa
     np.testing.assert_array_equal(internal, argmax * brain)  # the argmax in the brain, background outside it
     assert argmax[~brain].any(), "the random network calls some background tumour: the test sees the mask act"
     assert len(np.unique(internal)) == 4  # every class occurs, so the test could see a step act
-    # M3's own preprocessing, from the recorded training configs (percentile clip before the z-score)
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.yaml"))
-    parser["checkpoint"] = str(checkpoint)
-    names = [type(t).__name__ for t in parser.get_parsed_content("intensity_transform").transforms]
-    assert names == ["ClipNonzeroPercentilesd", "Identityd", "FastNormalizeIntensityd"]
-    # a model trained with CLAHE is preprocessed with it (the record's train_settings)
-    parser["checkpoint"] = str(_checkpoint(tmp_path / "clahe.pt", "classes", M3, 2, {"spacing": None, "clahe": True}))
-    names = [type(t).__name__ for t in parser.get_parsed_content("intensity_transform").transforms]
-    assert names == ["ClipNonzeroPercentilesd", "CLAHEd", "FastNormalizeIntensityd"]
+
+    # M3's own preprocessing, from the checkpoint's plan (percentile clip before the z-score)
+    def intensity_steps(path: Path) -> list[str]:
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "inference.yaml"))
+        parser["checkpoint"] = str(path)
+        names = [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms]
+        return [n for n in names if n in ("ClipNonzeroPercentilesd", "CLAHEd", "FastNormalizeIntensityd")]
+
+    assert intensity_steps(checkpoint) == ["ClipNonzeroPercentilesd", "FastNormalizeIntensityd"]
+    # a model trained with CLAHE is preprocessed with it
+    clahe = _planned([str(CONFIGS / f) for f in STACKS["m3"]], clahe=True)
+    with_clahe = _checkpoint(tmp_path / "clahe.pt", "classes", M3, 2, clahe)
+    assert intensity_steps(with_clahe) == ["ClipNonzeroPercentilesd", "CLAHEd", "FastNormalizeIntensityd"]
 
 
 def test_explicit_options_override_m3s_recipe(case: Path, tmp_path: Path) -> None:
     """The same M3 model with TTA and M4's first and third steps, through python -m bundle infer's function."""
-    checkpoint = _checkpoint(tmp_path / "m3.pt", "classes", M3, 2, {"spacing": None, "clahe": False})
+    checkpoint = _checkpoint(tmp_path / "m3.pt", "classes", M3, 2)
     infer(str(case), output=str(tmp_path / "out2"), checkpoint=str(checkpoint), tta="yes", et_components_to_ncr="true",
           remove_small_components=True, save_probabilities=True, save_uncertainty=True)  # fmt: skip
     seg2, prob2, std2 = _files(tmp_path / "out2")
@@ -409,10 +464,11 @@ def test_a_checkpoint_saved_before_recipes_runs_m4s_recipe(
 ) -> None:
     checkpoint = _checkpoint(tmp_path / "old.pt", "regions", M4, 3)
     state = torch.load(checkpoint, weights_only=True)
-    for key in ("inference_recipe", "train_settings"):
-        del state["model_record"][key]  # what checkpoints held before
+    plan = state["model_record"]
+    # what checkpoints held before recipes were recorded (plan version 1)
+    state["model_record"] = {k: plan[k] for k in ("network", "input_channels", "output_type", "patch_size")}
     torch.save(state, checkpoint)
-    assert "inference_recipe" not in read_record(checkpoint)
+    assert read_plan(checkpoint)["migrated_from"] == 1
     infer(str(case), output=str(tmp_path / "out"), checkpoint=str(checkpoint), save_uncertainty=True)
     logged = capsys.readouterr().out  # configs/logging.conf, which the workflow installs, logs to stdout
     assert "old.pt records no inference recipe (saved before recipes were recorded): running M4's recipe" in logged

@@ -113,7 +113,7 @@ def _user_error(call: Callable[[], Any]) -> str:
 TRAIN_OVERRIDES = {
     "num_folds": 2,
     "num_workers": 0,
-    "roi_size": [8, 8, 8],
+    "patch_size": [8, 8, 8],
     "network_factory#filters": [4, 8, 16, 32, 64],
 }
 
@@ -140,7 +140,11 @@ def test_prepare_and_training_stop_before_any_folder(tmp_path: Path, name: str) 
     assert not out.exists() and not models.exists(), "a folder was made before the checks passed"
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+#: What inference finds in a case's voxels (decoded once, by its loader), not in its headers
+VOXEL_CORRUPTIONS = ("NaN / Inf voxels", "truncated .nii.gz")
+
+
+@pytest.mark.parametrize("name", sorted(set(CORRUPTIONS) - set(VOXEL_CORRUPTIONS)))
 def test_inference_stops_before_loading_the_model(tmp_path: Path, name: str) -> None:
     corrupt, expected = CORRUPTIONS[name]
     root = _dataset(tmp_path, corrupt)
@@ -148,6 +152,18 @@ def test_inference_stops_before_loading_the_model(tmp_path: Path, name: str) -> 
     message = _user_error(lambda: infer(str(root), output=str(out), checkpoint=str(tmp_path / "absent.pt")))
     assert expected in message, message  # the cases are checked first: the missing checkpoint comes later
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", VOXEL_CORRUPTIONS)
+def test_inference_names_a_file_whose_voxels_fail_and_writes_nothing_of_it(tmp_path: Path, name: str) -> None:
+    """Inference decodes each case once, in its loader: bad voxels are one sentence naming the file there."""
+    corrupt, expected = CORRUPTIONS[name]
+    root = _dataset(tmp_path, corrupt)
+    out = tmp_path / "out"
+    checkpoint = _checkpoint(tmp_path / "model.pt", TINY_NET)
+    message = _user_error(lambda: infer(str(root), output=str(out), checkpoint=str(checkpoint), window=[8, 8, 8]))
+    assert expected in message, message
+    assert not list(out.glob(f"{CASE}_*"))  # nothing of the bad case; the cases before it are complete
 
 
 def test_a_missing_dataset_folder(tmp_path: Path) -> None:
@@ -215,8 +231,10 @@ def test_prepare_and_inference_commands_end_with_the_sentence(tmp_path: Path) ->
     root = _dataset(tmp_path, corrupt)
     _assert_one_sentence(_command(["-m", "bundle", "prepare", "--dataset_dir", str(root)]), expected)
     args = ["-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--dataset_dir", str(root)]
+    checkpoint = _checkpoint(tmp_path / "model.pt", TINY_NET)
+    args += ["--checkpoint", str(checkpoint), "--window", "[8,8,8]"]
     _assert_one_sentence(_command([*args, "--output_dir", str(tmp_path / "out")]), expected)
-    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "out").glob(f"{CASE}_*"))
 
 
 def test_a_diverging_training_stops_with_one_sentence_and_keeps_only_finite_models(tmp_path: Path) -> None:
@@ -225,7 +243,7 @@ def test_a_diverging_training_stops_with_one_sentence_and_keeps_only_finite_mode
     out, models = tmp_path / "out", tmp_path / "models"
     args = ["-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml", "--dataset_dir", str(data)]
     args += ["--output_dir", str(out), "--ckpt_dir", str(models), "--epochs", "3", "--val_interval", "1"]
-    for key, value in {**TRAIN_OVERRIDES, "roi_size": [32, 32, 32], "learning_rate": 1e30}.items():
+    for key, value in {**TRAIN_OVERRIDES, "patch_size": [32, 32, 32], "learning_rate": 1e30}.items():
         args += [f"--{key}", str(value).replace(" ", "")]
     result = _command(args)
     _assert_one_sentence(result, "training stopped at epoch 2, iteration 2: the loss is nan")

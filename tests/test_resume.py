@@ -144,7 +144,7 @@ def test_resume_is_bit_exact_when_the_batches_do_not_divide_steps_per_epoch(tmp_
     Killed in epoch 2 and resumed from epoch 1's checkpoint (iteration 3, mid-pass), the run equals the
     uninterrupted one (before bundle.training.workflow.NewPassEachEpoch, iteration 4 differed).
     """
-    cpu = {"configs": ("configs/train.yaml", "configs/cpu.yaml"), "steps_per_epoch": 3, "val_roi_size": [32, 32, 32]}
+    cpu = {"configs": ("configs/train.yaml", "configs/cpu.yaml"), "steps_per_epoch": 3, "window": [32, 32, 32]}
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     first = [(_start(reference, tiny_demo, **cpu), 0, reference)]
     first.append((_start(killed, tiny_demo, kill_at="iteration:5", **cpu), KILLED, killed))

@@ -25,21 +25,15 @@ from bundle.errors import OptionError
 from bundle.inference.run import infer
 from bundle.integrations.monailabel import app_inference_config
 from bundle.paths import working_directory
-from bundle.plan.checkpoints import (
-    CheckpointError,
-    build_network,
-    network_data_format,
-    read_record,
-    salient_channel,
-    save_model,
-)
+from bundle.plan import migrate, read_plan
+from bundle.plan.network import network_data_format
 from bundle.transforms import SalientMaskd, input_channel_names
 
 FIVE = [*MODALITIES, SALIENT_CHANNEL]
 # M4's network at tiny widths, 4 levels (2 deep-supervision heads need 3 decoder levels): 16^3 windows
 TINY_M4 = {
     "network_factory#filters": [4, 8, 8, 8],
-    "roi_size": [16, 16, 16],
+    "patch_size": [16, 16, 16],
     "num_workers": 0,
 }
 
@@ -128,14 +122,15 @@ def test_preprocessing_appends_the_raw_brain_mask_after_normalisation(tmp_path: 
     ]
 
 
-def test_model_record_lists_the_channels_and_refuses_a_network_that_does_not_count_them() -> None:
+def test_the_plan_lists_the_channels_and_refuses_a_network_that_does_not_count_them() -> None:
     parser = _train_parser(True)
     with torch.device("meta"):
-        record = parser.get_parsed_content("model_record").state_dict()
+        record = parser.get_parsed_content("model_plan").state_dict()
+    assert record["preprocessing"]["salient_channel"] is True
     assert record["input_channels"] == FIVE and record["network"]["in_channels"] == 5
     parser = _train_parser(True, **{"network_factory#in_channels": 4})
     with pytest.raises(RuntimeError) as caught, torch.device("meta"):
-        parser.get_parsed_content("model_record")
+        parser.get_parsed_content("model_plan")
     error = caught.value.__cause__
     assert isinstance(error, OptionError)
     assert str(error) == (
@@ -144,19 +139,20 @@ def test_model_record_lists_the_channels_and_refuses_a_network_that_does_not_cou
     )
 
 
-def test_a_record_says_whether_the_model_takes_the_salient_channel() -> None:
-    assert salient_channel({"input_channels": list(MODALITIES)}) is False
-    assert salient_channel({"input_channels": FIVE}) is True
-    with pytest.raises(CheckpointError, match=r"takes the input channels \['flair', 't1'\]; this bundle makes"):
-        salient_channel({"input_channels": ["flair", "t1"]})
+def test_a_version_1_record_of_five_channels_plans_the_salient_channel() -> None:
+    record = {"network": {"_target_": "bundle.networks.M4UNet"}, "output_type": "regions"}
+    assert migrate({**record, "input_channels": FIVE})["preprocessing"]["salient_channel"] is True
+    assert migrate({**record, "input_channels": list(MODALITIES)})["preprocessing"]["salient_channel"] is False
 
 
 def _checkpoint(path: Path, salient: bool) -> Path:
+    """A checkpoint as training writes it: the network its config builds, with the plan that config records."""
     parser = _train_parser(salient)
     torch.manual_seed(0)
-    channels = parser.get_parsed_content("input_channels")
-    network = build_network(parser.get_parsed_content("network_factory"))
-    return save_model(path, network, patch_size=[16, 16, 16], input_channels=channels)
+    network = parser.get_parsed_content("network_def")
+    plan = parser.get_parsed_content("model_plan").state_dict()
+    torch.save({"model": network.state_dict(), "model_record": plan}, path)
+    return path
 
 
 def test_inference_adds_the_channel_because_the_record_says_so(tmp_path: Path) -> None:
@@ -164,7 +160,7 @@ def test_inference_adds_the_channel_because_the_record_says_so(tmp_path: Path) -
     case, _ = _write_case(tmp_path / "data")
     for salient in (True, False):
         checkpoint = _checkpoint(tmp_path / f"model_{salient}.pt", salient)
-        assert read_record(checkpoint)["input_channels"] == input_channel_names(salient)
+        assert read_plan(checkpoint)["input_channels"] == input_channel_names(salient)
         parser = ConfigParser()
         parser.read_config(str(REPO_ROOT / "configs" / "inference.yaml"))
         parser.update({"bundle_root": str(REPO_ROOT), "checkpoint": str(checkpoint)})
@@ -194,7 +190,7 @@ def test_zoo_metadata_of_the_best_setting_says_five_channels() -> None:
     parser = ConfigParser()
     parser.read_config([str(REPO_ROOT / "configs" / f) for f in ("train.yaml", "variants/m4_resunet_ds.yaml")])
     with torch.device("meta"):
-        record = parser.get_parsed_content("model_record").state_dict()
+        record = parser.get_parsed_content("model_plan").state_dict()
     best = network_data_format(record, default)
     image = best["inputs"]["image"]
     assert image["num_channels"] == 5
@@ -204,7 +200,7 @@ def test_zoo_metadata_of_the_best_setting_says_five_channels() -> None:
     with torch.device("meta"):
         plain = ConfigParser()
         plain.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
-        assert network_data_format(plain.get_parsed_content("model_record").state_dict(), default) == default
+        assert network_data_format(plain.get_parsed_content("model_plan").state_dict(), default) == default
 
 
 @pytest.mark.slow  # the export runs MONAI's ckpt_export in a fresh interpreter (~30 s to 2 min here)

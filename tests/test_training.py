@@ -22,7 +22,7 @@ from bundle.errors import DataError
 TINY = {
     "num_folds": 2,
     "holdout_fraction": 0.0,  # all four tiny cases in the two folds (tests/test_cv.py runs the 20 % hold-out)
-    "roi_size": [32, 32, 32],
+    "patch_size": [32, 32, 32],
     "network_factory#filters": [4, 8, 16, 32, 64],
     "epochs": 1,
     "val_interval": 1,
@@ -86,12 +86,12 @@ def test_one_epoch_through_the_bundle_cli(tmp_path: Path, tiny_demo: Path) -> No
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("input_block") for k in best["model"]), "model.pt holds the network's state dict"
     record = best["model_record"]  # and what built it (bundle.plan.checkpoints)
-    assert record["network"]["_target_"] == "bundle.networks.nets.M4UNet"
+    assert record["network"]["_target_"] == "bundle.networks.M4UNet"  # its public name
     assert record["network"]["filters"] == TINY["network_factory#filters"]
     assert record["network"]["strides"] == [1, 2, 2, 2, 2]  # the depth follows the filters
     assert record["network"]["upsample_heads"] is False  # M4's deep supervision: heads at their own size
     assert record["input_channels"] == ["t1", "t1ce", "t2", "flair"] and record["network"]["in_channels"] == 4
-    assert record["patch_size"] == TINY["roi_size"] and record["output_type"] == "regions"
+    assert record["patch_size"] == TINY["patch_size"] and record["output_type"] == "regions"
 
 
 @pytest.mark.parametrize("upsample_ds_heads", [False, True], ids=["heads_own_size", "heads_upsampled"])
@@ -158,7 +158,7 @@ def test_bad_dataset_stops_before_training(tmp_path: Path, brats2021_dir: Path) 
 @pytest.mark.skipif(shared_samples_dir() is None, reason="../shared/brats_samples not present")
 def test_one_epoch_on_real_brats_samples(tmp_path: Path) -> None:
     """The real-data path (240 x 240 x 155 int16 LPS files, disk cache) trains and checkpoints."""
-    workflow = _workflow(tmp_path, shared_samples_dir(), num_folds=3, roi_size=[64, 64, 64])
+    workflow = _workflow(tmp_path, shared_samples_dir(), num_folds=3, patch_size=[64, 64, 64])
     workflow.initialize()
     workflow.run()
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
@@ -261,11 +261,11 @@ def test_configs_stop_on_what_each_paper_says() -> None:
 
     m4 = parsed("train.yaml")
     assert (m4["monitor"], m4["early_stop_patience"], m4["val_interval"]) == ("val_loss", 10, 2)
-    assert m4.get_parsed_content("lr_scheduler#mode") == "min"
+    assert m4.get_parsed_content("lr_scheduler_factory#mode") == "min"
     m2 = parsed("train.yaml", "train_2d.yaml", "variants/m2_resunet_tversky.yaml")
     assert (m2["monitor"], m2["early_stop_patience"]) == ("val_loss", 30)
     gate = parsed("train.yaml", "train_2d.yaml", "train_gate.yaml")
-    assert gate["monitor"] == "val_auc" and gate.get_parsed_content("lr_scheduler#mode") == "max"
+    assert gate["monitor"] == "val_auc" and gate.get_parsed_content("lr_scheduler_factory#mode") == "max"
 
 
 def test_training_stops_when_the_validation_loss_stops_improving(tmp_path: Path, tiny_demo: Path) -> None:

@@ -28,11 +28,11 @@ from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from bundle.data import generate_demo_dataset
-from bundle.plan.checkpoints import network_from_checkpoint
+from bundle.plan import network_from_spec, read_plan
 
 TINY = {
     "num_folds": 2,
-    "roi_size": [32, 32, 32],  # divisible by 16 for the 5-level nets
+    "patch_size": [32, 32, 32],  # divisible by 16 for the 5-level nets
     "epochs": 1,
     "val_interval": 1,
     "num_workers": 0,
@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # 1 x 1 x 1 bottleneck breaks instance norm in training (the demo's 64^3 and real 128^3 are fine)
     "swinunetr": (
         "SwinUNETR",
-        {"network_factory#feature_size": 12, "network_factory#depths": [1, 1, 1, 1], "roi_size": [64, 32, 32]},
+        {"network_factory#feature_size": 12, "network_factory#depths": [1, 1, 1, 1], "patch_size": [64, 32, 32]},
     ),
 }
 
@@ -138,7 +138,7 @@ def _check_one_epoch(variant: str, out: Path, network: torch.nn.Module, evaluato
     assert saved["model_record"]["network"]["_target_"].endswith("." + VARIANTS[variant][0])
     salient = variant == "m4_resunet_ds"  # M4's best setting adds the salient channel, and records it
     assert saved["model_record"]["input_channels"] == ["t1", "t1ce", "t2", "flair"] + ["salient"] * salient
-    rebuilt = network_from_checkpoint(best)
+    rebuilt = network_from_spec(read_plan(best)["network"])
     assert type(rebuilt).__name__ == VARIANTS[variant][0]
     state = saved["model"]
     rebuilt.load_state_dict(state)
@@ -174,7 +174,7 @@ def test_m4_best_setting_trains_and_segments_through_the_command_line(tmp_path: 
     settings = {
         **_settings("m4_resunet_ds", tmp_path, tiny_demo),
         "network_factory#filters": [2, 4, 4, 4, 4, 4, 4],  # the paper's 7 levels at tiny widths
-        "roi_size": [128, 64, 64],  # multiples of 64, and a 2 x 1 x 1 bottleneck for instance norm
+        "patch_size": [128, 64, 64],  # multiples of 64, and a 2 x 1 x 1 bottleneck for instance norm
     }
     _run_cli("m4_resunet_ds", settings)
     _check_one_epoch("m4_resunet_ds", tmp_path, _build_network("m4_resunet_ds", settings), None)

@@ -14,6 +14,7 @@ from bundle.data.datalist import (
     prepare,
     resolve_datalist,
     select_cases,
+    without_labels,
 )
 from bundle.data.demo import DEMO_SPACING, DEMO_VERSION, demo_affine, generate_demo_dataset, make_phantom
 from bundle.data.io import ImageHeader, load_nifti, read_header, read_voxels
@@ -68,4 +69,5 @@ __all__ = [
     "read_voxels",
     "resolve_datalist",
     "select_cases",
+    "without_labels",
 ]

@@ -25,14 +25,16 @@ from bundle.data.layouts import Case
 from bundle.errors import DataError
 
 
-def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True) -> None:
+def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True, decode: bool = True) -> None:
     """Raise :class:`DataError` naming the file if a case cannot be used.
 
     Checks: every modality present and readable, 3-D images of one shape and affine (within
     ``affine_atol``, in mm), a 4-D MSD image with 4 channels, a label of the image's shape and
     affine whose values belong to the layout's label scheme; then every voxel of every file is
     decoded once (:func:`read_voxels`: truncated data, NaN / Inf). The headers come first, so the
-    cheap checks answer before the ~0.3 s of decoding a real BraTS case.
+    cheap checks answer before the ~0.3 s of decoding a real BraTS case. ``decode=False`` checks the headers
+    and label values only: inference decodes each image once, in its loader, which refuses truncated data
+    and NaN / Inf naming the file (:class:`bundle.transforms.ThreadUnsafeLoadImaged`).
     """
     if case.problems:
         raise DataError(case.problems[0])
@@ -60,7 +62,7 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True)
                 raise DataError(f"{path}: affine differs from {ref_path} by more than {affine_atol} mm")
     if case.label is not None and check_labels:
         _check_label_header(case.label, ref_path, ref_shape, ref_affine, affine_atol)
-    for path in [case.image] if isinstance(case.image, str) else case.image:
+    for path in ([case.image] if isinstance(case.image, str) else case.image) if decode else []:
         read_voxels(path)
     if case.label is not None and check_labels:
         _check_label_values(case.label, case.layout)
@@ -92,6 +94,7 @@ def check_cases(
     skip_bad: bool = False,
     progress: bool = True,
     num_threads: int | None = None,
+    decode: bool = True,
 ) -> list[Case]:
     """Check every case (:func:`check_case`) on ``num_threads`` threads; return the usable ones in order.
 
@@ -104,7 +107,7 @@ def check_cases(
 
     def problem(case: Case) -> DataError | None:
         try:
-            check_case(case, check_labels=check_labels)
+            check_case(case, check_labels=check_labels, decode=decode)
         except DataError as err:
             return err
         return None

@@ -91,6 +91,7 @@ def _checked_items(
     skip_bad: bool = False,
     progress: bool = True,
     holdout_fraction: float = 0.0,
+    decode: bool = True,
 ) -> list[dict[str, Any]]:
     """Datalist items of ``cases`` (in order) once every one passed :func:`check_cases`.
 
@@ -98,7 +99,7 @@ def _checked_items(
     a test set no fold trains or validates on (M4 holds out 20 %). Without a hold-out the folds are
     exactly those of earlier versions.
     """
-    good = check_cases(_unique_names(cases), check_labels, skip_bad, progress)
+    good = check_cases(_unique_names(cases), check_labels, skip_bad, progress, decode=decode)
     if not good:
         raise DataError(f"{source}: no usable cases")
     labelled = [i for i, c in enumerate(good) if c.label is not None]
@@ -283,6 +284,7 @@ def select_cases(
     folds: int = 5,
     seed: int = 42,
     progress: bool = True,
+    decode: bool = True,
 ) -> list[dict[str, Any]]:
     """The cases of one run (training, inference or evaluation) as datalist items, checked before it starts.
 
@@ -295,17 +297,23 @@ def select_cases(
     is ``False``), and a case name used twice is an error; a datalist was checked when it was written
     and is read as it is. Labelled cases of a folder are dealt into ``folds`` folds (``seed``).
 
-    ``split`` picks among the cases: ``None`` every case, ``"train"`` / ``"val"`` the labelled cases
-    outside / inside ``fold`` (:func:`load_split`), ``"test"`` the unlabelled ones. ``labelled``:
+    ``split`` picks among the cases: ``None`` every case (with a ``fold``: its validation cases),
+    ``"train"`` / ``"val"`` the labelled cases outside / inside ``fold`` (:func:`load_split`), ``"test"``
+    the unlabelled ones. ``labelled``:
     ``True`` keeps only cases with a ground truth (none left is an error), ``False`` drops the labels
     (inference never reads them), ``None`` keeps what there is. Every problem is a :class:`DataError`
-    with one sentence naming the file.
+    with one sentence naming the file. ``decode=False``: headers and label values only (inference, whose
+    loader decodes each image once and refuses truncated or non-finite data naming the file).
     """
+    if split is None and fold is not None:
+        split = "val"
     if files:
         file_list = [files] if isinstance(files, str) else [str(f) for f in files]
         source = ", ".join(file_list)
         data = _datalist(
-            _checked_items([_case_from_files(file_list, layout)], source, folds, seed, labelled is not False),
+            _checked_items(
+                [_case_from_files(file_list, layout)], source, folds, seed, labelled is not False, decode=decode
+            ),
             "files",
             folds,
             seed,
@@ -320,7 +328,7 @@ def select_cases(
     else:
         source = _dataset_or_demo(dataset_dir, demo_dir)
         cases = discover_cases(source, layout)
-        every = _checked_items(cases, source, folds, seed, labelled is not False, progress=progress)
+        every = _checked_items(cases, source, folds, seed, labelled is not False, progress=progress, decode=decode)
         data = _datalist(every, Path(source).name, folds, seed)
     if split is None:
         items = [dict(i) for i in every]
@@ -373,3 +381,8 @@ def resolve_datalist(
         subset_fraction=subset_fraction,
         subset_seed=subset_seed,
     )
+
+
+def without_labels(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The datalist items without their ground truth (what inference is given: it never reads labels)."""
+    return [{key: value for key, value in item.items() if key != "label"} for item in items]

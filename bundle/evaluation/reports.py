@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from bundle.evaluation.files import (
     write_metrics_csv,
 )
 from bundle.evaluation.metrics import DISTANCE_METRICS, OVERLAP_METRICS, evaluate_case
+from bundle.options import as_bool
 
 #: Metrics where a smaller value is better (all others: larger is better).
 LOWER_IS_BETTER: frozenset[str] = frozenset({"hd95", "hd95_monai", "lesion_hd95", "lesion_hd95_matched", "lesion_fp"})
@@ -248,8 +250,8 @@ def evaluate_datalist(
     output_dir: str | Path | None = None,
     pred_label_scheme: str = "brats2021",
     pred_postfix: str = "_seg",
-    lesion_wise: bool = True,
-    include_disjoint: bool = False,
+    lesion_wise: Any = True,
+    include_disjoint: Any = False,
     verbose: bool = True,
 ) -> list[dict]:
     """Score ``<pred_dir>/<case_id><pred_postfix>.nii.gz`` against each labelled datalist item's ``label``.
@@ -263,6 +265,7 @@ def evaluate_datalist(
     """
     from bundle.constants import scheme_for_layout
 
+    lesion_wise, include_disjoint = as_bool(lesion_wise, "lesion_wise"), as_bool(include_disjoint, "include_disjoint")
     pred_scheme = "brats2023" if pred_label_scheme == "internal" else pred_label_scheme
     pairs = []
     for item in items:

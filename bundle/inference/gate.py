@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from bundle.errors import OptionError
 from bundle.inference.inferers import ResizedSliceInferer
-from bundle.plan.checkpoints import load_model
+from bundle.plan.checkpoints import Checkpoint, load_model
+from bundle.plan.network import spatial_dims
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,53 @@ def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
 def load_gate(checkpoint: str, device: torch.device | str = "cpu") -> nn.Module:
     """The gate classifier ``checkpoint`` records (``gate.pt`` of configs/train_gate.yaml), in eval mode."""
     return load_model(checkpoint, device)
+
+
+@dataclass(frozen=True)
+class SliceGate:
+    """M2's gate as inference uses it: the classifier with its weights, the slice size it takes, its threshold."""
+
+    network: nn.Module
+    size: tuple[int, ...]
+    threshold: float
+    checkpoint: str
+
+
+def load_slice_gate(
+    checkpoint: str | None,
+    threshold: Any = None,
+    default_threshold: float = 0.5,
+    plan: Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> SliceGate | None:
+    """The gate of a run (its checkpoint read once), or None without ``checkpoint``; options checked first.
+
+    ``threshold``: the probability from which the gate passes a slice (None: ``default_threshold``, the
+    paper's argmax of two classes, 0.5). A threshold without a gate (it would be ignored), a threshold
+    outside [0, 1], or a gate for a 3-D model (``plan``, the segmenter's) is one sentence.
+    """
+    if not checkpoint:
+        if threshold is not None:
+            raise OptionError(
+                f"gate_threshold: {threshold} is given without gate_checkpoint; it applies to M2's slice gate only"
+            )
+        return None
+    if plan is not None and spatial_dims(plan) != 2:
+        raise OptionError(f"gate_checkpoint: {checkpoint} gates the slices of a 2-D model; the model is 3-D")
+    chosen = default_threshold if threshold is None else threshold
+    if isinstance(chosen, bool) or not isinstance(chosen, (int, float)) or not 0.0 <= chosen <= 1.0:
+        raise OptionError(f"gate_threshold: {chosen!r} is not a probability (a number in [0, 1])")
+    gate = Checkpoint(checkpoint)
+    if gate.plan["output_type"] != "gate":
+        raise OptionError(f"gate_checkpoint: {checkpoint} holds a {gate.plan['output_type']} model, not M2's gate")
+    logger.info(
+        "gate: %s, threshold %g: the segmenter runs on the slices whose P(tumour) is at least %g, the others get "
+        "an empty mask",
+        checkpoint,
+        chosen,
+        chosen,
+    )
+    return SliceGate(gate.network(device), tuple(int(s) for s in gate.plan["patch_size"]), float(chosen), checkpoint)
 
 
 class GatedSliceInferer(ResizedSliceInferer):
@@ -168,17 +218,19 @@ class GateSliceLog:
     per flip (the line says how many flips).
 
     Args:
-        inferer: the gated inferer (directly, or as ``FlipTTAInferer``'s ``base_inferer``).
+        inferer: the run's base inferer; nothing is logged unless it is a :class:`GatedSliceInferer`.
         name_key: the datalist key that names a case.
     """
 
-    def __init__(self, inferer: GatedSliceInferer, name_key: str = "case_id") -> None:
+    def __init__(self, inferer: Any, name_key: str = "case_id") -> None:
         self.inferer = inferer
         self.name_key = name_key
         self.cases = self.slices_total = self.slices_segmented = 0
 
     def attach(self, engine: Engine) -> None:
         """Count each iteration (one case with ``batch_size: 1``) and log at its end and at the run's."""
+        if not isinstance(self.inferer, GatedSliceInferer):
+            return  # no gate in this run
         engine.add_event_handler(Events.STARTED, self.start_run)
         engine.add_event_handler(Events.ITERATION_STARTED, self.start_case)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.log_case)

@@ -1,8 +1,7 @@
 """Post-processing of internal label maps: M4's clean-up steps (docs/methods.md M4, docs/inference.md).
 
-In the paper's order, each a dictionary transform that ``configs/inference.yaml`` names in
-``postprocessing_steps`` (switched off with MONAI's ``_disabled_``, by the model's inference recipe
-or a flag):
+In the paper's order, each a dictionary transform that :func:`recipe_steps` builds when the model's
+inference recipe (or a flag) switches it on:
 
 1. :class:`SmallETComponentsToNCRd` - ET components smaller than 16 voxels with mean ET probability
    below 0.9 become NCR;
@@ -399,3 +398,49 @@ class OutsideBrainToBackgroundd(MapTransform):
             masked = self.mask(d[key], mask_data=brain)
             d[key] = convert_to_dst_type(masked, d[key], dtype=d[key].dtype)[0]
         return d
+
+
+def recipe_steps(
+    recipe: Mapping[str, Any],
+    output_type: str,
+    label_key: str = "pred_label",
+    prob_key: str = "pred_mean",
+    image_key: str = "image",
+) -> list[MapTransform]:
+    """The clean-up steps the recipe switches on, in their order, with the recipe's numbers.
+
+    ``label_key``: the internal label map; ``prob_key``: the probabilities (the ET rules read p(ET):
+    channel 2 of WT/TC/ET, channel 3 of the classes); ``image_key``: the preprocessed image on the same
+    grid (the outside-brain step reads the brain from it).
+    """
+    et_channel = 3 if output_type == "classes" else REGION_NAMES.index("ET")
+    steps: list[MapTransform] = []
+    if recipe["mask_outside_brain"]:
+        steps.append(OutsideBrainToBackgroundd(label_key, image_key=image_key))
+    if recipe["et_components_to_ncr"]:
+        steps.append(
+            SmallETComponentsToNCRd(
+                label_key,
+                prob_key,
+                et_channel,
+                min_size=recipe["et_component_min_size"],
+                prob_threshold=recipe["et_component_min_prob"],
+            )
+        )
+    if recipe["et_volume_to_ncr"]:
+        steps.append(
+            SmallETVolumeToNCRd(
+                label_key,
+                prob_key,
+                et_channel,
+                min_volume=recipe["et_min_volume"],
+                prob_threshold=recipe["et_volume_min_prob"],
+            )
+        )
+    if recipe["remove_small_components"]:
+        steps.append(RemoveSmallTumourComponentsd(label_key, min_size=recipe["min_component_size"]))
+    if recipe["closing"]:
+        steps.append(
+            CloseTumourRegionsd(label_key, filter_size=recipe["closing_size"], element=recipe["closing_element"])
+        )
+    return steps

@@ -1,9 +1,12 @@
-"""Inference runs: input and option checks, and the ``infer`` function behind ``python -m bundle infer``.
+"""Inference runs: the pieces ``configs/inference.yaml`` assembles, and ``infer`` behind ``python -m bundle infer``.
 
-``configs/inference.yaml`` is the one inference pipeline; :func:`infer` runs that same config through
-MONAI's ``ConfigWorkflow``, exactly as ``python -m monai.bundle run --config_file configs/inference.yaml``
-does, only with the command line's arguments as overrides; a training variant given as ``--config_file``
-contributes its inference recipe (:mod:`bundle.plan.recipes`).
+``configs/inference.yaml`` is the one inference pipeline, built from the checkpoint's plan alone
+(:class:`bundle.plan.Checkpoint`): its preprocessing, network, window, output type and recipe. The
+factories here make the config's choices (the base inferer by dimension and gate, TTA by the recipe,
+the label scheme by output type) so that the config lists components. :func:`infer` runs that same
+config through MONAI's ``ConfigWorkflow``, exactly as ``python -m monai.bundle run --config_file
+configs/inference.yaml`` does, only with the command line's arguments as overrides; a training
+variant given as ``--config_file`` contributes its method's inference recipe (:func:`variant_recipe`).
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ from typing import Any
 import torch
 import yaml
 from monai.data import Dataset
+from monai.inferers import Inferer, SlidingWindowInferer
 
 from bundle.data import read_voxels
 from bundle.data.labels import INTERNAL, scheme_values
 from bundle.errors import DataError, OptionError, find_user_error
+from bundle.inference.gate import GatedSliceInferer, SliceGate
+from bundle.inference.inferers import FlipTTAInferer, ResizedSliceInferer
 from bundle.inference.writers import AtomicSaveImaged
 from bundle.options import as_bool
 from bundle.paths import BUNDLE_ROOT, output_path, resolve_config_files, working_directory
-from bundle.plan.checkpoints import model_state, read_record, spatial_dims
+from bundle.plan.network import inference_window, spatial_dims
 from bundle.plan.recipes import RULE_KEYS, STEPS
 
 logger = logging.getLogger(__name__)
@@ -46,19 +52,20 @@ class InferenceDataset(Dataset):
         try:
             return super()._transform(index)
         except Exception as err:
-            item = self.data[index]
-            raise DataError(f"{_unreadable_file(item)}: cannot be read ({_root_cause(err)})") from err
+            if find_user_error(err) is not None:
+                raise  # the loader's own sentence (non-finite voxels), naming the file
+            raise _unreadable(self.data[index], err) from err
 
 
-def _unreadable_file(item: Mapping[str, Any]) -> str:
-    """The first of the item's image files whose voxel data cannot be read (or all of them)."""
+def _unreadable(item: Mapping[str, Any], err: BaseException) -> DataError:
+    """The case checks' sentence for the first of the item's files that cannot be decoded (else the error)."""
     files = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
     for path in files:
         try:
             read_voxels(path)
-        except DataError:
-            return str(path)
-    return ", ".join(str(f) for f in files)
+        except DataError as problem:
+            return problem
+    return DataError(f"{', '.join(str(f) for f in files)}: cannot be read ({_root_cause(err)})")
 
 
 def _root_cause(err: BaseException) -> str:
@@ -67,31 +74,15 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
-def check_checkpoint(checkpoint: str, network: torch.nn.Module) -> str:
-    """Raise one sentence naming ``checkpoint`` if it is missing, unreadable or does not fit ``network``.
-
-    The network is normally the one the checkpoint records (:mod:`bundle.plan.checkpoints`), so a
-    mismatch means ``network_def`` was overridden. MONAI's ``CheckpointLoader`` would fail later,
-    inside the run, with PyTorch's multi-line ``load_state_dict`` report; this check runs in
-    ``initialize``, before any case is loaded.
-    """
-    path = Path(checkpoint)
-    state = model_state(path)
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        first = (missing or unexpected or shapes)[0]
-        raise DataError(
-            f"{path}: checkpoint does not match the network ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(shapes)} differently shaped weights, e.g. {first!r}); it records "
-            f"{read_record(path)['network']['_target_']}: leave network_def unset to use the network it records"
-        )
-    return str(path)
+# ------------------------------------------------------------------------------------- the model
 
 
-# ------------------------------------------------------------------------------------- the recipe
+def output_type_of(plan: Mapping[str, Any]) -> str:
+    """The plan's output type (``regions``, ``classes``, ``binary``); M2's gate alone does not segment."""
+    output_type = str(plan["output_type"])
+    if output_type not in RULE_KEYS:
+        raise OptionError(f"checkpoint: a {output_type!r} model (M2's gate) does not segment; give the segmenter")
+    return output_type
 
 
 def output_label_scheme(scheme: str | None, output_type: str) -> str:
@@ -114,89 +105,128 @@ def output_label_scheme(scheme: str | None, output_type: str) -> str:
     return str(scheme)
 
 
-def gate_decision_threshold(gate_threshold: float | None, default: float = 0.5) -> float:
-    """The probability from which M2's gate passes a slice: ``gate_threshold``, or ``default`` when it is ``None``."""
-    return default if gate_threshold is None else gate_threshold
+def base_inferer(
+    plan: Mapping[str, Any],
+    window: Sequence[int] | None = None,
+    sw_batch_size: int | None = None,
+    overlap: float = 0.5,
+    mode: str = "gaussian",
+    device: Any = "cpu",
+    stitch_device: Any = None,
+    gate: SliceGate | None = None,
+) -> Inferer:
+    """What each flip runs through: a sliding window (3-D; ``mode``: MONAI's window weighting) or slices (2-D).
+
+    ``window``: the user's (None: the plan's, else the training patch; checked against the network).
+    ``sw_batch_size``: windows or slices per network call; None: 16 slices, or 3-D windows two at a
+    time on CUDA and one at a time on a CPU, where two 128^3 windows of train.yaml's network need 1.6
+    times the memory of one and are not faster per window (docs/benchmarks). A 2-D model with M2's
+    ``gate`` runs the segmenter only on the slices the gate passes.
+    """
+    chosen = inference_window(plan, window)
+    device = torch.device(device)
+    if spatial_dims(plan) == 2:
+        per_call = 16 if sw_batch_size is None else int(sw_batch_size)
+        if gate is None:
+            return ResizedSliceInferer(model_size=chosen, spatial_dim=2, sw_batch_size=per_call)
+        return GatedSliceInferer(
+            gate=gate.network,
+            threshold=gate.threshold,
+            model_size=chosen,
+            gate_size=gate.size,
+            out_channels=len(plan["output_channels"]),
+            background_channel=0 if plan["output_type"] == "classes" else None,
+            spatial_dim=2,
+            sw_batch_size=per_call,
+        )
+    per_call = (2 if device.type == "cuda" else 1) if sw_batch_size is None else int(sw_batch_size)
+    return SlidingWindowInferer(
+        roi_size=chosen,
+        sw_batch_size=per_call,
+        overlap=overlap,
+        mode=mode,
+        sw_device=device,
+        device=stitch_device,
+        cache_roi_weight_map=True,  # the Gaussian map is the same for every window, flip and case
+    )
+
+
+def recipe_inferer(
+    base: Inferer,
+    output_type: str,
+    recipe: Mapping[str, Any],
+    flip_batch_size: int | None = None,
+    amp: Any = False,
+    return_std: Any = False,
+) -> FlipTTAInferer:
+    """The recipe's inferer: flip TTA (or one pass) around ``base``, softmax for class models, sigmoid otherwise."""
+    return FlipTTAInferer(
+        base_inferer=base,
+        activation="softmax" if output_type == "classes" else "sigmoid",
+        tta=recipe["tta"],
+        flip_batch_size=flip_batch_size,
+        amp=as_bool(amp, "amp"),
+        return_std=as_bool(return_std, "save_uncertainty"),
+    )
 
 
 def log_recipe(
     recipe: Mapping[str, Any],
-    record: Mapping[str, Any],
+    plan: Mapping[str, Any],
     checkpoint: str,
-    gate_checkpoint: str | None = None,
     label_scheme: str = "brats2021",
-    gate_threshold: float | None = None,
-    gate_default_threshold: float = 0.5,
 ) -> dict[str, Any]:
-    """Log in one line what this run does to each case, and in another M2's gate when one is given.
-
-    An ``initialize`` step: evaluating ``recipe`` there checks every option before any case is read. A
-    gate given for a 3-D model, a gate threshold outside [0, 1], or a gate threshold without a gate
-    (it would be ignored) is an error.
-    """
-    dims = spatial_dims(record)
-    if gate_checkpoint and dims != 2:
-        raise OptionError(
-            f"gate_checkpoint: {gate_checkpoint} gates the slices of a 2-D model; {checkpoint} holds a 3-D model"
-        )
-    if gate_threshold is not None and not gate_checkpoint:
-        raise OptionError(
-            f"gate_threshold: {gate_threshold} is given without gate_checkpoint; it applies to M2's slice gate only"
-        )
-    gate_threshold = gate_decision_threshold(gate_threshold, gate_default_threshold)
-    if gate_checkpoint:
-        if isinstance(gate_threshold, bool) or not isinstance(gate_threshold, (int, float)):
-            raise OptionError(f"gate_threshold: {gate_threshold!r} is not a probability (a number in [0, 1])")
-        if not 0.0 <= gate_threshold <= 1.0:
-            raise OptionError(f"gate_threshold: {gate_threshold} is not a probability (a number in [0, 1])")
-        logger.info(
-            "gate: %s, threshold %g: the segmenter runs on the slices whose P(tumour) is at least %g, "
-            "the others get an empty mask",
-            gate_checkpoint,
-            gate_threshold,
-            gate_threshold,
-        )
-    rule = {"regions": "thresholds", "binary": "mask threshold", "classes": "argmax"}[record["output_type"]]
-    numbers = [f"{key} {recipe[key]}" for key in RULE_KEYS[record["output_type"]]]
+    """Log in one line what this run does to each case (an ``initialize`` step: every option checked by then)."""
+    output_type = str(plan["output_type"])
+    rule = {"regions": "thresholds", "binary": "mask threshold", "classes": "argmax"}[output_type]
+    numbers = [f"{key} {recipe[key]}" for key in RULE_KEYS[output_type]]
+    intensity = [str(step["_target_"]).rsplit(".", 1)[-1] for step in plan["preprocessing"]["intensity"]]
     logger.info(
-        "%s: %s %s model, %s, %s%s, post-processing: %s; labels as %s; preprocessing of %s",
+        "%s: %s %s model, %s, %s%s, post-processing: %s; labels as %s; preprocessing: %s",
         checkpoint,
-        f"{dims}-D",
-        record["output_type"],
+        f"{spatial_dims(plan)}-D",
+        output_type,
         "flip TTA" if recipe["tta"] else "one pass",
         rule,
         f" ({', '.join(numbers)})" if numbers else "",
         ", ".join(step for step in STEPS if recipe[step]) or "none",
         label_scheme,
-        ", ".join(recipe["train_config"]),
+        ", ".join(intensity) or "none",
     )
     return dict(recipe)
 
 
 def variant_recipe(config_file: str | Path) -> dict[str, Any]:
-    """The ``inference_recipe`` block a training config file (a variant) gives its models.
+    """The inference recipe a training variant gives its models: ``configs/train.yaml``'s with the variant's keys.
 
-    ``python -m bundle infer --config_file configs/variants/X.yaml`` runs that method's recipe; a
-    variant without its own block trains (and so infers) with ``configs/train.yaml``'s. A recipe is
-    plain values, so the block is read from the file as it is: merging a variant into a config stack
-    would need the rest of its stack (a 2-D variant overrides ids of ``configs/train_2d.yaml``).
+    ``python -m bundle infer --config_file configs/variants/X.yaml`` runs that method's recipe on any
+    checkpoint the user names. A recipe is plain values, so it is read from the files as they are: the
+    variant's own ``inference_recipe`` block, or train.yaml's with the variant's ``inference_recipe#key``
+    entries over it (the rest of a variant may name ids of other files of its stack, which this needs not).
     """
-    for path in resolve_config_files([str(config_file), "configs/train.yaml"]):
-        content = yaml.safe_load(Path(path).read_text()) or {}
-        if "inference_recipe" in content:
-            recipe = content["inference_recipe"]
-            if not isinstance(recipe, Mapping):
-                raise OptionError(f"{path}: inference_recipe is not a block of keys")
-            return dict(recipe)
-    raise OptionError(f"{config_file}: no inference_recipe, and configs/train.yaml has none either")
+    base, variant = (
+        yaml.safe_load(Path(path).read_text()) or {}
+        for path in resolve_config_files(["configs/train.yaml", str(config_file)])
+    )
+    recipe = variant.get("inference_recipe", base.get("inference_recipe")) if isinstance(variant, Mapping) else None
+    if not isinstance(recipe, Mapping):
+        raise OptionError(f"{config_file}: inference_recipe is not a block of keys")
+    recipe = dict(recipe)
+    for key, value in variant.items():
+        if str(key).startswith("inference_recipe#"):
+            recipe[str(key).split("#", 1)[1]] = value
+    return recipe
 
 
 def _is_training_config(path: str) -> bool:
-    """A training variant (it has a ``network_factory`` or an ``inference_recipe``), not an inference overlay."""
+    """A training variant (it sets the network or the inference recipe), not an inference overlay."""
     content = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(content, Mapping):
         return False
-    return "network_factory" in content or isinstance(content.get("inference_recipe"), Mapping)
+    keys = [str(key).lstrip("+") for key in content]
+    if any(key.split("#", 1)[0] == "network_factory" or key.startswith("inference_recipe#") for key in keys):
+        return True
+    return isinstance(content.get("inference_recipe"), Mapping)
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -243,7 +273,7 @@ def _transforms(transform: Any) -> Iterator[Any]:
 
 
 def cases_to_segment(
-    datalist: Sequence[Mapping[str, Any]], postprocessing: Any, overwrite: bool = False
+    datalist: Sequence[Mapping[str, Any]], postprocessing: Any, overwrite: Any = False
 ) -> list[dict[str, Any]]:
     """The datalist items still to segment: all with ``overwrite``, else those missing an output.
 
@@ -254,6 +284,7 @@ def cases_to_segment(
     are hidden and named differently, so a killed run leaves at most an incomplete case, which is
     redone. Skipped cases are logged, one line each and a count.
     """
+    overwrite = as_bool(overwrite, "overwrite")
     savers = [t for t in _transforms(postprocessing) if isinstance(t, AtomicSaveImaged)]
     todo = []
     for item in datalist:
@@ -314,7 +345,7 @@ def infer(
             only other files are given); a training variant among them (a file with its own
             ``network_factory`` or ``inference_recipe``, e.g. ``configs/variants/m3_resse_lka_unet.yaml``)
             gives its inference recipe instead of the checkpoint's.
-        overrides: any other top-level config key (``roi_size``, ``closing``, ``output_label_scheme``, ...).
+        overrides: any other top-level config key (``window``, ``closing``, ``output_label_scheme``, ...).
 
     Returns:
         The segmentation file of every case, the ones written now and the ones skipped as done.

@@ -1,8 +1,8 @@
-"""Probabilities -> one label map, by the model's output type (the ``probs_to_labels`` slot of configs/inference.yaml).
+"""Probabilities -> one label map, by the model's output type (:func:`recipe_rule`, the recipe's rule).
 
 * region models (sigmoid WT, TC, ET; M4, M1): :func:`regions_to_labels`, the nested threshold rule;
 * class models (softmax background, NCR, ED, ET; M3): :func:`classes_to_labels`, the argmax;
-* binary models (one sigmoid WT channel; M2): MONAI's ``AsDiscreted(threshold=...)`` in the config.
+* binary models (one sigmoid WT channel; M2): MONAI's ``AsDiscreted(threshold=...)``.
 
 Labels are the *internal* ones of :mod:`bundle.constants` (0 bg, 1 NCR, 2 ED, 3 ET) until the last
 step, :class:`LabelsToSchemed`, writes a dataset's values (:func:`bundle.data.labels.from_internal`,
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import AsDiscreted, Compose, CopyItemsd, MapTransform
 from monai.utils import convert_data_type, convert_to_dst_type
 
 from bundle.constants import ED, ET, NCR, REGION_NAMES
@@ -155,3 +155,41 @@ def _output_keys(keys: tuple[Hashable, ...], output_keys: KeysCollection | None)
     if len(out) != len(keys):
         raise ValueError(f"output_keys {out} must match keys {keys} one to one.")
     return out
+
+
+def recipe_rule(
+    recipe: Mapping[str, Any], output_type: str, prob_key: str = "pred_mean", label_key: str = "pred_label"
+) -> MapTransform | Compose:
+    """The recipe's rule from ``prob_key``'s probabilities to internal labels in ``label_key``, by output type."""
+    if output_type == "regions":
+        thresholds = [recipe[f"{region.lower()}_threshold"] for region in REGION_NAMES]
+        return RegionsToLabelsd(prob_key, *thresholds, output_keys=label_key)
+    if output_type == "classes":
+        return ClassesToLabelsd(prob_key, output_keys=label_key)
+    if output_type == "binary":  # one sigmoid channel (M2): a 0/1 mask
+        return Compose(
+            [
+                CopyItemsd(keys=prob_key, names=label_key),
+                AsDiscreted(keys=label_key, threshold=recipe["binary_threshold"], dtype=torch.uint8),
+            ]
+        )
+    raise ValueError(f"output_type {output_type!r} has no rule from probabilities to labels")
+
+
+class MeanProbabilityd(MapTransform):
+    """The inferer's output as ``<key>_mean`` (and ``<key>_std`` when the flips' spread was asked for).
+
+    :class:`bundle.inference.inferers.FlipTTAInferer` returns the probabilities, or ``{"mean", "std"}``
+    with ``return_std``; after decollation both forms become the same keys. MONAI's
+    ``FlattenSubKeysd`` does the second form only.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Flatten each key's probabilities into ``<key>_mean`` (and ``<key>_std``)."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d.pop(key)
+            parts = value if isinstance(value, Mapping) else {"mean": value}
+            for name, part in parts.items():
+                d[f"{key}_{name}"] = part
+        return d

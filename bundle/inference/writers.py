@@ -18,12 +18,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from monai.data import ITKWriter, NibabelWriter
-from monai.transforms import SaveImaged
+from monai.transforms import Invertd, MapTransform, SaveImaged
 
 from bundle.atomic import atomic_path
 from bundle.constants import CLASS_NAMES, ED, LABEL_COLOURS
 from bundle.data import image_stem
 from bundle.data.labels import scheme_values
+from bundle.options import as_bool
 from bundle.paths import output_path
 
 logger = logging.getLogger(__name__)
@@ -170,3 +171,64 @@ class SlicerSegmentationWriter(ITKWriter):
         for key, value in self.header_fields(labels).items():
             self.data_obj[key] = value
         itk.imwrite(self.data_obj, str(filename), compression=True)
+
+
+def to_input_grid(
+    preprocessing: Any, image_key: str = "image", probabilities: Any = False, uncertainty: Any = False
+) -> Invertd:
+    """MONAI's ``Invertd`` back to each input's own grid: the labels (nearest), and the maps asked for.
+
+    Undoes the crop, the reorientation and any resampling of ``preprocessing`` (the plan's steps).
+    """
+    keys = ["pred_label"]
+    keys += ["pred_mean"] if as_bool(probabilities, "save_probabilities") else []
+    keys += ["pred_std"] if as_bool(uncertainty, "save_uncertainty") else []
+    return Invertd(
+        keys=keys,
+        transform=preprocessing,
+        orig_keys=image_key,
+        nearest_interp=[key == "pred_label" for key in keys],
+        to_tensor=True,
+        device="cpu",
+    )
+
+
+def output_writers(
+    output_dir: str,
+    label_scheme: str,
+    output_type: str,
+    probabilities: Any = False,
+    uncertainty: Any = False,
+    slicer_segmentation: Any = False,
+) -> list[MapTransform]:
+    """The files inference writes for each case, each atomically: ``<case>_seg.nii.gz`` and those asked for.
+
+    ``_seg.seg.nrrd`` (a 3D Slicer segmentation of the same labels), ``_prob.nii.gz`` (the averaged
+    probabilities), ``_uncertainty.nii.gz`` (the per-voxel std across the flips).
+    """
+    writers: list[MapTransform] = [
+        AtomicSaveImaged(keys="pred_label", output_dir=output_dir, output_postfix="seg", output_dtype=np.uint8)
+    ]
+    if as_bool(slicer_segmentation, "save_seg_nrrd"):
+        writers.append(
+            AtomicSaveImaged(
+                keys="pred_label",
+                output_dir=output_dir,
+                output_postfix="seg",
+                output_ext=".seg.nrrd",
+                output_dtype=np.uint8,
+                writer=SlicerSegmentationWriter,
+                writer_options={"segments": slicer_segments(label_scheme, output_type)},
+            )
+        )
+    if as_bool(probabilities, "save_probabilities"):
+        writers.append(
+            AtomicSaveImaged(keys="pred_mean", output_dir=output_dir, output_postfix="prob", output_dtype=np.float32)
+        )
+    if as_bool(uncertainty, "save_uncertainty"):
+        writers.append(
+            AtomicSaveImaged(
+                keys="pred_std", output_dir=output_dir, output_postfix="uncertainty", output_dtype=np.float32
+            )
+        )
+    return writers

@@ -62,7 +62,7 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
 
     1. ``configs/train.yaml`` with ``configs/demo.yaml`` (the demo phantoms, generated once under
        ``data/demo``, and the demo's schedule and width), best model to ``output_dir/models/model.pt``;
-    2. ``configs/inference.yaml`` (sliding window, 8-flip TTA, regions -> labels, post-processing)
+    2. ``configs/inference.yaml`` (the model's plan: its window, 8-flip TTA, regions -> labels, clean-up)
        on the held-out case, written to ``output_dir/inference/<case>_seg.nii.gz``;
     3. its Dice / HD95 against the held-out truth, and ``output_dir/overlay.png`` (truth above,
        prediction below; NCR red, ED green, ET yellow).
@@ -101,10 +101,8 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
     workflow.initialize()
     workflow.run()
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
-    demo_dir = Path(workflow.parser.get_parsed_content("dataset_dir"))
+    demo_dir = Path(workflow.parser.get_parsed_content("demo_dir"))
     held_out = select_cases(datalist=workflow.parser.get_parsed_content("datalist_file"), split="test")
-    # the checkpoint records the network; the validation window covers a whole demo case in one pass
-    window = list(workflow.parser.get_parsed_content("val_roi_size"))
     train_seconds = time.perf_counter() - start
     workflow.finalize()
     if not held_out:
@@ -117,8 +115,7 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
         str(demo_dir / case),
         output=str(out / "inference"),
         checkpoint=str(out / "models" / "model.pt"),
-        roi_size=window,
-    )
+    )  # the model's plan records the demo's window: one pass over a whole case
     infer_seconds = time.perf_counter() - infer_start
 
     truth, spacing, _ = load_label_map(demo_dir / "heldout_truth" / f"{case}_seg.nii.gz", "brats2021")

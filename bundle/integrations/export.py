@@ -57,16 +57,8 @@ import yaml
 from bundle.errors import OptionError
 from bundle.networks import M4UNet
 from bundle.paths import BUNDLE_ROOT
-from bundle.plan.checkpoints import (
-    MODEL_KEY,
-    RECORD_KEY,
-    CheckpointError,
-    input_divisors,
-    load_checkpoint,
-    network_data_format,
-    network_from_spec,
-    record_file,
-)
+from bundle.plan.checkpoints import MODEL_KEY, RECORD_KEY, CheckpointError, load_checkpoint, record_file
+from bundle.plan.network import input_divisors, network_data_format, network_from_spec
 
 logger = logging.getLogger(__name__)
 

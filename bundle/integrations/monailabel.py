@@ -24,12 +24,13 @@ are read and written in the dataset's values: BraTS 2021 1, 2, 4; BraTS 2023 1, 
 ``--checkpoint`` (default ``models/model.pt``). A ``--checkpoint`` other than the one the served weights
 came from replaces them, after the old file is kept as ``WORK/models/previous/model-<time>.pt``.
 
-**The app's configs.** MONAI Label prefers ``configs/inference.json`` / ``train.json`` and runs them
-from its own working directory, where ``inference.yaml``'s ``%configs/train.yaml::...`` macros would not
-resolve: the app gets both as JSON, macros expanded, with the dataset's layout and label values, the
-loader expanding one file to its case, the label map copied to ``pred`` (MONAI Label's output key),
-``cache: none`` for training (a corrected label must be read again, not taken from a cache) and the
-server's test-time augmentation default (:func:`default_tta`).
+**The app's configs.** MONAI Label prefers ``configs/inference.json`` / ``train.json``: the app gets
+both as JSON, macros expanded, with the dataset's layout and label values, the loader expanding one
+file to its case, the label map copied to ``pred`` (MONAI Label's output key) and the server's
+test-time augmentation default (:func:`default_tta`). Inference builds from the served checkpoint's
+plan; training continues that plan (:func:`app_train_config`: the same network, preprocessing, window,
+recipe and training recipe; ``cache: none``, as a corrected label must be read again), so a model
+fine-tuned in MONAI Label keeps its plan, and a restart serves it as before.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,9 @@ from bundle.errors import DataError, OptionError, UserError
 from bundle.integrations.export import md5sum
 from bundle.options import as_bool
 from bundle.paths import BUNDLE_ROOT, working_directory
-from bundle.plan.checkpoints import network_data_format, read_record, salient_channel
+from bundle.plan import fine_tune_overrides, read_plan
+from bundle.plan.network import network_data_format
+from bundle.plan.plan import training_config_files
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +66,6 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "brats_resunet_segmentation"
 #: MONAI Label takes the label map from this key (after its own filtering of SaveImaged).
 PRED_KEY = "pred"
-#: Config targets that load the image (MONAI Label wraps any LoadImaged in its LoadImageTensord).
-LOADERS = ("LoadImaged", "monai.transforms.LoadImaged", "bundle.transforms.ThreadUnsafeLoadImaged")
 #: The case file a Slicer user sees for a case, in order of preference.
 SHOWN_MODALITIES = ("flair", "t1ce", "t1", "t2")
 #: File suffixes MONAI Label's datastore lists (bundle.integrations.monailabel_app.DATASTORE_EXTENSIONS).
@@ -248,7 +249,7 @@ def choose_checkpoint(models_dir: str | Path, checkpoint: str | Path | None = No
     source = Path(checkpoint).resolve() if checkpoint is not None else BUNDLE_ROOT / "models" / "model.pt"
     if not source.is_file():
         raise UserError(f"{source}: checkpoint does not exist (train one first, or pass --checkpoint)")
-    read_record(source)  # one sentence now if it is not a checkpoint of this bundle
+    read_plan(source)  # one sentence now if it is not a checkpoint of this bundle
     shutil.copy2(source, served)
     md5 = md5sum(served)
     write_json_atomic({"source": str(source), "source_md5": md5, "md5": md5}, provenance)
@@ -280,58 +281,54 @@ def default_tta(tta: Any = None) -> bool:
     return False
 
 
-def expand_config(bundle_dir: Path, config: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Read ``bundle_dir/configs/<config>``, expand its ``%file::id`` macros and apply ``overrides``.
+def expand_config(bundle_dir: Path, configs: str | Sequence[str], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Read ``bundle_dir/configs/<config>`` (merged in order), expand their macros and apply ``overrides``.
 
-    Macros are expanded with ``bundle_dir`` as working directory, which is how
-    ``monai.bundle run`` resolves them when started from the bundle root.
+    Macros are expanded with ``bundle_dir`` as working directory, which is how ``monai.bundle run``
+    resolves them when started from the bundle root.
     """
+    names = [configs] if isinstance(configs, str) else list(configs)
     parser = ConfigParser()
     with working_directory(bundle_dir):
-        parser.read_config(str(bundle_dir / "configs" / config))
+        parser.read_config([str(bundle_dir / "configs" / Path(name).name) for name in names])
         parser.resolve_macro_and_relative_ids()
     for key, value in overrides.items():
         parser[key] = value
     return parser.get()
 
 
-def _loaders(transforms: list[Any]) -> list[dict[str, Any]]:
-    return [t for t in transforms if isinstance(t, dict) and t.get("_target_") in LOADERS]
-
-
 def app_inference_config(bundle_dir: Path, overrides: Mapping[str, Any], layout: str = "msd") -> dict[str, Any]:
-    """inference.yaml as the app serves it: macros expanded, the dataset's layout, label map in ``pred``."""
-    # the served network is the one the checkpoint records: training's network_factory does not apply
+    """inference.yaml as the app serves it: the dataset's layout, one file per case, the label map in ``pred``.
+
+    Everything about the model comes from the served checkpoint's plan, as in every other inference.
+    """
+    # the served network is the one its plan records: training's network_factory does not apply
     overrides = {k: v for k, v in overrides.items() if not k.startswith("network_factory")}
-    config = expand_config(
-        bundle_dir, "inference.yaml", {"label_layout": layout, **overrides, "output_label_scheme": layout}
-    )
-    for loader in _loaders(config["preprocessing"]["transforms"]):
-        # MONAI Label wraps LoadImaged in its LoadImageTensord, which ignores allow_missing_keys:
-        # inference requests carry no label, so the loader gets the image key only.
-        loader["keys"] = ["@image_key"]
-        loader["case_image_key"] = "@image_key"
+    layout_keys = {"label_layout": layout, "output_label_scheme": layout, "case_image_key": "image"}
+    config = expand_config(bundle_dir, "inference.yaml", {**overrides, **layout_keys})
     # MONAI Label takes the label map from "pred"; inference.yaml leaves it in "pred_label".
     config["postprocessing"]["transforms"].append({"_target_": "CopyItemsd", "keys": "pred_label", "names": PRED_KEY})
     return config
 
 
-def app_train_config(bundle_dir: Path, overrides: Mapping[str, Any], layout: str = "msd") -> dict[str, Any]:
-    """train.yaml as the app trains with it: macros expanded, so ``train#handlers`` is a list of handler configs.
+def app_train_config(
+    bundle_dir: Path, plan: Mapping[str, Any], overrides: Mapping[str, Any], layout: str = "msd"
+) -> dict[str, Any]:
+    """The training MONAI Label runs: the served model's plan continued, only what the user gives changed.
 
-    MONAI Label's training task inserts its ``CheckpointLoader`` into that list; train.yaml's entries
-    are ``%`` copies of its named handlers, which MONAI Label would not expand. No preprocessing cache:
-    MONAI Label's items are the same file names after a label was corrected.
+    The workflow is train.yaml's (with train_2d.yaml for a 2-D model); every value of the model, its
+    preprocessing, window, recipe and training recipe comes from the plan
+    (:func:`bundle.plan.fine_tune_overrides`), so the new checkpoint records the same plan. ``overrides``
+    are the user's keys (logged where they change the plan). No preprocessing cache: MONAI Label's items
+    are the same file names after a label was corrected. Macros are expanded, so ``train#handlers`` is
+    a list of handler configs, which MONAI Label's training task extends with its ``CheckpointLoader``.
     """
-    config = expand_config(bundle_dir, "train.yaml", {"label_layout": layout, "cache": "none", **overrides})
-    for loader in _loaders(config["deterministic_transforms"]):
-        loader["case_image_key"] = "@image_key"
-    return config
-
-
-def recorded_network_factory(record: Mapping[str, Any]) -> dict[str, Any]:
-    """train.yaml's ``network_factory`` for the network a model ``record`` names (MONAI Label trains on from it)."""
-    return {**record["network"], "_mode_": "callable"}
+    planned = fine_tune_overrides(plan)
+    for key, value in overrides.items():
+        if key in planned and planned[key] != value:
+            logger.info("training: %s %s instead of the served model's %s (given)", key, value, planned[key])
+    data = {"label_layout": layout, "cache": "none", "case_image_key": "@image_key"}
+    return expand_config(bundle_dir, training_config_files(plan), {**planned, **data, **overrides})
 
 
 def _rescue_weights(bundle_in_app: Path, models: Path) -> None:
@@ -356,7 +353,8 @@ def _rescue_weights(bundle_in_app: Path, models: Path) -> None:
 
 def _check_overrides(bundle_dir: Path, overrides: Mapping[str, Any]) -> None:
     """One sentence for an override that is no key of inference.yaml or train.yaml (it would be ignored)."""
-    known = [ConfigParser(expand_config(bundle_dir, name, {})) for name in ("inference.yaml", "train.yaml")]
+    configs = ("inference.yaml", ["train.yaml", "train_2d.yaml"])
+    known = [ConfigParser(expand_config(bundle_dir, names, {})) for names in configs]
     for key in overrides:
         if not any(key in parser for parser in known):
             raise OptionError(
@@ -393,12 +391,9 @@ def assemble_app(
     (app / "main.py").write_text(APP_MAIN.format(name=name))
 
     common = {**(overrides or {})}
-    # inference.json builds the network the checkpoint records; training continues that same network
-    record = read_record(models / "model.pt")
-    network = recorded_network_factory(record)
-    train = app_train_config(
-        target, {"network_factory": network, "salient_channel": salient_channel(record), **common}, layout
-    )
+    # inference.json builds the network the checkpoint's plan records; training continues that plan
+    plan = read_plan(models / "model.pt")
+    train = app_train_config(target, plan, common, layout)
     infer = app_inference_config(target, {**common, "tta": tta}, layout)
     ConfigParser.export_config_file(train, str(target / "configs" / "train.json"), indent=2)
     ConfigParser.export_config_file(infer, str(target / "configs" / "inference.json"), indent=2)
@@ -406,13 +401,13 @@ def assemble_app(
     metadata_file = target / "configs" / "metadata.json"
     metadata = json.loads(metadata_file.read_text())
     # the recorded model's channels (M4's best: 5 inputs) and size multiple
-    metadata["network_data_format"] = network_data_format(record, metadata["network_data_format"])
+    metadata["network_data_format"] = network_data_format(plan, metadata["network_data_format"])
     outputs = metadata["network_data_format"]["outputs"]
     pred = dict(outputs.pop(PRED_KEY, {}))
     pred["channel_def"] = label_channel_def(layout)  # MONAI Label's label names: value -> name, as the app writes
     metadata["network_data_format"]["outputs"] = {PRED_KEY: pred, **outputs}
     metadata_file.write_text(json.dumps(metadata, indent=4))
-    logger.info("MONAI Label app assembled in %s (bundle %s, network %s)", app, target, network["_target_"])
+    logger.info("MONAI Label app assembled in %s (bundle %s, network %s)", app, target, plan["network"]["_target_"])
     return target
 
 

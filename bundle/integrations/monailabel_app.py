@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import HTTPException
+from monai.transforms import Compose
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -80,6 +81,16 @@ class BratsInferTask(BundleInferTask):
                     raise
                 logger.error("%s", user_error)
                 raise HTTPException(status_code=USER_ERROR_STATUS, detail=str(user_error)) from err
+
+    def _filter_transforms(self, transforms: Any, filters: Any) -> Any:
+        """MONAI Label's filter (its writers instead of the bundle's) over the transforms, nested ones too.
+
+        The bundle's post-processing groups its clean-up steps and its writers in nested ``Compose``
+        blocks; MONAI Label's filter looks at the top level only, so the chain is flattened first.
+        """
+        if transforms and not isinstance(transforms, Compose):
+            transforms = Compose(list(transforms)).flatten().transforms
+        return super()._filter_transforms(list(transforms) if transforms else transforms, filters)
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> Any:
         """MONAI Label's writer, label maps as uint8 unless the request asks for ``result_dtype``."""

@@ -1,1 +1,36 @@
-"""A model's plan: what built it and how it is used (the model record, the inference recipe, checkpoints)."""
+"""A model's plan: what built it and how it is used, recorded by value in every checkpoint.
+
+:mod:`bundle.plan.plan` (the plan and its migration), :mod:`bundle.plan.specs` (components as plain
+data), :mod:`bundle.plan.network` (the network, its down-sampling and windows),
+:mod:`bundle.plan.recipes` (inference recipes), :mod:`bundle.plan.preprocessing` (the deterministic
+preprocessing a plan describes), :mod:`bundle.plan.checkpoints` (reading and writing checkpoints).
+"""
+
+from bundle.plan.checkpoints import Checkpoint, CheckpointError, load_checkpoint, load_model, read_plan, save_model
+from bundle.plan.network import build_network, check_window, inference_window, network_from_spec, spatial_dims
+from bundle.plan.plan import ModelPlan, PlanError, fine_tune_overrides, migrate
+from bundle.plan.preprocessing import preprocessing_transforms
+from bundle.plan.recipes import resolve_recipe
+from bundle.plan.specs import build, spec_of
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "ModelPlan",
+    "PlanError",
+    "build",
+    "build_network",
+    "check_window",
+    "fine_tune_overrides",
+    "inference_window",
+    "load_checkpoint",
+    "load_model",
+    "migrate",
+    "network_from_spec",
+    "preprocessing_transforms",
+    "read_plan",
+    "resolve_recipe",
+    "save_model",
+    "spatial_dims",
+    "spec_of",
+]

@@ -29,7 +29,8 @@ Which loss each method uses (see ``docs/methods.md``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from monai.losses import DeepSupervisionLoss, DiceLoss, TverskyLoss
@@ -113,7 +114,14 @@ class StackedDeepSupervisionLoss(DeepSupervisionLoss):
       needs a single return type): unbound into a list, then MONAI's class.
 
     A plain ``(B, C, *spatial)`` tensor (eval mode, e.g. the validation loss) is passed through.
+
+    ``loss`` is the loss module, or what makes it: the configs declare the loss in MONAI's callable mode
+    so that a model's plan records it by value (:mod:`bundle.plan.specs`), and a callable-mode
+    component is a constructor, called here. Other arguments are MONAI's ``DeepSupervisionLoss``'s.
     """
+
+    def __init__(self, loss: nn.Module | Callable[[], nn.Module], *args: Any, **kwargs: Any) -> None:
+        super().__init__(loss if isinstance(loss, nn.Module) else loss(), *args, **kwargs)
 
     def forward(self, input: torch.Tensor | list[torch.Tensor] | None, target: torch.Tensor) -> torch.Tensor:
         """Apply the wrapped loss to every head and return the weighted sum."""

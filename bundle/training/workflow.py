@@ -10,7 +10,10 @@ They exist because a YAML config cannot express them in one readable line, or be
   process (before a resume).
 * :class:`NewPassEachEpoch` - every training epoch starts a new pass over the data, so that epochs of a
   fixed length that the batches do not divide resume exactly too.
-* :func:`resume_training` - load the newest checkpoint before ``trainer.run()``.
+* :func:`resume_training` - load the newest checkpoint before ``trainer.run()``, applying (and
+  logging) the training settings a resumed run changes (:class:`bundle.plan.ModelPlan`).
+* :func:`to_device`, :func:`negative_centres`, :func:`attach_validation` - one-line decisions of
+  ``configs/train.yaml`` that would otherwise be Python in a string.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import json_hashing, set_rnd
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.transforms import Compose
+
+from bundle.options import as_bool
+from bundle.plan import ModelPlan
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +95,19 @@ def latest_checkpoint(directory: str | Path, prefix: str = "checkpoint") -> Path
     return max(found)[1]
 
 
-def resume_training(engine: Any, directory: str | Path, load_dict: dict[str, Any]) -> Path:
-    """Load model, optimizer, scheduler, trainer and :class:`ResumableState` from the newest checkpoint.
+def resume_training(engine: Any, directory: str | Path, load_dict: dict[str, Any], resume: Any = True) -> Path | None:
+    """With ``resume``: load model, optimizer, scheduler, trainer and state from the newest checkpoint.
 
     Uses MONAI's ``CheckpointLoader`` directly (not as an event handler) so the trainer's epoch
     count is restored before ``trainer.run()`` starts, and training continues from there. Call it
     last before ``trainer.run()``: the random number generators it restores must not be drawn
     from in between. A checkpoint written before :class:`ResumableState` existed still resumes,
-    with a warning that the continuation is not the uninterrupted run's.
+    with a warning that the continuation is not the uninterrupted run's. The plan (``model_record``)
+    is compared with this run's: a different model is refused, other changed settings are applied
+    (:func:`apply_resumed_changes`) and logged.
     """
+    if not as_bool(resume, "resume"):
+        return None
     path = latest_checkpoint(directory)
     logger.info("resuming from %s", path)
     # mmap: only the key names are read here, the tensors once by CheckpointLoader
@@ -111,8 +121,62 @@ def resume_training(engine: Any, directory: str | Path, load_dict: dict[str, Any
             ", ".join(missing),
         )
         load_dict = {k: v for k, v in load_dict.items() if k not in missing}
-    CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location="cpu")(engine)
+    # the plan first: a different model is refused before any weight or state is touched
+    ordered = {k: v for k, v in load_dict.items() if isinstance(v, ModelPlan)}
+    ordered.update({k: v for k, v in load_dict.items() if k not in ordered})
+    CheckpointLoader(load_path=str(path), load_dict=ordered, map_location="cpu")(engine)
+    apply_resumed_changes(load_dict)
     return path
+
+
+def apply_resumed_changes(load_dict: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Apply and log the settings a resumed run changes against the checkpoint's plan; return them.
+
+    The learning rate (and weight decay) is set on the optimizer restored from the checkpoint, which
+    would otherwise keep the old one silently; epochs, sampling, the window and the recipe take effect
+    through the config itself. Each change is one log line.
+    """
+    plans = [v for v in load_dict.values() if isinstance(v, ModelPlan)]
+    changes = plans[0].changes_on_resume if plans else {}
+    optimizer = load_dict.get("optimizer")
+    for key, (old, new) in changes.items():
+        group_key = {"training#learning_rate": "lr", "training#weight_decay": "weight_decay"}.get(key)
+        if group_key and optimizer is not None:
+            for group in optimizer.param_groups:
+                group[group_key] = new
+                if group_key == "lr" and "initial_lr" in group:
+                    group["initial_lr"] = new
+            scheduler = load_dict.get("lr_scheduler")
+            if group_key == "lr" and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [new for _ in scheduler.base_lrs]
+            logger.info("resume: %s %s -> %s (applied to the restored optimizer)", key.split("#")[-1], old, new)
+        else:
+            logger.info("resume: %s %s -> %s (this run's value)", key, old, new)
+    return dict(changes)
+
+
+def to_device(network: torch.nn.Module, device: Any, channels_last: Any = True) -> torch.nn.Module:
+    """The network on ``device``; a 3-D network in channels-last memory with ``channels_last``.
+
+    Channels-last memory is 2-5x faster for 3-D convolution backward on CPU (oneDNN) and what cuDNN
+    prefers under AMP; weights and checkpoints are unaffected. 2-D networks keep the default layout.
+    """
+    spec = getattr(network, "bundle_network_spec", {}) or {}
+    if as_bool(channels_last, "channels_last") and int(spec.get("spatial_dims", 3)) == 3:
+        return network.to(device, memory_format=torch.channels_last_3d)
+    return network.to(device)
+
+
+def negative_centres(in_brain: Any, image_key: str = "image") -> str | None:
+    """``RandCropByPosNegLabeld``'s ``image_key``: brain voxels centre the other patches, or (None) the whole box."""
+    return image_key if as_bool(in_brain, "crop_neg_in_brain") else None
+
+
+def attach_validation(trainer: Any, handlers: Iterable[Any]) -> None:
+    """Give validation's handlers that follow the trainer (early stopping, ...) the trainer."""
+    for handler in handlers:
+        if hasattr(handler, "set_trainer"):
+            handler.set_trainer(trainer=trainer)
 
 
 # ----------------------------------------------------------------------------- bit-exact resume
@@ -486,3 +550,19 @@ class ResumableCheckpointSaver(CheckpointSaver):
             if self._interval_pattern.fullmatch(path.name) and path.name not in kept:
                 path.unlink(missing_ok=True)
                 self.logger.info(f"Removed {path.name}, superseded by the checkpoint of epoch {engine.state.epoch}")
+
+
+def distributed_device() -> torch.device:
+    """This process's device under torchrun: ``cuda:LOCAL_RANK`` with CUDA (made current), else the CPU."""
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def distributed_rank() -> int:
+    """This process's rank, joining torchrun's process group first (NCCL with CUDA, gloo without)."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank()

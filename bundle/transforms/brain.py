@@ -18,12 +18,16 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from bundle.constants import MODALITIES, SALIENT_CHANNEL
+from bundle.options import as_bool
 from bundle.transforms.labels import one_name_per_key
 
 
-def input_channel_names(salient_channel: bool = False) -> list[str]:
-    """The network's input channels in order: the modalities, then M4's salient mask when it is added."""
-    return [*MODALITIES, SALIENT_CHANNEL] if salient_channel else list(MODALITIES)
+def input_channel_names(salient_channel: Any = False) -> list[str]:
+    """The network's input channels in order: the modalities, then M4's salient mask when it is added.
+
+    ``salient_channel`` is read as a boolean option (``"false"`` from a command line is false).
+    """
+    return [*MODALITIES, SALIENT_CHANNEL] if as_bool(salient_channel, "salient_channel") else list(MODALITIES)
 
 
 class SalientMaskd(MapTransform):
