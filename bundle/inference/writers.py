@@ -6,6 +6,9 @@
   own order (same bytes, fewer copies).
 * :class:`SlicerSegmentationWriter` - MONAI's ``ITKWriter`` writing a ``.seg.nrrd`` with Slicer's segment
   fields; :func:`slicer_segments` names and colours the segments of a label scheme.
+
+Both writers keep the grid they are given when no resampling is asked for (:class:`GridAsGiven`): MONAI
+1.6.1's writers fail on a one-channel volume whose affine permutes the axes (PIR, ASR, ...).
 """
 
 from __future__ import annotations
@@ -91,7 +94,37 @@ def slicer_segments(scheme: str, output_type: str = "regions") -> dict[int, tupl
     return {value: (CLASS_NAMES[internal], LABEL_COLOURS[internal]) for value, internal in named}
 
 
-class FortranOrderNibabelWriter(NibabelWriter):
+class GridAsGiven:
+    """Writer mixin: without a target grid, the voxels and affine are written as given, never resampled.
+
+    MONAI 1.6.1's ``ImageWriter.resample_if_needed`` runs ``SpatialResample`` even when there is nothing
+    to resample (``SaveImage(resample=False)``: no target affine, no target shape). It wraps the
+    channel-last array in a ``MetaTensor``, whose spatial rank MONAI infers as ``ndim - 1``: 2 for the
+    squeezed ``(x, y, z)`` label map of one channel. The "2-D" resampling then inverts the affine's
+    top-left 2 x 2 block, which is singular whenever the first two voxel axes are not the first two world
+    axes (PIR, ASR, and 28 more of the 48 axis orders): "Affine ... is not invertible", and SaveImage
+    reports it as "cannot find a suitable writer". :class:`AtomicSaveImaged` writes on the input's own
+    grid (Invertd restored it), so the only correct output is the array and affine unchanged.
+    """
+
+    @classmethod
+    def resample_if_needed(
+        cls,
+        data_array: Any,
+        affine: Any = None,
+        target_affine: Any = None,
+        output_spatial_shape: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """``(data_array, affine)`` unchanged without a target grid; MONAI's resampling otherwise."""
+        if target_affine is None and output_spatial_shape is None and affine is not None:
+            return data_array, affine
+        return super().resample_if_needed(  # type: ignore[misc]
+            data_array, affine=affine, target_affine=target_affine, output_spatial_shape=output_spatial_shape, **kwargs
+        )
+
+
+class FortranOrderNibabelWriter(GridAsGiven, NibabelWriter):
     """MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's own (Fortran) order: the same file, faster.
 
     MONAI's writer gives nibabel a C-ordered array, which nibabel then writes slice by slice in
@@ -110,7 +143,7 @@ class FortranOrderNibabelWriter(NibabelWriter):
         return nib.Nifti1Image(np.asfortranarray(image.dataobj), image.affine, image.header, extra=image.extra)
 
 
-class SlicerSegmentationWriter(ITKWriter):
+class SlicerSegmentationWriter(GridAsGiven, ITKWriter):
     """MONAI's ``ITKWriter`` writing a 3D Slicer segmentation (``.seg.nrrd``): the label map plus its segments.
 
     Slicer opens a plain NRRD label map as a volume; with the ``Segment<i>_*`` header fields it opens it
