@@ -241,6 +241,22 @@ NO_DATA = (
 )
 
 
+def file_list(files: str | Sequence[str]) -> list[str]:
+    """The files of one case as a list: ``files`` itself, or a bracketed list typed as one string.
+
+    ``python -m bundle infer "[t1.nrrd,t1ce.nrrd,t2.nrrd,flair.mha]"`` and ``monai.bundle run ...
+    --input_files "[t1.nrrd,...]"`` hand the list over as that string: Fire reads ``[a,b]`` as a list
+    only when every item is a Python literal or a bare word, and ``t1.nrrd`` is neither. Items may be
+    quoted; a string naming an existing file is that file, brackets or not.
+    """
+    if not isinstance(files, str):
+        return [str(f) for f in files]
+    text = files.strip()
+    if text.startswith("[") and text.endswith("]") and not Path(text).exists():
+        return [item.strip().strip("'\"").strip() for item in text[1:-1].split(",") if item.strip()]
+    return [files]
+
+
 def _case_from_files(files: Sequence[str], layout: str | None) -> Case:
     """A case from explicit files: four 3-D volumes (T1, T1ce, T2, FLAIR, in that order) or one 4-D image."""
     paths = [str(Path(f)) for f in files]
@@ -302,10 +318,10 @@ def select_cases(
     with one sentence naming the file.
     """
     if files:
-        file_list = [files] if isinstance(files, str) else [str(f) for f in files]
-        source = ", ".join(file_list)
+        paths = file_list(files)
+        source = ", ".join(paths)
         data = _datalist(
-            _checked_items([_case_from_files(file_list, layout)], source, folds, seed, labelled is not False),
+            _checked_items([_case_from_files(paths, layout)], source, folds, seed, labelled is not False),
             "files",
             folds,
             seed,

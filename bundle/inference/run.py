@@ -20,7 +20,7 @@ import torch
 import yaml
 from monai.data import Dataset
 
-from bundle.data import read_voxels
+from bundle.data import file_list, read_voxels
 from bundle.data.labels import INTERNAL, scheme_values
 from bundle.errors import DataError, OptionError, find_user_error
 from bundle.inference.writers import AtomicSaveImaged
@@ -299,7 +299,7 @@ def infer(
 
     Args:
         input: a dataset folder (BraTS 2021 / 2023 / MSD), one case folder, or the files of one case
-            (four volumes T1, T1ce, T2, FLAIR, or one 4-D image).
+            (four volumes T1, T1ce, T2, FLAIR, or one 4-D image), as a list or one ``"[a,b,c,d]"`` string.
         output: folder for ``<case>_seg.nii.gz`` (and ``_prob`` / ``_uncertainty``).
         checkpoint: model weights, default ``models/model.pt`` of the bundle.
         tta: flip test-time augmentation on or off; ``None``: as the recipe says (M4 on, M1-M3 off).
@@ -321,7 +321,7 @@ def infer(
     """
     from monai.bundle import ConfigWorkflow
 
-    inputs = [input] if isinstance(input, (str, Path)) else [str(i) for i in input]
+    inputs = file_list(str(input)) if isinstance(input, (str, Path)) else [str(i) for i in input]
     inputs = [str(Path(i).resolve()) for i in inputs]
     is_folder = len(inputs) == 1 and Path(inputs[0]).is_dir()
     settings: dict[str, Any] = {

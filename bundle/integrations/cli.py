@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bundle.errors import OptionError
 from bundle.options import as_bool
 from bundle.paths import BUNDLE_ROOT, LOGGING_CONF, resolve_config_files
 
@@ -188,7 +189,7 @@ def export(output: str, zip: bool = False, checkpoint: str | None = None, url_ba
 
 
 def infer(
-    input: str | list[str],
+    *inputs: str,
     output: str = "runs/inference",
     checkpoint: str | None = None,
     tta: bool | str | None = None,
@@ -198,15 +199,38 @@ def infer(
 ) -> list[str]:
     """Segment a dataset folder, a case folder or one case's files with configs/inference.yaml (inference.run.infer).
 
-    The checkpoint's own inference recipe runs unless ``--tta``, another recipe key or ``--config_file
-    <variant>`` overrides it. Cases whose outputs already exist in ``output`` are skipped (logged), so
-    rerunning a killed run continues it; ``--overwrite true`` redoes them. Returns every case's
-    segmentation file.
+    ``inputs``: one dataset or case folder, or the files of one case in the order T1, T1ce, T2, FLAIR
+    (``infer t1.nrrd t1ce.nrrd t2.nrrd flair.mha``, or as one list ``infer "[t1.nrrd,t1ce.nrrd,t2.nrrd,flair.mha]"``),
+    or one 4-D image; every other setting is a ``--flag``. The checkpoint's own inference recipe runs
+    unless ``--tta``, another recipe key or ``--config_file <variant>`` overrides it. Cases whose outputs
+    already exist in ``output`` are skipped (logged), so rerunning a killed run continues it;
+    ``--overwrite true`` redoes them. Returns every case's segmentation file.
     """
     from bundle.inference.run import infer as _infer
 
+    if "input" in overrides:  # --input X, the flag of earlier versions
+        inputs = (*inputs, overrides.pop("input"))
+    files = [path for value in inputs for path in _paths(value)]
+    if not files:
+        raise OptionError("infer: give a dataset folder, a case folder or the files of one case (T1, T1ce, T2, FLAIR)")
     overwrite = as_bool(overwrite, "overwrite")  # an OptionError ends python -m bundle with its sentence (main)
-    return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, overwrite=overwrite, **overrides)
+    source = files[0] if len(files) == 1 else files
+    return _infer(
+        source, output=output, checkpoint=checkpoint, tta=tta, device=device, overwrite=overwrite, **overrides
+    )
+
+
+def _paths(value: Any) -> list[str]:
+    """The paths in one positional argument as Fire hands it over.
+
+    Fire reads ``"[a,b]"`` as a list of strings, but ``"[t1.nrrd,...]"`` as one string (``t1.nrrd`` is no
+    Python literal), and a bare number as a number.
+    """
+    from bundle.data import file_list
+
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return file_list(str(value))
 
 
 def evaluate(
