@@ -9,8 +9,6 @@ contributes its inference recipe (:mod:`bundle.plan.recipes`).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +22,7 @@ from bundle.data import file_list, read_voxels
 from bundle.data.labels import INTERNAL, scheme_values
 from bundle.errors import DataError, OptionError, find_user_error
 from bundle.inference.writers import AtomicSaveImaged
-from bundle.options import as_bool
+from bundle.options import as_bool, folder_problem
 from bundle.paths import BUNDLE_ROOT, output_path, resolve_config_files, working_directory
 from bundle.plan.checkpoints import model_state, read_record, spatial_dims
 from bundle.plan.recipes import RULE_KEYS, STEPS
@@ -207,27 +205,12 @@ def check_output_dir(output_dir: str | Path) -> str:
 
     Runs first in ``initialize``, before the model is loaded or any case is read: otherwise the first
     write fails only after the first case has been segmented, with MONAI's writer traceback. Nothing
-    is created (the folder is made once every check passed): a file is created and removed in the
-    folder, or in its nearest existing parent when it does not exist yet, which also catches what
-    permission bits do not show (a read-only mount, ACLs, NFS root squashing).
+    is created (the folder is made once every check passed; :func:`bundle.options.folder_problem`).
     """
-    path = Path(output_dir).absolute()
-    try:
-        existing = path
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            if existing == path:
-                raise DataError(f"{path}: the output folder is an existing file, not a folder")
-            raise DataError(f"{path}: the output folder is not writable ({existing} is a file, not a folder)")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        where = "" if existing == path else f" in {existing}"
-        raise DataError(f"{path}: the output folder is not writable ({reason}{where})") from err
-    return str(path)
+    problem = folder_problem(output_dir, "the output folder")
+    if problem:
+        raise DataError(problem)
+    return str(Path(output_dir).absolute())
 
 
 def _transforms(transform: Any) -> Iterator[Any]:
