@@ -58,6 +58,7 @@ def prepare(
         holdout_fraction=holdout_fraction,
         subset_fraction=subset_fraction,
         subset_seed=subset_seed,
+        empty_folds=False,  # a datalist of folds to train and score on: each must hold a case
     )
 
 
