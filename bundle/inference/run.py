@@ -18,6 +18,7 @@ import torch
 import yaml
 from monai.data import Dataset
 
+from bundle.atomic import remove_stale_temporaries
 from bundle.data import file_list, read_voxels
 from bundle.data.labels import INTERNAL, scheme_values
 from bundle.errors import DataError, OptionError, find_user_error
@@ -235,9 +236,12 @@ def cases_to_segment(
     means what the run itself would produce. A case is done when all exist under their final names:
     :class:`AtomicSaveImaged` only renames a complete file to such a name, and its temporary files
     are hidden and named differently, so a killed run leaves at most an incomplete case, which is
-    redone. Skipped cases are logged, one line each and a count.
+    redone. Skipped cases are logged, one line each and a count. The temporary files that killed runs
+    left in the output folders are removed first (only the bundle's own, of processes no longer running).
     """
     savers = [t for t in _transforms(postprocessing) if isinstance(t, AtomicSaveImaged)]
+    for folder in sorted({s.output_dir for s in savers}):
+        remove_stale_temporaries(folder)  # what killed runs left there, theirs only (bundle.atomic)
     todo = []
     for item in datalist:
         outputs = [saver.final_path(item) for saver in savers]

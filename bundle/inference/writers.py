@@ -20,8 +20,9 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from monai.data import ITKWriter, NibabelWriter
+from monai.data import ITKWriter, MetaTensor, NibabelWriter
 from monai.transforms import SaveImaged
+from monai.utils import ensure_tuple
 
 from bundle.atomic import atomic_path
 from bundle.constants import CLASS_NAMES, ED, LABEL_COLOURS
@@ -76,11 +77,37 @@ class AtomicSaveImaged(SaveImaged):
         for key in self.key_iterator(d):
             name = d.get(self.name_key) or image_stem(Path(str(d[key].meta["filename_or_obj"])).name)
             final = output_path(self.output_dir, name, self.output_postfix, self.output_ext)
-            # the writer appends the extension it picks the format from, so it is given the name without it
-            with atomic_path(final, suffix=self.output_ext) as tmp:
-                self.saver(img=d[key], filename=str(tmp)[: -len(self.output_ext)])
+            with atomic_path(final, suffix=self.output_ext) as tmp:  # a full disk: one sentence naming final
+                self._save(d[key], tmp)
             logger.info("wrote %s", final)
         return d
+
+    def _save(self, image: Any, path: Path) -> None:
+        """Write ``image`` to ``path`` as MONAI's ``SaveImage`` does, but with its writer's own exception.
+
+        ``SaveImage`` tries each writer registered for the extension and, when all fail, raises "cannot
+        find a suitable writer ... install the writer libraries" with their tracebacks as text: a full disk
+        (Errno 28) or a read-only folder would read as a missing library. Here the writers are tried the
+        same way (``SaveImage``'s own settings), and an ``OSError`` of any of them is raised as it is.
+        """
+        saver = self.saver
+        meta = image.meta if isinstance(image, MetaTensor) else None
+        data_kwargs = dict(saver.data_kwargs)
+        if meta and len(ensure_tuple(meta.get("spatial_shape", ()))) >= len(image.shape):
+            data_kwargs["channel_dim"] = None  # as SaveImage: the array has no channel dimension
+        failures: list[Exception] = []
+        for writer_class in saver.writers:
+            try:
+                writer = writer_class(**saver.init_kwargs)
+                writer.set_data_array(data_array=image, **data_kwargs)
+                writer.set_metadata(meta_dict=meta, **saver.meta_kwargs)
+                writer.write(str(path), **saver.write_kwargs)  # the extension is path's: the writer is given it
+                return
+            except OSError:
+                raise  # the disk or the folder, not the writer: no other writer would do better
+            except Exception as err:  # the next writer may read what this one cannot, as in SaveImage
+                failures.append(err)
+        raise RuntimeError(f"{path}: none of the writers {saver.writers} could write it") from failures[-1]
 
 
 def slicer_segments(scheme: str, output_type: str = "regions") -> dict[int, tuple[str, tuple[float, float, float]]]:
