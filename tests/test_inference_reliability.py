@@ -221,19 +221,20 @@ def test_temporary_names_are_unique_hidden_and_removed_on_failure(tmp_path, monk
     saver = AtomicSaveImaged(keys="pred", output_dir=str(tmp_path), output_postfix="seg")
     names: list[str] = []
 
-    def fake_write(img, filename):
-        names.append(Path(filename).name)
-        Path(f"{filename}.nii.gz").write_bytes(b"partial")
+    def fake_write(img, path):  # AtomicSaveImaged's one write (SaveImage's, keeping the writer's OSError)
+        names.append(Path(path).name)
+        Path(path).write_bytes(b"partial")
         if len(names) == 2:
             raise OSError("disk full")
 
-    monkeypatch.setattr(saver, "saver", fake_write)
+    monkeypatch.setattr(saver, "_save", fake_write)
     item = {"pred": np.zeros((1, 2, 2, 2)), "case_id": "Case_7"}
     saver(item)
     with pytest.raises(OSError, match="disk full"):
         saver(item)
     assert len(set(names)) == 2, names
-    assert all(n.startswith(".Case_7_seg.") and f".{os.getpid()}-" in n and n.endswith(".partial") for n in names)
+    assert all(n.startswith(".Case_7_seg.") and f".{os.getpid()}-" in n for n in names)
+    assert all(n.endswith(".partial.nii.gz") for n in names)
     # the first call's file under its final name, the failed call's temporary file gone
     assert [p.name for p in tmp_path.iterdir()] == ["Case_7_seg.nii.gz"]
 
