@@ -294,7 +294,7 @@ def test_two_processes_writing_the_same_cases(setup, tmp_path):
 
 def _write_span(log: str) -> tuple[datetime, datetime]:
     """Time of the first and the last "wrote" line of a run's log (progress bars share the lines)."""
-    pattern = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - bundle\.infer - INFO - wrote "
+    pattern = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - bundle\.inference\.writers - INFO - wrote "
     stamps = [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f") for m in re.findall(pattern, log)]
     return min(stamps), max(stamps)
 
