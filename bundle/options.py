@@ -114,7 +114,7 @@ OPTIONS: dict[str, Rule] = {
     "batch_size": Rule("int", low=1),
     "num_samples": Rule("int", low=1),
     "num_workers": Rule("int", low=0),
-    "learning_rate": Rule("float", low=0.0, open_low=True),
+    "learning_rate": Rule("float", low=0.0),  # 0 freezes the weights: tests use it (early stopping)
     "weight_decay": Rule("float", low=0.0),
     "early_stop_patience": Rule("int", low=1),
     "cache": Rule("choice", choices=("memory", "disk", "none")),
@@ -140,7 +140,6 @@ OPTIONS: dict[str, Rule] = {
 COMMAND_OPTIONS: dict[str, dict[str, Rule]] = {
     "prepare": {"output": Rule("file", what="the datalist file")},
     "compare": {"output": Rule("file", what="the comparison table"), "output_dir": _FOLDER},
-    "export": {"output": Rule("folder", what="the export folder")},
     "cv": {
         "folds": Rule(
             "int",

@@ -553,10 +553,6 @@ def test_python_m_bundle_stops_before_any_work_with_one_sentence(
             f"output_dir: {read_only / 'demo'}: the output folder is not writable "
             f"(Read-only file system in {read_only})"
         ),
-        ("export", "--output", str(a_file)): f"output: {a_file}: the export folder is an existing file, not a folder",
-        ("export", "--output", str(read_only / "zoo")): (
-            f"output: {read_only / 'zoo'}: the export folder is not writable (Read-only file system in {read_only})"
-        ),
         ("export", "--output", str(tmp_path / "zoo"), "--chekpoint", "m.pt"): (
             "unknown option --chekpoint; did you mean --checkpoint?"
         ),
@@ -573,6 +569,28 @@ def test_python_m_bundle_stops_before_any_work_with_one_sentence(
         assert message.startswith(f"error: {sentence}"), (argv, message)
         assert not work, f"{argv}: {work} ran before the option was refused"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "data", "read_only"], "nothing was written"
+    assert not any(read_only.iterdir())
+
+
+def test_export_checks_its_output_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, read_only: Path
+) -> None:
+    """A file or a read-only folder as --output: refused before the checkpoint is read (it is not one here)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    not_read = tmp_path / "not_a_checkpoint.pt"
+    not_read.write_text("never read")
+    for output, sentence in (
+        (a_file, f"--output {a_file}: is a file or a link, not a folder; choose a new folder"),
+        (
+            read_only / "zoo",
+            f"--output {read_only / 'zoo'}: {read_only}: the folder of the export is not writable "
+            "(Read-only file system)",
+        ),
+    ):
+        message = _main(monkeypatch, capsys, ["export", "--output", str(output), "--checkpoint", str(not_read)])
+        assert message == f"error: {sentence}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "not_a_checkpoint.pt", "read_only"]
     assert not any(read_only.iterdir())
 
 
@@ -619,7 +637,10 @@ TRAINING_PROBES = {
     "epochs 0": ({"epochs": 0}, "epochs: 0 is not allowed: use a whole number of at least 1"),
     "batch_size 0": ({"batch_size": 0}, "batch_size: 0 is not allowed: use a whole number of at least 1"),
     "batch_size -1": ({"batch_size": -1}, "batch_size: -1 is not allowed: use a whole number of at least 1"),
-    "negative learning_rate": ({"learning_rate": -1e-4}, "learning_rate: -0.0001 is not allowed: use a number above 0"),
+    "negative learning_rate": (
+        {"learning_rate": -1e-4},
+        "learning_rate: -0.0001 is not allowed: use a number of at least 0",
+    ),
     "cache ram": ({"cache": "ram"}, "cache: 'ram' is not one of memory, disk, none"),
     "output_dir a file": (
         {"output_dir": "A_FILE"},

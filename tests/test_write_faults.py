@@ -97,8 +97,8 @@ def test_commands_on_a_read_only_file_system(tmp_path: Path) -> None:
         ),
         "export": (
             [*python, "bundle", "export", "--output", str(read_only / "zoo")],
-            f"error: output: {read_only / 'zoo'}: the export folder is not writable "
-            f"(Read-only file system in {read_only})",
+            f"error: --output {read_only / 'zoo'}: {read_only}: the folder of the export is not writable "
+            "(Read-only file system)",
         ),
     }
     for name, (command, sentence) in probes.items():

@@ -199,7 +199,7 @@ def export(output: str, zip: bool = False, checkpoint: str | None = None, url_ba
     """Assemble a self-contained model-zoo bundle in ``output`` (see bundle/)."""
     from bundle.integrations.export import export as _export
 
-    check_options("export", output=output)
+    # --output: export.check_destination, before any work (a file, a link, this repository, a read-only folder)
     return _export(output, zip=as_bool(zip, "zip"), checkpoint=checkpoint, url_base=url_base)
 
 
