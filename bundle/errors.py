@@ -15,7 +15,15 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["NonFiniteError", "OptionError", "UserError", "find_user_error", "report_user_errors", "user_error_message"]
+__all__ = [
+    "NonFiniteError",
+    "OptionError",
+    "UserError",
+    "WriteError",
+    "find_user_error",
+    "report_user_errors",
+    "user_error_message",
+]
 
 
 class UserError(ValueError):
@@ -91,3 +99,7 @@ class NonFiniteError(UserError):
 
 class DataError(UserError):
     """A user's dataset problem, with a message that names the file and the problem."""
+
+
+class WriteError(UserError):
+    """A file could not be written for a reason the user can fix: a full disk, a read-only mount, no permission."""

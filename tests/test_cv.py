@@ -181,3 +181,45 @@ def test_collector_scores_the_disjoint_classes_from_the_region_channels() -> Non
         p, t = labels[0] == value, labels[1] == value
         assert by_region[name]["dice"] == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()))
     assert [r["region"] for r in CaseMetricsCollector(lesion_wise=False).score(pred, truth, "c")] == ["WT", "TC", "ET"]
+
+
+def test_one_fold_or_an_empty_fold_is_one_sentence_before_any_training(
+    tmp_path: Path, tiny_demo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``cv --folds 1`` would score each model on its own training cases and call it cross-validation;
+    ``--folds 5`` of four cases (one of five held out) leaves a fold without a case: both refused before
+    any fold trains (python -m bundle cv, and run_cv for a library caller)."""
+    import sys
+
+    from bundle.errors import OptionError
+    from bundle.integrations.cli import main
+
+    trained: list[dict] = []
+    monkeypatch.setattr("monai.bundle.ConfigWorkflow", lambda **kw: trained.append(kw))
+    out = tmp_path / "cv"
+    for folds, sentence in (
+        ("1", "error: folds: 1 is not allowed: use a whole number of at least 2; cross-validation needs 2 folds"),
+        (
+            "5",
+            f"error: {tiny_demo}: 5 folds of 4 labelled case(s) (1 held out) would leave 1 fold(s) empty; "
+            "use --folds 4 or fewer",
+        ),
+    ):
+        monkeypatch.setattr(sys, "argv", ["bundle", "cv", "--folds", folds, "--dataset_dir", str(tiny_demo)])
+        monkeypatch.setattr(sys, "argv", [*sys.argv, "--output_dir", str(out), *TINY_FLAGS])
+        with pytest.raises(SystemExit) as info:
+            main()
+        message = info.value.code if isinstance(info.value.code, str) else capsys.readouterr().err.strip()
+        assert message.startswith(sentence), message
+    with pytest.raises(OptionError, match="cross-validation needs 2 folds or more"):
+        run_cv(folds=1, dataset_dir=str(tiny_demo), output_dir=str(out))
+    # a datalist of four folds for four cases, then a case moved: fold 3 empty
+    datalist = Path(prepare(str(tiny_demo), str(tmp_path / "datalist.json"), folds=4, holdout_fraction=0.2))
+    data = json.loads(datalist.read_text())
+    emptied = next(i for i in data["training"] if i["fold"] == 3)
+    emptied["fold"] = 0
+    datalist.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"fold 3 holds no case to validate on \(4 labelled case\(s\) in 4 folds\)"):
+        run_cv(folds=4, datalist=str(datalist), output_dir=str(out))
+    assert not trained, "a fold trained"
+    assert not any(p.name.startswith("fold_") for p in out.glob("*"))

@@ -240,6 +240,68 @@ def test_seg_nrrd_is_not_written_unless_asked(nifti_dataset: Path, tmp_path: Pat
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["BraTS2021_00002_seg.nii.gz"]
 
 
+def test_the_files_of_one_case_as_docs_ecosystem_md_types_them(
+    nifti_dataset: Path, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``infer "[t1.nrrd,t1ce.nrrd,t2.nrrd,flair.mha]"``, the four files as positional arguments, and
+    ``monai.bundle run --input_files "[...]"``: the segmentation of the case folder in NIfTI, named after the folder."""
+    import fire
+    from monai.bundle.scripts import run
+
+    from bundle.integrations.cli import COMMANDS
+
+    source = nifti_dataset / "BraTS2021_00001"
+    patient = tmp_path / "Patient_7"
+    for modality, suffix in zip(MODALITIES, (".nrrd", ".nrrd", ".nrrd", ".mha"), strict=True):
+        convert_with_itk(source / f"BraTS2021_00001_{modality}.nii.gz", patient / f"{modality}{suffix}")
+    files = ["t1.nrrd", "t1ce.nrrd", "t2.nrrd", "flair.mha"]
+    settings = ["--checkpoint", str(tiny_checkpoint), "--roi_size", "[16,16,16]", "--tta", "false"]
+    (expected,) = infer(
+        str(source), output=str(tmp_path / "nifti"), checkpoint=str(tiny_checkpoint), roi_size=[16] * 3, tta=False
+    )
+    monkeypatch.chdir(patient)  # the documented command names the files relative to the case's folder
+    written = [
+        fire.Fire(
+            COMMANDS, command=["infer", "[t1.nrrd,t1ce.nrrd,t2.nrrd,flair.mha]", "--output", "out_list", *settings]
+        ),
+        fire.Fire(COMMANDS, command=["infer", *files, "--output", "out_files", *settings]),
+        fire.Fire(
+            COMMANDS,
+            command=["infer", "['t1.nrrd', 't1ce.nrrd', 't2.nrrd', 'flair.mha']", "--output", "out_quoted", *settings],
+        ),
+    ]
+    monkeypatch.chdir(BUNDLE_ROOT)
+    absolute = "[" + ",".join(str(patient / f) for f in files) + "]"
+    run(
+        config_file=str(BUNDLE_ROOT / "configs" / "inference.yaml"),
+        input_files=absolute,
+        output_dir=str(patient / "out_monai"),
+        checkpoint=str(tiny_checkpoint),
+        roi_size=[16, 16, 16],
+        tta="false",
+    )
+    written.append([str(patient / "out_monai" / "Patient_7_seg.nii.gz")])
+    for (segmentation,) in written:
+        assert (
+            Path(segmentation).resolve().parent.parent == patient and Path(segmentation).name == "Patient_7_seg.nii.gz"
+        )
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(segmentation).dataobj), np.asarray(nib.load(expected).dataobj)
+        )
+        np.testing.assert_allclose(nib.load(segmentation).affine, nib.load(expected).affine, atol=1e-4)
+
+
+def test_a_wrong_number_of_files_is_one_sentence(tmp_path: Path) -> None:
+    import fire
+
+    from bundle.integrations.cli import COMMANDS
+
+    with pytest.raises(
+        DataError, match=r"/a\.nrrd, .*/b\.nrrd: expected four files \(T1, T1ce, T2, FLAIR\) or one 4-D image, got 2"
+    ):
+        fire.Fire(COMMANDS, command=["infer", "a.nrrd", "b.nrrd", "--output", str(tmp_path / "out")])
+
+
 # ------------------------------------------------------------------------------------ a real case
 
 

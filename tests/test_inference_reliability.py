@@ -133,7 +133,8 @@ def test_rerun_skips_complete_cases_and_continues_a_killed_run(setup, tmp_path):
     """A killed run: Case_000 complete, Case_001 only a hidden temporary file, Case_002 not started."""
     out = tmp_path / "out"
     _marker(out / "Case_000_seg.nii.gz")
-    leftover = out / ".Case_001_seg.4242-deadbeef.partial.nii.gz"
+    # a write in progress: this test's process runs (bundle.atomic removes one only once its writer is gone)
+    leftover = out / f".Case_001_seg.nii.gz.{os.getpid()}-deadbeef.partial.nii.gz"
     leftover.write_bytes(b"half a file")
     # the string "false" as typed on the command line
     result = _bundle_infer(setup, out, "--tta", "false", "--overwrite", "false")
@@ -147,7 +148,7 @@ def test_rerun_skips_complete_cases_and_continues_a_killed_run(setup, tmp_path):
     # the command returns every case's segmentation, skipped or written
     for case in CASES:
         assert str(out / f"{case}_seg.nii.gz") in result.stdout
-    # another process's temporary file is never taken for a result, nor removed
+    # another process's temporary file is never taken for a result, nor removed while that process runs
     assert leftover.read_bytes() == b"half a file"
 
     # asking for probabilities too: Case_000 lacks its _prob file, so it is redone
@@ -220,19 +221,20 @@ def test_temporary_names_are_unique_hidden_and_removed_on_failure(tmp_path, monk
     saver = AtomicSaveImaged(keys="pred", output_dir=str(tmp_path), output_postfix="seg")
     names: list[str] = []
 
-    def fake_write(img, filename):
-        names.append(Path(filename).name)
-        Path(f"{filename}.nii.gz").write_bytes(b"partial")
+    def fake_write(img, path):  # AtomicSaveImaged's one write (SaveImage's, keeping the writer's OSError)
+        names.append(Path(path).name)
+        Path(path).write_bytes(b"partial")
         if len(names) == 2:
             raise OSError("disk full")
 
-    monkeypatch.setattr(saver, "saver", fake_write)
+    monkeypatch.setattr(saver, "_save", fake_write)
     item = {"pred": np.zeros((1, 2, 2, 2)), "case_id": "Case_7"}
     saver(item)
     with pytest.raises(OSError, match="disk full"):
         saver(item)
     assert len(set(names)) == 2, names
-    assert all(n.startswith(".Case_7_seg.") and f".{os.getpid()}-" in n and n.endswith(".partial") for n in names)
+    assert all(n.startswith(".Case_7_seg.") and f".{os.getpid()}-" in n for n in names)
+    assert all(n.endswith(".partial.nii.gz") for n in names)
     # the first call's file under its final name, the failed call's temporary file gone
     assert [p.name for p in tmp_path.iterdir()] == ["Case_7_seg.nii.gz"]
 
@@ -292,7 +294,7 @@ def test_two_processes_writing_the_same_cases(setup, tmp_path):
 
 def _write_span(log: str) -> tuple[datetime, datetime]:
     """Time of the first and the last "wrote" line of a run's log (progress bars share the lines)."""
-    pattern = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - bundle\.infer - INFO - wrote "
+    pattern = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - bundle\.inference\.writers - INFO - wrote "
     stamps = [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f") for m in re.findall(pattern, log)]
     return min(stamps), max(stamps)
 
@@ -323,3 +325,97 @@ def test_fortran_order_writer_writes_monai_nibabel_writers_bytes(tmp_path, outpu
     loaded = nib.load(tmp_path / "case_ours.nii.gz")
     assert loaded.get_data_dtype() == output_dtype
     np.testing.assert_array_equal(np.asarray(loaded.dataobj), voxels[0].astype(output_dtype))
+
+
+# ----------------------------------------------------------------------------- what killed runs leave, write faults
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (a child, waited for)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_the_next_run_removes_what_killed_writes_left_and_nothing_else(setup, tmp_path):
+    """A killed write leaves a hidden 0-byte temporary file for ever; the next run in the folder removes it,
+    but only a file the bundle names that way, of a process that no longer runs, on this machine."""
+    from bundle.atomic import host_tag
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    stale = [  # the probe's name (the format before the machine was recorded) and today's
+        out / f".Case_000_seg.nii.gz.{dead}-0badc0de.partial.nii.gz",
+        out / f".Case_001_prob.nii.gz.{dead}-0badc0de.{host_tag()}.partial.nii.gz",
+    ]
+    kept = [
+        out / f".Case_002_seg.nii.gz.{os.getpid()}-0badc0de.partial.nii.gz",  # a write in progress
+        out / f".Case_002_seg.nii.gz.{dead}-0badc0de.other-machine.partial.nii.gz",  # a shared folder's other host
+        out / ".Case_000_seg.nii.gz.notes",  # the user's
+        out / "Case_000_seg.partial.nii.gz",
+        out / f".Case_000_seg.nii.gz.{dead}-notahex0.partial.nii.gz",
+        out / f"Case_000_seg.nii.gz.{dead}-0badc0de.partial.nii.gz",  # not hidden: not the bundle's
+    ]
+    for path in stale + kept:
+        path.write_bytes(b"")
+    folder_like = out / f".Case_003_seg.nii.gz.{dead}-0badc0de.partial.nii.gz"
+    folder_like.mkdir()
+    link = out / f".Case_004_seg.nii.gz.{dead}-0badc0de.partial.nii.gz"
+    link.symlink_to(setup["checkpoint"])
+    result = _bundle_infer(setup, out, "--tta", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(p.exists() for p in stale), [p.name for p in stale if p.exists()]
+    assert all(p.exists() for p in kept) and folder_like.is_dir() and link.is_symlink()
+    for path in stale:
+        assert f"removed {path}: the temporary file of a write that process {dead} did not finish" in result.stdout
+    assert all((out / f"{c}_seg.nii.gz").is_file() for c in CASES)
+
+
+def test_atomic_writes_remove_the_leftovers_of_their_own_file(tmp_path):
+    """Tables and datalists (bundle.atomic.write_text_atomic) clear a dead writer's temporary file of the same name."""
+    from bundle.atomic import temporary_name, write_text_atomic
+
+    target = tmp_path / "metrics.csv"
+    stale = tmp_path / f".metrics.csv.{_dead_pid()}-0badc0de.partial"
+    other = tmp_path / f".summary.json.{_dead_pid()}-0badc0de.partial"
+    for path in (stale, other):
+        path.write_text("half")
+    write_text_atomic(target, "case,region\n")
+    assert target.read_text() == "case,region\n"
+    assert not stale.exists() and other.exists(), "another file's leftover waits for its own next write"
+    name = temporary_name(target, ".nii.gz").name
+    assert name.startswith(".metrics.csv.") and f".{os.getpid()}-" in name and name.endswith(".partial.nii.gz")
+
+
+def _full_disk(monkeypatch, written: list[Path]) -> None:
+    """nibabel's save on a full disk: it creates the file, then the first write fails with Errno 28."""
+    import errno
+
+    def save(image, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"")
+        written.append(Path(filename))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(nib, "save", save)
+
+
+def test_a_full_disk_is_one_sentence_with_the_file_and_the_cause(setup, tmp_path, monkeypatch, capsys):
+    """It read "SaveImage cannot find a suitable writer ... install the writer libraries"."""
+    from bundle.integrations.cli import main
+
+    out = tmp_path / "out"
+    written: list[Path] = []
+    _full_disk(monkeypatch, written)
+    argv = ["bundle", "infer", str(setup["data"]), "--output", str(out), "--checkpoint", str(setup["checkpoint"])]
+    monkeypatch.setattr(sys, "argv", [*argv, "--config_file", _configs(setup["tiny"]), "--tta", "false"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"error: {out / 'Case_000_seg.nii.gz'}: cannot be written: no space left on device "
+        "(free some space there, or write elsewhere)"
+    )
+    assert written and not any(p.exists() for p in written), "the temporary file is removed"
+    assert not any(out.iterdir())

@@ -457,3 +457,305 @@ def test_a_misspelt_boolean_is_one_sentence_before_any_work(tmp_path: Path, entr
         "error: closing: 'ture' is not a boolean; use one of true/false, yes/no, on/off, 1/0"
     )
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ every other option, checked before any work
+
+
+def test_the_table_reads_numbers_words_devices_and_folders(tmp_path: Path) -> None:
+    from bundle.options import check_options
+
+    read = check_options(epochs="3", learning_rate=1e-3, cache="disk", device="cpu", output_dir=str(tmp_path / "new"))
+    assert read == {
+        "epochs": 3,
+        "learning_rate": 1e-3,
+        "cache": "disk",
+        "device": "cpu",
+        "output_dir": str(tmp_path / "new"),
+    }
+    assert not (tmp_path / "new").exists(), "checking a folder makes nothing"
+    for values, sentence in [
+        ({"epochs": 2.5}, "epochs: 2.5 is not a whole number"),
+        ({"epochs": True}, "epochs: True is not a whole number"),
+        ({"learning_rate": float("nan")}, "learning_rate: nan is not a number"),
+        ({"holdout_fraction": 1.0}, "holdout_fraction: 1.0 is not allowed: use a number of at least 0 and below 1"),
+        ({"cache": "memmory"}, "cache: 'memmory' is not one of memory, disk, none; did you mean memory?"),
+        ({"device": "gpu"}, "device: 'gpu' is not a device; use cpu, cuda or cuda:N"),
+        ({"epochs": None}, "epochs: None is not set"),
+        ({"epocs": 3}, "epocs: no rule for this option in bundle.options.OPTIONS; did you mean epochs?"),
+    ]:
+        with pytest.raises(OptionError) as info:
+            check_options(**values)
+        assert str(info.value) == sentence
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """``python -m bundle ARGV`` in-process (bundle.integrations.cli.main): the one sentence it ends with, exit 1."""
+    monkeypatch.setattr(sys, "argv", ["bundle", *argv])
+    with pytest.raises(SystemExit) as info:
+        bundle.integrations.cli.main()
+    if isinstance(info.value.code, str):  # SystemExit("error: ...") of the commands' _user_errors
+        return info.value.code
+    assert info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def read_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A folder on a "read-only file system": creating a file in it fails with EROFS, as on a read-only mount.
+
+    (Root ignores permission bits, so a chmod would not do; tests/test_write_faults.py mounts a real one.)
+    """
+    import errno
+    import tempfile
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    mkstemp = tempfile.mkstemp
+
+    def refusing(*args: Any, **kwargs: Any) -> Any:
+        if Path(str(kwargs.get("dir", ""))).resolve() == folder.resolve():
+            raise OSError(errno.EROFS, "Read-only file system")
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(bundle.options.tempfile, "mkstemp", refusing)
+    return folder
+
+
+def _demo_dataset(tmp_path: Path) -> Path:
+    from conftest import write_brats_case
+
+    root = tmp_path / "data"
+    for i in range(4):
+        write_brats_case(root, f"BraTS2021_{i:05d}", "brats2021")
+    return root
+
+
+def test_python_m_bundle_stops_before_any_work_with_one_sentence(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, read_only: Path
+) -> None:
+    """Each probe of issue 20 through the command line; no command function's work starts (the calls are recorded)."""
+    data = _demo_dataset(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    work: list[str] = []
+    monkeypatch.setattr("bundle.data.prepare", lambda *a, **k: work.append("prepare"))
+    monkeypatch.setattr("bundle.evaluation.statistics.compare", lambda *a, **k: work.append("compare"))
+    monkeypatch.setattr("bundle.integrations.export.export", lambda *a, **k: work.append("export"))
+    monkeypatch.setattr("bundle.integrations.cv.run_cv", lambda *a, **k: work.append("cv"))
+    monkeypatch.setattr("bundle.evaluation.plots.plot_training_curves", lambda *a, **k: work.append("plots"))
+    monkeypatch.setattr("monai.bundle.ConfigWorkflow", lambda *a, **k: work.append("demo"))
+    prepare = ["prepare", "--dataset_dir", str(data), "--output", str(tmp_path / "datalist.json")]
+    compare = ["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
+    probes = {
+        (*prepare, "--fold", "3"): "unknown option --fold; did you mean --folds?",
+        (*compare, "--metric", "dice"): "unknown option --metric; did you mean --metrics?",
+        (*prepare, "--folds", "0"): "folds: 0 is not allowed: use a whole number of at least 1",
+        (*prepare[:-1], str(tmp_path)): f"output: {tmp_path}: the datalist file is an existing folder, not a file",
+        (*prepare[:-1], str(read_only / "d.json")): (
+            f"output: {read_only}: the folder of the datalist file is not writable (Read-only file system)"
+        ),
+        (*compare, "--n_bootstrap", "0"): "n_bootstrap: 0 is not allowed: use a whole number of at least 1",
+        ("demo", "--epochs", "abc"): "epochs: 'abc' is not a whole number",
+        (
+            "demo",
+            "--output_dir",
+            str(a_file),
+        ): f"output_dir: {a_file}: the output folder is an existing file, not a folder",
+        ("demo", "--output_dir", str(read_only / "demo")): (
+            f"output_dir: {read_only / 'demo'}: the output folder is not writable "
+            f"(Read-only file system in {read_only})"
+        ),
+        ("export", "--output", str(tmp_path / "zoo"), "--chekpoint", "m.pt"): (
+            "unknown option --chekpoint; did you mean --checkpoint?"
+        ),
+        ("cv", "--folds", "1", "--dataset_dir", str(data)): (
+            "folds: 1 is not allowed: use a whole number of at least 2; cross-validation needs 2 folds or more "
+            "(with one, a model is scored on the cases it trained on)"
+        ),
+        ("cv", "--folds", "0", "--dataset_dir", str(data)): "folds: 0 is not allowed: use a whole number of at least 2",
+        ("plots", str(tmp_path), "--metrc", "dice"): "unknown option --metrc; did you mean --metric?",
+        ("plots", str(tmp_path), "--out", "x"): "unknown option --out; did you mean --output_dir?",
+    }
+    for argv, sentence in probes.items():
+        message = _main(monkeypatch, capsys, list(argv))
+        assert message.startswith(f"error: {sentence}"), (argv, message)
+        assert not work, f"{argv}: {work} ran before the option was refused"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "data", "read_only"], "nothing was written"
+    assert not any(read_only.iterdir())
+
+
+def test_export_checks_its_output_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, read_only: Path
+) -> None:
+    """A file or a read-only folder as --output: refused before the checkpoint is read (it is not one here)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    not_read = tmp_path / "not_a_checkpoint.pt"
+    not_read.write_text("never read")
+    for output, sentence in (
+        (a_file, f"--output {a_file}: is a file or a link, not a folder; choose a new folder"),
+        (
+            read_only / "zoo",
+            f"--output {read_only / 'zoo'}: {read_only}: the folder of the export is not writable "
+            "(Read-only file system)",
+        ),
+    ):
+        message = _main(monkeypatch, capsys, ["export", "--output", str(output), "--checkpoint", str(not_read)])
+        assert message == f"error: {sentence}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "not_a_checkpoint.pt", "read_only"]
+    assert not any(read_only.iterdir())
+
+
+def test_flags_fire_reads_its_own_way_are_known() -> None:
+    """``--name=value``, dashes for underscores, ``--noname`` (false), Fire's ``--help`` and its flags after ``--``."""
+    from bundle.options import check_command_flags
+
+    def command(dataset_dir: str, skip_bad: bool = False, n_bootstrap: int = 1) -> None:
+        """A fixed signature."""
+
+    for args in (["--dataset_dir=D"], ["--n-bootstrap", "5"], ["--noskip_bad"], ["--help"], ["--", "--trace"]):
+        check_command_flags("command", command, args)
+    check_command_flags("command", command, ["--dataset_dir", "--fold"][1:][:0])  # values are not flags
+    with pytest.raises(OptionError, match=r"^unknown option --skip; did you mean --skip_bad\?$"):
+        check_command_flags("command", command, ["--skip"])
+    with pytest.raises(OptionError, match=r"^unknown option --zzz; command takes --dataset_dir, --skip_bad, --n_boot"):
+        check_command_flags("command", command, ["D", "--zzz", "1"])
+    check_command_flags(
+        "infer", bundle.integrations.cli.infer, ["CASE", "--closing", "no"]
+    )  # **overrides: the config's
+
+
+def test_compare_refuses_a_file_that_is_no_metrics_table_and_a_misspelt_metric(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    table = tmp_path / "metrics.csv"
+    table.write_text("case,region,dice,hd95\nc1,WT,0.8,3.0\nc2,WT,0.7,4.0\nc3,WT,0.9,2.0\n")
+    binary = tmp_path / "model.csv"
+    binary.write_bytes(bytes(range(256)) * 4)  # e.g. a checkpoint given by mistake
+    message = _main(monkeypatch, capsys, ["compare", str(binary), str(table)])
+    assert message == f"error: {binary}: not a metrics table (not CSV text: UnicodeDecodeError)"
+    message = _main(monkeypatch, capsys, ["compare", str(table), str(table), "--metrics", "dcie"])
+    assert message == f"error: metrics: 'dcie' is not a column of {table}; did you mean dice?"
+    other = tmp_path / "other.csv"
+    other.write_text("epoch,loss\n1,0.5\n")
+    message = _main(monkeypatch, capsys, ["compare", str(other), str(table)])
+    assert message.startswith(f"error: {other}: not a metrics table (expected the columns 'case' and 'region'")
+    monkeypatch.setattr(sys, "argv", ["bundle", "compare", str(table), str(table), "--metrics", "dice,hd95"])
+    bundle.integrations.cli.main()
+    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]] == [["WT", "dice"], ["WT", "hd95"]]
+
+
+TRAINING_PROBES = {
+    "epochs 0": ({"epochs": 0}, "epochs: 0 is not allowed: use a whole number of at least 1"),
+    "batch_size 0": ({"batch_size": 0}, "batch_size: 0 is not allowed: use a whole number of at least 1"),
+    "batch_size -1": ({"batch_size": -1}, "batch_size: -1 is not allowed: use a whole number of at least 1"),
+    "negative learning_rate": (
+        {"learning_rate": -1e-4},
+        "learning_rate: -0.0001 is not allowed: use a number of at least 0",
+    ),
+    "cache ram": ({"cache": "ram"}, "cache: 'ram' is not one of memory, disk, none"),
+    "output_dir a file": (
+        {"output_dir": "A_FILE"},
+        "output_dir: A_FILE: the output folder is an existing file, not a folder",
+    ),
+    "output_dir read-only": (
+        {"output_dir": "READ_ONLY/out"},
+        "output_dir: READ_ONLY/out: the output folder is not writable (Read-only file system in READ_ONLY)",
+    ),
+    "datalist missing": (
+        {"datalist": "MISSING"},
+        "datalist: MISSING: datalist file does not exist (python -m bundle prepare writes one, or pass --dataset_dir)",
+    ),
+    "a listed file deleted after prepare": (
+        {"datalist": "DATALIST"},
+        "datalist: DELETED: listed in DATALIST but does not exist (moved or deleted after prepare?); "
+        "run python -m bundle prepare again",
+    ),
+    "fold outside the datalist's folds": (
+        {"datalist": "DATALIST", "fold": 2},
+        "fold: 2 is outside 0..1 (the 2 folds of DATALIST)",
+    ),
+}
+if not torch.cuda.is_available():
+    TRAINING_PROBES["device cuda without CUDA"] = (
+        {"device": "cuda"},
+        "device: 'cuda' needs a CUDA GPU, and PyTorch finds none on this machine; use --device cpu, or leave device "
+        "unset (CUDA when there is one, else the CPU)",
+    )
+
+
+@pytest.mark.parametrize("probe", sorted(TRAINING_PROBES))
+def test_monai_bundle_run_training_checks_every_option_before_any_work(
+    tmp_path: Path, read_only: Path, monkeypatch: pytest.MonkeyPatch, probe: str
+) -> None:
+    """``monai.bundle run training`` (in-process, as the command runs it): the sentence before any case is read."""
+    from bundle.data import prepare
+
+    monkeypatch.chdir(REPO_ROOT)
+    data = _demo_dataset(tmp_path)
+    datalist = prepare(str(data), str(tmp_path / "datalist.json"), folds=2)
+    deleted = data / "BraTS2021_00002" / "BraTS2021_00002_t2.nii.gz"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    names = {"A_FILE": a_file, "READ_ONLY": read_only, "MISSING": tmp_path / "gone.json", "DATALIST": datalist}
+    names["DELETED"] = deleted
+    overrides, sentence = TRAINING_PROBES[probe]
+    overrides = {k: str(names.get(v, v)) if isinstance(v, str) else v for k, v in overrides.items()}
+    for name, path in names.items():
+        overrides = {k: v.replace(name, str(path)) if isinstance(v, str) else v for k, v in overrides.items()}
+        sentence = sentence.replace(name, str(path))
+    if probe == "a listed file deleted after prepare":
+        deleted.unlink()
+    checked: list[str] = []
+    monkeypatch.setattr("bundle.data.datalist.check_cases", lambda *a, **k: checked.append("case checks") or [])
+    out, models = tmp_path / "out", tmp_path / "models"
+    settings = {"dataset_dir": str(data), "output_dir": str(out), "ckpt_dir": str(models), "num_folds": 2}
+    with pytest.raises(Exception) as info:
+        monai.bundle.scripts.run("training", config_file=str(CONFIGS / "train.yaml"), **{**settings, **overrides})
+    error = find_user_error(info.value)
+    assert isinstance(error, OptionError), repr(info.value)
+    assert str(error) == sentence
+    assert not checked, "a case was read before the option was refused"
+    assert not out.exists() and not models.exists()
+
+
+def test_monai_bundle_run_training_ends_with_the_options_sentence(tmp_path: Path) -> None:
+    """The whole command: exit code 1, the sentence as the last line, no traceback, no folder."""
+    out = tmp_path / "out"
+    args = ["-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml", "--cache", "ram"]
+    result = subprocess.run(
+        [sys.executable, *args, "--dataset_dir", str(tmp_path), "--output_dir", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: cache: 'ram' is not one of memory, disk, none"
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_sentence_for_inference_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """README's ``--device cuda``: python -m bundle infer and the config's initialize (monai.bundle run)."""
+    case, checkpoint = _tiny_case_and_checkpoint(tmp_path)
+    sentence = "device: 'cuda' needs a CUDA GPU, and PyTorch finds none on this machine"
+    message = _main(monkeypatch, capsys, ["infer", str(case), "--output", str(tmp_path / "out"), "--device", "cuda"])
+    assert message.startswith(f"error: {sentence}")
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(Exception) as info:
+        monai.bundle.scripts.run(
+            config_file=str(CONFIGS / "inference.yaml"),
+            dataset_dir=str(case),
+            output_dir=str(tmp_path / "out"),
+            checkpoint=str(checkpoint),
+            device="cuda",
+        )
+    assert str(find_user_error(info.value)).startswith(sentence)
+    assert not (tmp_path / "out").exists()

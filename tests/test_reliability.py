@@ -7,6 +7,8 @@ the problem, end the command with exit code 1 and leave no output folder behind.
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -273,3 +275,123 @@ def test_the_non_finite_guard_checks_weights_at_the_end_of_an_epoch() -> None:
         network.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"end of epoch 1: 1 weight tensors hold NaN or Inf \(e.g. weight\)"):
         guarded_engine(0.5).run([0], max_epochs=1)
+
+
+# ------------------------------------------------------------------ degenerate runs: one sentence before training
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """``python -m bundle ARGV`` in-process (bundle.integrations.cli.main): its last line on stderr, exit 1."""
+    from bundle.integrations.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bundle", *argv])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 1
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_prepare_with_more_folds_than_cases_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    root = _dataset(tmp_path, lambda r: None)
+    out = tmp_path / "datalist.json"
+    message = _main(monkeypatch, capsys, ["prepare", "--dataset_dir", str(root), "--output", str(out), "--folds", "9"])
+    assert (
+        message == f"error: {root}: 9 folds of 4 labelled case(s) would leave 5 fold(s) empty; use --folds 4 or fewer"
+    )
+    assert not out.exists()
+    held = _main(
+        monkeypatch,
+        capsys,
+        ["prepare", "--dataset_dir", str(root), "--output", str(out), "--folds", "4", "--holdout_fraction", "0.25"],
+    )
+    assert held.endswith(
+        "4 folds of 3 labelled case(s) (1 held out) would leave 1 fold(s) empty; use --folds 3 or fewer"
+    )
+
+
+def _training(tmp_path: Path, **overrides: Any) -> None:
+    run(
+        "training",
+        config_file=str(REPO_ROOT / "configs" / "train.yaml"),
+        bundle_root=str(REPO_ROOT),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        **{**TRAIN_OVERRIDES, "epochs": 1, "val_interval": 1, **overrides},
+    )
+
+
+def test_training_refuses_an_empty_validation_or_training_fold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training on an empty validation fold used to end with exit code 0 and no model."""
+    from bundle.data import prepare
+
+    monkeypatch.chdir(REPO_ROOT)
+    root = _dataset(tmp_path, lambda r: None)
+    # a dataset folder dealt into more folds than it has cases: fold 4 of 5 is empty (4 cases, 1 held out)
+    message = _user_error(lambda: _training(tmp_path, dataset_dir=str(root), num_folds=5, fold=4))
+    assert message.endswith(
+        "datalist.json: fold 4 holds no case to validate on (3 labelled case(s) in 5 folds); "
+        "choose another --fold or fewer folds"
+    ), message
+    assert not (tmp_path / "models").exists(), "no model folder for a run that cannot validate"
+    # every case in one fold: nothing left to train on
+    datalist = Path(prepare(str(root), str(tmp_path / "one_fold.json"), folds=2))
+    data = json.loads(datalist.read_text())
+    for item in data["training"]:
+        item["fold"] = 0
+    datalist.write_text(json.dumps(data))
+    message = _user_error(lambda: _training(tmp_path, datalist=str(datalist), fold=0))
+    assert message == (
+        f"{datalist}: fold 0 holds every case, leaving none to train on (4 labelled case(s) in 2 folds); use more folds"
+    )
+    assert not (tmp_path / "models").exists()
+
+
+def test_one_fold_says_validation_is_on_the_training_cases(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bundle.data import select_cases
+
+    root = _dataset(tmp_path, lambda r: None)
+    datalist = make_datalist(root, folds=1)
+    with caplog.at_level(logging.WARNING, logger="bundle.data.datalist"):
+        assert select_cases(datalist=_write(tmp_path / "d.json", datalist), split="val", fold=0)
+    said = "one fold: training and validation use the same 4 case(s), so the validation scores are scores on"
+    assert f"{said} the training cases" in caplog.text
+
+
+def _write(path: Path, data: dict) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_a_blank_modality_is_named_and_a_case_without_brain_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A T1 of zeros used to be segmented without a word; all four: an empty brain mask, nothing to segment."""
+    import fire
+
+    from bundle.integrations.cli import COMMANDS
+
+    root = _dataset(tmp_path, lambda r: _with_voxels(_file(r, "t1"), lambda d: d.fill(0)))
+    checkpoint = str(_checkpoint(tmp_path / "model.pt", TINY_NET))
+    out = tmp_path / "out"
+    case = root / CASE
+    command = ["infer", str(case), "--output", str(out), "--checkpoint", checkpoint, "--tta", "false"]
+    (written,) = fire.Fire(COMMANDS, command=command)
+    log = capsys.readouterr()  # the bundle's logging.conf writes the log to stdout
+    warning = f"{_file(root, 't1')}: every voxel of this t1 volume is 0 (an empty or failed export?); "
+    assert f"WARNING - {warning}case {CASE} goes on with a blank t1" in log.out + log.err
+    assert Path(written).is_file()
+    for modality in ("t1ce", "t2", "flair"):
+        _with_voxels(_file(root, modality), lambda d: d.fill(0))
+    message = _main(
+        monkeypatch, capsys, ["infer", str(case), "--output", str(tmp_path / "out2"), "--checkpoint", checkpoint]
+    )
+    assert message == (
+        f"error: {case}: no voxel of any modality of case {CASE} is above 0, so its brain mask (the voxels above 0) "
+        "is empty and there is nothing to segment"
+    )
+    assert not (tmp_path / "out2").exists()
+    # prepare and training check the same way
+    message = _user_error(lambda: make_datalist(root))
+    assert "brain mask (the voxels above 0) is empty" in message

@@ -217,9 +217,36 @@ def test_replaced_best_model_is_removed_only_after_the_new_one_is_written(tmp_pa
     saver({"a": torch.zeros(1)}, "old.pt")
     saver.remove("old.pt")  # ignite asks for this before saving the new file
     assert (tmp_path / "old.pt").is_file()
-    (tmp_path / ".new.pt.999.tmp").write_bytes(b"half")  # left by a killed write
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a process that has ended
+    (tmp_path / f".new.pt.{child.pid}.tmp").write_bytes(b"half")  # left by a killed write
+    in_progress = tmp_path / f".new.pt.{os.getppid()}.tmp"  # another run's write, under way: kept
+    in_progress.write_bytes(b"half")
     saver({"a": torch.ones(1)}, "new.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["new.pt", in_progress.name])
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch reports Errno 28 as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"."""
+    import errno
+
+    from bundle.errors import WriteError
+
+    def full(obj, handle, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            # as PyTorch raises it: the OSError only as the context
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(WriteError) as info:
+        AtomicDiskSaver(tmp_path, filename="model.pt")({"a": torch.zeros(1)}, "ignored.pt")
+    assert str(info.value) == (
+        f"{tmp_path / 'model.pt'}: cannot be written: no space left on device "
+        "(free some space there, or write elsewhere)"
+    )
+    assert not list(tmp_path.iterdir())
 
 
 def test_resumable_state_round_trips_through_weights_only_load(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from bundle.data.checks import check_case, check_cases
 from bundle.data.datalist import (
     NO_DATA,
     assign_folds,
+    file_list,
     labelled_subset,
     load_split,
     make_datalist,
@@ -54,6 +55,7 @@ __all__ = [
     "demo_affine",
     "detect_layout",
     "discover_cases",
+    "file_list",
     "generate_demo_dataset",
     "image_reader",
     "image_stem",

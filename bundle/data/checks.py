@@ -7,10 +7,12 @@ dataset on a few threads.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -24,6 +26,8 @@ from bundle.data.io import _read_label_values, read_header, read_voxels
 from bundle.data.layouts import Case
 from bundle.errors import DataError
 
+logger = logging.getLogger(__name__)
+
 
 def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True, decode: bool = True) -> None:
     """Raise :class:`DataError` naming the file if a case cannot be used.
@@ -32,9 +36,11 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True,
     ``affine_atol``, in mm), a 4-D MSD image with 4 channels, a label of the image's shape and
     affine whose values belong to the layout's label scheme; then every voxel of every file is
     decoded once (:func:`read_voxels`: truncated data, NaN / Inf). The headers come first, so the
-    cheap checks answer before the ~0.3 s of decoding a real BraTS case. ``decode=False`` checks the headers
-    and label values only: inference decodes each image once, in its loader, which refuses truncated data
-    and NaN / Inf naming the file (:class:`bundle.transforms.ThreadUnsafeLoadImaged`).
+    cheap checks answer before the ~0.3 s of decoding a real BraTS case. A modality whose every voxel
+    is 0 is logged as a warning naming its file (the network would see it blank); a case with no voxel
+    above 0 in any modality is an error, its brain mask (the voxels above 0) being empty. ``decode=False``
+    checks the headers and label values only: inference decodes each image once, in its loader, which
+    makes the same voxel checks naming the file (:class:`bundle.transforms.ThreadUnsafeLoadImaged`).
     """
     if case.problems:
         raise DataError(case.problems[0])
@@ -62,10 +68,46 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True,
                 raise DataError(f"{path}: affine differs from {ref_path} by more than {affine_atol} mm")
     if case.label is not None and check_labels:
         _check_label_header(case.label, ref_path, ref_shape, ref_affine, affine_atol)
-    for path in ([case.image] if isinstance(case.image, str) else case.image) if decode else []:
-        read_voxels(path)
+    if decode:
+        _check_intensities(case)
     if case.label is not None and check_labels:
         _check_label_values(case.label, case.layout)
+
+
+def _check_intensities(case: Case) -> None:
+    """Decode every image voxel (:func:`read_voxels`); warn of a blank modality, refuse a case without a brain.
+
+    The preprocessing crops each case to its voxels above 0 in any modality (the skull-stripped brain),
+    and inference sets everything outside them to background: with none, there is nothing to segment or
+    train on. A modality that is 0 everywhere (an empty export, a failed conversion) still gives a
+    brain from the others, but the network sees it blank: said once, naming the file.
+    """
+
+    def volumes() -> Iterator[tuple[str, str, np.ndarray]]:
+        """(file, modality, voxels), one modality at a time: a case's four volumes are never all in memory."""
+        if isinstance(case.image, str):  # MSD: one 4-D file, its channels in MSD's order
+            data = read_voxels(case.image)
+            yield from ((case.image, name, data[..., c]) for c, name in enumerate(MSD_CHANNEL_ORDER))
+        else:
+            yield from ((path, name, read_voxels(path)) for path, name in zip(case.image, MODALITIES, strict=True))
+
+    brain = False
+    for path, modality, voxels in volumes():
+        if not np.any(voxels):
+            logger.warning(
+                "%s: every voxel of this %s volume is 0 (an empty or failed export?); case %s goes on with a blank %s",
+                path,
+                modality,
+                case.case_id,
+                modality,
+            )
+        brain = brain or bool(np.any(voxels > 0))
+    if not brain:
+        where = case.image if isinstance(case.image, str) else str(Path(case.image[0]).parent)
+        raise DataError(
+            f"{where}: no voxel of any modality of case {case.case_id} is above 0, so its brain mask (the voxels "
+            "above 0) is empty and there is nothing to segment"
+        )
 
 
 def _check_label_header(

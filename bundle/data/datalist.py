@@ -91,13 +91,15 @@ def _checked_items(
     skip_bad: bool = False,
     progress: bool = True,
     holdout_fraction: float = 0.0,
+    empty_folds: bool = True,
     decode: bool = True,
 ) -> list[dict[str, Any]]:
     """Datalist items of ``cases`` (in order) once every one passed :func:`check_cases`.
 
     Labelled cases get a fold, except a seeded ``holdout_fraction`` of them, marked ``"holdout": True``:
     a test set no fold trains or validates on (M4 holds out 20 %). Without a hold-out the folds are
-    exactly those of earlier versions.
+    exactly those of earlier versions. More folds than cases to deal leaves folds empty: an error
+    unless ``empty_folds`` (a training run's own datalist, whose run checks its one fold).
     """
     good = check_cases(_unique_names(cases), check_labels, skip_bad, progress, decode=decode)
     if not good:
@@ -108,7 +110,14 @@ def _checked_items(
     held = {labelled[i] for i in np.random.default_rng([seed, 1]).permutation(len(labelled))[:count]}
     if labelled and len(held) == len(labelled):
         raise DataError(f"{source}: holdout_fraction {holdout_fraction} leaves no case to train on")
-    fold_of = iter(assign_folds(len(labelled) - len(held), folds, seed))
+    dealt = len(labelled) - len(held)
+    if labelled and not empty_folds and folds > dealt:
+        after = f" ({len(held)} held out)" if held else ""
+        raise DataError(
+            f"{source}: {folds} folds of {dealt} labelled case(s){after} would leave {folds - dealt} fold(s) empty; "
+            f"use --folds {dealt} or fewer"
+        )
+    fold_of = iter(assign_folds(dealt, folds, seed))
     items = []
     for i, case in enumerate(good):
         if case.label is None:
@@ -153,6 +162,7 @@ def make_datalist(
     holdout_fraction: float = 0.0,
     subset_fraction: float = 1.0,
     subset_seed: int = 42,
+    empty_folds: bool = True,
 ) -> dict[str, Any]:
     """Discover, check and split a dataset into a MONAI datalist dictionary.
 
@@ -160,10 +170,13 @@ def make_datalist(
     them, which go to ``holdout`` (a test set); unlabelled ones go to ``testing``. ``subset_fraction``
     first keeps a random part of the labelled cases (seed ``subset_seed``). A bad case raises
     :class:`DataError`; with ``skip_bad`` it is left out with a warning. ``progress`` shows a bar
-    while the cases are checked (for 20 cases or more).
+    while the cases are checked (for 20 cases or more). Without ``empty_folds``, more ``folds`` than
+    labelled cases to deal is an error (``python -m bundle prepare``, cross-validation).
     """
     cases = labelled_subset(discover_cases(dataset_dir, layout), subset_fraction, subset_seed)
-    items = _checked_items(cases, dataset_dir, folds, seed, check_labels, skip_bad, progress, holdout_fraction)
+    items = _checked_items(
+        cases, dataset_dir, folds, seed, check_labels, skip_bad, progress, holdout_fraction, empty_folds
+    )
     settings: dict[str, Any] = {}
     if holdout_fraction:
         settings["holdout_fraction"] = holdout_fraction
@@ -182,8 +195,11 @@ def prepare(
     holdout_fraction: float = 0.0,
     subset_fraction: float = 1.0,
     subset_seed: int = 42,
+    empty_folds: bool = True,
 ) -> str:
-    """Discover and check a dataset and write its datalist JSON; return the path written."""
+    """Discover and check a dataset and write its datalist JSON; return the path written.
+
+    Without ``empty_folds`` (``python -m bundle prepare``), more ``folds`` than labelled cases is an error."""
     datalist = make_datalist(
         dataset_dir,
         folds=folds,
@@ -193,6 +209,7 @@ def prepare(
         holdout_fraction=holdout_fraction,
         subset_fraction=subset_fraction,
         subset_seed=subset_seed,
+        empty_folds=empty_folds,
     )
     path = write_json_atomic(datalist, output)
     logger.info(
@@ -223,16 +240,32 @@ def load_split(
         return list(data.get("holdout", []))
     if split == "all":
         return list(training)
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r}; expected train, val, all, holdout or test")
+    name = source or datalist
     num_folds = int(data.get("num_folds", 1 + max((int(i.get("fold", 0)) for i in training), default=0)))
+    if not training:
+        raise DataError(f"{name}: no labelled case to {'train on' if split == 'train' else 'validate on'}")
     if num_folds < 2:
-        return list(training)  # one fold: train and validate on the same cases, stated in the log
+        if split == "val":  # said once, with the validation cases
+            logger.warning(
+                "%s: one fold: training and validation use the same %d case(s), so the validation scores "
+                "are scores on the training cases",
+                name,
+                len(training),
+            )
+        return list(training)
     if not 0 <= fold < num_folds:
-        raise DataError(f"{source or datalist}: fold {fold} is outside 0..{num_folds - 1}")
-    if split == "train":
-        return [i for i in training if int(i["fold"]) != fold]
-    if split == "val":
-        return [i for i in training if int(i["fold"]) == fold]
-    raise ValueError(f"unknown split {split!r}; expected train, val, all, holdout or test")
+        raise DataError(f"{name}: fold {fold} is outside 0..{num_folds - 1}")
+    chosen = [i for i in training if (int(i["fold"]) == fold) == (split == "val")]
+    if not chosen:
+        counts = f"{len(training)} labelled case(s) in {num_folds} folds"
+        if split == "val":
+            raise DataError(
+                f"{name}: fold {fold} holds no case to validate on ({counts}); choose another --fold or fewer folds"
+            )
+        raise DataError(f"{name}: fold {fold} holds every case, leaving none to train on ({counts}); use more folds")
+    return chosen
 
 
 NO_DATA = (
@@ -240,6 +273,22 @@ NO_DATA = (
     "(python -m bundle prepare), or run the demo: add configs/demo.yaml, e.g. "
     "--config_file \"['configs/train.yaml','configs/demo.yaml']\", or python -m bundle demo"
 )
+
+
+def file_list(files: str | Sequence[str]) -> list[str]:
+    """The files of one case as a list: ``files`` itself, or a bracketed list typed as one string.
+
+    ``python -m bundle infer "[t1.nrrd,t1ce.nrrd,t2.nrrd,flair.mha]"`` and ``monai.bundle run ...
+    --input_files "[t1.nrrd,...]"`` hand the list over as that string: Fire reads ``[a,b]`` as a list
+    only when every item is a Python literal or a bare word, and ``t1.nrrd`` is neither. Items may be
+    quoted; a string naming an existing file is that file, brackets or not.
+    """
+    if not isinstance(files, str):
+        return [str(f) for f in files]
+    text = files.strip()
+    if text.startswith("[") and text.endswith("]") and not Path(text).exists():
+        return [item.strip().strip("'\"").strip() for item in text[1:-1].split(",") if item.strip()]
+    return [files]
 
 
 def _case_from_files(files: Sequence[str], layout: str | None) -> Case:
@@ -308,11 +357,11 @@ def select_cases(
     if split is None and fold is not None:
         split = "val"
     if files:
-        file_list = [files] if isinstance(files, str) else [str(f) for f in files]
-        source = ", ".join(file_list)
+        paths = file_list(files)
+        source = ", ".join(paths)
         data = _datalist(
             _checked_items(
-                [_case_from_files(file_list, layout)], source, folds, seed, labelled is not False, decode=decode
+                [_case_from_files(paths, layout)], source, folds, seed, labelled is not False, decode=decode
             ),
             "files",
             folds,
@@ -359,13 +408,15 @@ def resolve_datalist(
     holdout_fraction: float = 0.0,
     subset_fraction: float = 1.0,
     subset_seed: int = 42,
+    empty_folds: bool = True,
 ) -> str:
     """The datalist file of a training run, so every fold, rank and resumed run shares one split.
 
     The same sources as :func:`select_cases`: ``datalist`` is used as it is; a ``dataset_dir`` (or
     ``demo_dir``) is discovered, checked and dealt into folds in ``output_dir/datalist.json``, after
     the seeded subset and hold-out of :func:`make_datalist`. The run then takes its splits with
-    ``select_cases(datalist=...)``.
+    ``select_cases(datalist=...)``, which refuses an empty training or validation split; other folds
+    may be empty (``empty_folds``: a run of one fold does not need them; cross-validation does).
     """
     if datalist:
         if not Path(datalist).is_file():
@@ -380,6 +431,7 @@ def resolve_datalist(
         holdout_fraction=holdout_fraction,
         subset_fraction=subset_fraction,
         subset_seed=subset_seed,
+        empty_folds=empty_folds,
     )
 
 

@@ -108,13 +108,20 @@ def read_metrics_csv(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metrics file")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"case", "region"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected the columns 'case' and 'region' (a metrics.csv from evaluate_folder)")
-        rows = []
-        for row in reader:
-            rows.append({k: (v if k in ("case", "region") else _to_float(v)) for k, v in row.items()})
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not {"case", "region"} <= set(reader.fieldnames):
+                raise ValueError(
+                    f"{path}: not a metrics table (expected the columns 'case' and 'region' of a metrics.csv "
+                    "from python -m bundle evaluate or cv)"
+                )
+            rows = []
+            for row in reader:
+                rows.append({k: (v if k in ("case", "region") else _to_float(v)) for k, v in row.items()})
+    except (UnicodeDecodeError, csv.Error) as err:
+        # a binary file (an image, a checkpoint) given by mistake: name it, not the codec's byte offset
+        raise ValueError(f"{path}: not a metrics table (not CSV text: {type(err).__name__})") from None
     return rows
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from bundle.errors import OptionError
 from bundle.evaluation.files import (
     read_metrics_csv,
     write_metrics_table,
 )
 from bundle.evaluation.reports import LOWER_IS_BETTER, SUMMARY_METRICS
+from bundle.options import closest
 
 
 def compare(
@@ -41,6 +43,9 @@ def compare(
     "no significant difference". Identical runs give mean difference 0 and p-values of 1.
     """
     a, b = read_metrics_csv(run_a_csv), read_metrics_csv(run_b_csv)
+    for rows, path in ((a, run_a_csv), (b, run_b_csv)):
+        if not rows:
+            raise ValueError(f"{path}: the metrics table has no rows")
     index_a, index_b = _index_rows(a, run_a_csv), _index_rows(b, run_b_csv)
     only_a = sorted({c for c, _ in index_a} - {c for c, _ in index_b})
     only_b = sorted({c for c, _ in index_b} - {c for c, _ in index_a})
@@ -53,7 +58,7 @@ def compare(
         raise ValueError(f"{run_a_csv} and {run_b_csv}: regions differ for (case, region) {diff[:5]}")
     cases = sorted({c for c, _ in index_a})
     regions = list(dict.fromkeys(r["region"] for r in a))
-    metrics = [m for m in (metrics or SUMMARY_METRICS) if m in a[0] and m in b[0]]
+    metrics = _metrics_of_both(metrics, a[0], b[0], run_a_csv, run_b_csv)
     rng = np.random.default_rng(seed)
     resample = rng.integers(0, len(cases), size=(n_bootstrap, len(cases)))
     results = []
@@ -85,6 +90,28 @@ def compare(
     if verbose:
         print(format_comparison(results))
     return results
+
+
+def _metrics_of_both(
+    metrics: Sequence[str] | None, row_a: dict, row_b: dict, path_a: str | Path, path_b: str | Path
+) -> list[str]:
+    """The metrics to compare: each one asked for must be a column of both files (one sentence otherwise,
+    with the closest column); by default those of :data:`SUMMARY_METRICS` that both files hold."""
+    if not metrics:
+        common = [m for m in SUMMARY_METRICS if m in row_a and m in row_b]
+        if not common:
+            raise ValueError(f"{path_a} and {path_b}: no metric column in common ({', '.join(SUMMARY_METRICS)})")
+        return common
+    for metric in metrics:
+        for path, row in ((path_a, row_a), (path_b, row_b)):
+            if metric not in row:
+                columns = [c for c in row if c not in ("case", "region", "fold")]
+                near = closest(metric, columns)
+                raise OptionError(
+                    f"metrics: {metric!r} is not a column of {path}"
+                    + (f"; did you mean {near}?" if near else f" (its metrics: {', '.join(columns)})")
+                )
+    return list(metrics)
 
 
 def format_comparison(results: Sequence[dict]) -> str:

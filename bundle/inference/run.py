@@ -12,8 +12,6 @@ variant given as ``--config_file`` contributes its method's inference recipe (:f
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,13 +22,14 @@ import yaml
 from monai.data import Dataset
 from monai.inferers import Inferer, SlidingWindowInferer
 
-from bundle.data import read_voxels
+from bundle.atomic import remove_stale_temporaries
+from bundle.data import file_list, read_voxels
 from bundle.data.labels import INTERNAL, scheme_values
 from bundle.errors import DataError, OptionError, find_user_error
 from bundle.inference.gate import GatedSliceInferer, SliceGate
 from bundle.inference.inferers import FlipTTAInferer, ResizedSliceInferer
 from bundle.inference.writers import AtomicSaveImaged
-from bundle.options import as_bool
+from bundle.options import as_bool, folder_problem
 from bundle.paths import BUNDLE_ROOT, output_path, resolve_config_files, working_directory
 from bundle.plan.network import inference_window, spatial_dims
 from bundle.plan.recipes import RULE_KEYS, STEPS
@@ -237,27 +236,12 @@ def check_output_dir(output_dir: str | Path) -> str:
 
     Runs first in ``initialize``, before the model is loaded or any case is read: otherwise the first
     write fails only after the first case has been segmented, with MONAI's writer traceback. Nothing
-    is created (the folder is made once every check passed): a file is created and removed in the
-    folder, or in its nearest existing parent when it does not exist yet, which also catches what
-    permission bits do not show (a read-only mount, ACLs, NFS root squashing).
+    is created (the folder is made once every check passed; :func:`bundle.options.folder_problem`).
     """
-    path = Path(output_dir).absolute()
-    try:
-        existing = path
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            if existing == path:
-                raise DataError(f"{path}: the output folder is an existing file, not a folder")
-            raise DataError(f"{path}: the output folder is not writable ({existing} is a file, not a folder)")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        where = "" if existing == path else f" in {existing}"
-        raise DataError(f"{path}: the output folder is not writable ({reason}{where})") from err
-    return str(path)
+    problem = folder_problem(output_dir, "the output folder")
+    if problem:
+        raise DataError(problem)
+    return str(Path(output_dir).absolute())
 
 
 def _transforms(transform: Any) -> Iterator[Any]:
@@ -282,10 +266,13 @@ def cases_to_segment(
     means what the run itself would produce. A case is done when all exist under their final names:
     :class:`AtomicSaveImaged` only renames a complete file to such a name, and its temporary files
     are hidden and named differently, so a killed run leaves at most an incomplete case, which is
-    redone. Skipped cases are logged, one line each and a count.
+    redone. Skipped cases are logged, one line each and a count. The temporary files that killed runs
+    left in the output folders are removed first (only the bundle's own, of processes no longer running).
     """
     overwrite = as_bool(overwrite, "overwrite")
     savers = [t for t in _transforms(postprocessing) if isinstance(t, AtomicSaveImaged)]
+    for folder in sorted({s.output_dir for s in savers}):
+        remove_stale_temporaries(folder)  # what killed runs left there, theirs only (bundle.atomic)
     todo = []
     for item in datalist:
         outputs = [saver.final_path(item) for saver in savers]
@@ -330,7 +317,7 @@ def infer(
 
     Args:
         input: a dataset folder (BraTS 2021 / 2023 / MSD), one case folder, or the files of one case
-            (four volumes T1, T1ce, T2, FLAIR, or one 4-D image).
+            (four volumes T1, T1ce, T2, FLAIR, or one 4-D image), as a list or one ``"[a,b,c,d]"`` string.
         output: folder for ``<case>_seg.nii.gz`` (and ``_prob`` / ``_uncertainty``).
         checkpoint: model weights, default ``models/model.pt`` of the bundle.
         tta: flip test-time augmentation on or off; ``None``: as the recipe says (M4 on, M1-M3 off).
@@ -352,7 +339,7 @@ def infer(
     """
     from monai.bundle import ConfigWorkflow
 
-    inputs = [input] if isinstance(input, (str, Path)) else [str(i) for i in input]
+    inputs = file_list(str(input)) if isinstance(input, (str, Path)) else [str(i) for i in input]
     inputs = [str(Path(i).resolve()) for i in inputs]
     is_folder = len(inputs) == 1 and Path(inputs[0]).is_dir()
     settings: dict[str, Any] = {

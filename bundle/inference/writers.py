@@ -6,6 +6,9 @@
   own order (same bytes, fewer copies).
 * :class:`SlicerSegmentationWriter` - MONAI's ``ITKWriter`` writing a ``.seg.nrrd`` with Slicer's segment
   fields; :func:`slicer_segments` names and colours the segments of a label scheme.
+
+Both writers keep the grid they are given when no resampling is asked for (:class:`GridAsGiven`): MONAI
+1.6.1's writers fail on a one-channel volume whose affine permutes the axes (PIR, ASR, ...).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from monai.data import ITKWriter, NibabelWriter
+from monai.data import ITKWriter, MetaTensor, NibabelWriter
 from monai.transforms import Invertd, MapTransform, SaveImaged
+from monai.utils import ensure_tuple
 
 from bundle.atomic import atomic_path
 from bundle.constants import CLASS_NAMES, ED, LABEL_COLOURS
@@ -74,11 +78,37 @@ class AtomicSaveImaged(SaveImaged):
         for key in self.key_iterator(d):
             name = d.get(self.name_key) or image_stem(Path(str(d[key].meta["filename_or_obj"])).name)
             final = output_path(self.output_dir, name, self.output_postfix, self.output_ext)
-            # the writer appends the extension it picks the format from, so it is given the name without it
-            with atomic_path(final, suffix=self.output_ext) as tmp:
-                self.saver(img=d[key], filename=str(tmp)[: -len(self.output_ext)])
+            with atomic_path(final, suffix=self.output_ext) as tmp:  # a full disk: one sentence naming final
+                self._save(d[key], tmp)
             logger.info("wrote %s", final)
         return d
+
+    def _save(self, image: Any, path: Path) -> None:
+        """Write ``image`` to ``path`` as MONAI's ``SaveImage`` does, but with its writer's own exception.
+
+        ``SaveImage`` tries each writer registered for the extension and, when all fail, raises "cannot
+        find a suitable writer ... install the writer libraries" with their tracebacks as text: a full disk
+        (Errno 28) or a read-only folder would read as a missing library. Here the writers are tried the
+        same way (``SaveImage``'s own settings), and an ``OSError`` of any of them is raised as it is.
+        """
+        saver = self.saver
+        meta = image.meta if isinstance(image, MetaTensor) else None
+        data_kwargs = dict(saver.data_kwargs)
+        if meta and len(ensure_tuple(meta.get("spatial_shape", ()))) >= len(image.shape):
+            data_kwargs["channel_dim"] = None  # as SaveImage: the array has no channel dimension
+        failures: list[Exception] = []
+        for writer_class in saver.writers:
+            try:
+                writer = writer_class(**saver.init_kwargs)
+                writer.set_data_array(data_array=image, **data_kwargs)
+                writer.set_metadata(meta_dict=meta, **saver.meta_kwargs)
+                writer.write(str(path), **saver.write_kwargs)  # the extension is path's: the writer is given it
+                return
+            except OSError:
+                raise  # the disk or the folder, not the writer: no other writer would do better
+            except Exception as err:  # the next writer may read what this one cannot, as in SaveImage
+                failures.append(err)
+        raise RuntimeError(f"{path}: none of the writers {saver.writers} could write it") from failures[-1]
 
 
 def slicer_segments(scheme: str, output_type: str = "regions") -> dict[int, tuple[str, tuple[float, float, float]]]:
@@ -92,7 +122,37 @@ def slicer_segments(scheme: str, output_type: str = "regions") -> dict[int, tupl
     return {value: (CLASS_NAMES[internal], LABEL_COLOURS[internal]) for value, internal in named}
 
 
-class FortranOrderNibabelWriter(NibabelWriter):
+class GridAsGiven:
+    """Writer mixin: without a target grid, the voxels and affine are written as given, never resampled.
+
+    MONAI 1.6.1's ``ImageWriter.resample_if_needed`` runs ``SpatialResample`` even when there is nothing
+    to resample (``SaveImage(resample=False)``: no target affine, no target shape). It wraps the
+    channel-last array in a ``MetaTensor``, whose spatial rank MONAI infers as ``ndim - 1``: 2 for the
+    squeezed ``(x, y, z)`` label map of one channel. The "2-D" resampling then inverts the affine's
+    top-left 2 x 2 block, which is singular whenever the first two voxel axes are not the first two world
+    axes (PIR, ASR, and 28 more of the 48 axis orders): "Affine ... is not invertible", and SaveImage
+    reports it as "cannot find a suitable writer". :class:`AtomicSaveImaged` writes on the input's own
+    grid (Invertd restored it), so the only correct output is the array and affine unchanged.
+    """
+
+    @classmethod
+    def resample_if_needed(
+        cls,
+        data_array: Any,
+        affine: Any = None,
+        target_affine: Any = None,
+        output_spatial_shape: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """``(data_array, affine)`` unchanged without a target grid; MONAI's resampling otherwise."""
+        if target_affine is None and output_spatial_shape is None and affine is not None:
+            return data_array, affine
+        return super().resample_if_needed(  # type: ignore[misc]
+            data_array, affine=affine, target_affine=target_affine, output_spatial_shape=output_spatial_shape, **kwargs
+        )
+
+
+class FortranOrderNibabelWriter(GridAsGiven, NibabelWriter):
     """MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's own (Fortran) order: the same file, faster.
 
     MONAI's writer gives nibabel a C-ordered array, which nibabel then writes slice by slice in
@@ -111,7 +171,7 @@ class FortranOrderNibabelWriter(NibabelWriter):
         return nib.Nifti1Image(np.asfortranarray(image.dataobj), image.affine, image.header, extra=image.extra)
 
 
-class SlicerSegmentationWriter(ITKWriter):
+class SlicerSegmentationWriter(GridAsGiven, ITKWriter):
     """MONAI's ``ITKWriter`` writing a 3D Slicer segmentation (``.seg.nrrd``): the label map plus its segments.
 
     Slicer opens a plain NRRD label map as a volume; with the ``Segment<i>_*`` header fields it opens it

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bundle.options import as_bool
+from bundle.errors import OptionError
+from bundle.options import as_bool, check_command_flags, check_options
 from bundle.paths import BUNDLE_ROOT, LOGGING_CONF, resolve_config_files
 
 
@@ -37,16 +38,27 @@ def prepare(
     from bundle.data import prepare as _prepare
 
     skip_bad = as_bool(skip_bad, "skip_bad")
-    return _prepare(
-        dataset_dir,
+    read = check_options(
+        "prepare",
         output=output,
         folds=folds,
         seed=seed,
+        layout=layout,
+        holdout_fraction=holdout_fraction,
+        subset_fraction=subset_fraction,
+        subset_seed=subset_seed,
+    )
+    return _prepare(
+        dataset_dir,
+        output=output,
+        folds=read["folds"],
+        seed=read["seed"],
         skip_bad=skip_bad,
         layout=layout,
         holdout_fraction=holdout_fraction,
         subset_fraction=subset_fraction,
         subset_seed=subset_seed,
+        empty_folds=False,  # a datalist of folds to train and score on: each must hold a case
     )
 
 
@@ -81,6 +93,7 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
     from bundle.evaluation.plots import plot_overlay
     from bundle.inference.run import infer
 
+    read = check_options("demo", output_dir=output_dir, epochs=epochs)  # before the phantoms are made or read
     log = logging.getLogger(__name__)
     start = time.perf_counter()
     out = Path(output_dir).resolve()
@@ -89,8 +102,8 @@ def demo(output_dir: str = "runs/demo", epochs: int | None = None) -> dict[str, 
         "output_dir": str(out / "train"),
         "ckpt_dir": str(out / "models"),
     }
-    if epochs is not None:
-        overrides["epochs"] = epochs
+    if read["epochs"] is not None:
+        overrides["epochs"] = read["epochs"]
     workflow = ConfigWorkflow(
         config_file=[str(BUNDLE_ROOT / "configs" / name) for name in ("train.yaml", "demo.yaml")],
         logging_file=str(LOGGING_CONF),
@@ -163,6 +176,8 @@ def label_serve(
 
     from bundle.integrations.monailabel import label_serve as _label_serve
 
+    check_options(port=port)
+
     # the bundle's logging, as monai.bundle run sets it: what is served and why is said at start-up
     logging.config.fileConfig(LOGGING_CONF, disable_existing_loggers=False)
     return _label_serve(
@@ -181,11 +196,12 @@ def export(output: str, zip: bool = False, checkpoint: str | None = None, url_ba
     """Assemble a self-contained model-zoo bundle in ``output`` (see bundle/)."""
     from bundle.integrations.export import export as _export
 
+    # --output: export.check_destination, before any work (a file, a link, this repository, a read-only folder)
     return _export(output, zip=as_bool(zip, "zip"), checkpoint=checkpoint, url_base=url_base)
 
 
 def infer(
-    input: str | list[str],
+    *inputs: str,
     output: str = "runs/inference",
     checkpoint: str | None = None,
     tta: bool | str | None = None,
@@ -195,15 +211,39 @@ def infer(
 ) -> list[str]:
     """Segment a dataset folder, a case folder or one case's files with configs/inference.yaml (inference.run.infer).
 
-    The checkpoint's own inference recipe runs unless ``--tta``, another recipe key or ``--config_file
-    <variant>`` overrides it. Cases whose outputs already exist in ``output`` are skipped (logged), so
-    rerunning a killed run continues it; ``--overwrite true`` redoes them. Returns every case's
-    segmentation file.
+    ``inputs``: one dataset or case folder, or the files of one case in the order T1, T1ce, T2, FLAIR
+    (``infer t1.nrrd t1ce.nrrd t2.nrrd flair.mha``, or as one list ``infer "[t1.nrrd,t1ce.nrrd,t2.nrrd,flair.mha]"``),
+    or one 4-D image; every other setting is a ``--flag``. The checkpoint's own inference recipe runs
+    unless ``--tta``, another recipe key or ``--config_file <variant>`` overrides it. Cases whose outputs
+    already exist in ``output`` are skipped (logged), so rerunning a killed run continues it;
+    ``--overwrite true`` redoes them. Returns every case's segmentation file.
     """
     from bundle.inference.run import infer as _infer
 
+    check_options(**_given(device=device))  # the output folder and every config key: configs/inference.yaml
+    if "input" in overrides:  # --input X, the flag of earlier versions
+        inputs = (*inputs, overrides.pop("input"))
+    files = [path for value in inputs for path in _paths(value)]
+    if not files:
+        raise OptionError("infer: give a dataset folder, a case folder or the files of one case (T1, T1ce, T2, FLAIR)")
     overwrite = as_bool(overwrite, "overwrite")  # an OptionError ends python -m bundle with its sentence (main)
-    return _infer(input, output=output, checkpoint=checkpoint, tta=tta, device=device, overwrite=overwrite, **overrides)
+    source = files[0] if len(files) == 1 else files
+    return _infer(
+        source, output=output, checkpoint=checkpoint, tta=tta, device=device, overwrite=overwrite, **overrides
+    )
+
+
+def _paths(value: Any) -> list[str]:
+    """The paths in one positional argument as Fire hands it over.
+
+    Fire reads ``"[a,b]"`` as a list of strings, but ``"[t1.nrrd,...]"`` as one string (``t1.nrrd`` is no
+    Python literal), and a bare number as a number.
+    """
+    from bundle.data import file_list
+
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return file_list(str(value))
 
 
 def evaluate(
@@ -232,6 +272,8 @@ def evaluate(
     their keys. Returns the output folder.
     """
     from bundle.evaluation.reports import check_predictions_exist, evaluate_folder, evaluation_plots
+
+    check_options(**_given(output_dir=output_dir, overlays=overlays))
 
     lesion_wise, include_disjoint = as_bool(lesion_wise, "lesion_wise"), as_bool(include_disjoint, "include_disjoint")
     plots, tta = as_bool(plots, "plots"), None if tta is None else as_bool(tta, "tta")  # None: the recipe's
@@ -282,6 +324,7 @@ def compare(
     """
     from bundle.evaluation.statistics import compare as _compare
 
+    check_options("compare", **_given(n_bootstrap=n_bootstrap, seed=seed, alpha=alpha, output=output))
     names = metrics.split(",") if isinstance(metrics, str) else metrics
     with _user_errors():
         _compare(_metrics_csv(run_a), _metrics_csv(run_b), names, n_bootstrap, seed, alpha, output, verbose=True)
@@ -307,6 +350,7 @@ def cv(
     from bundle.errors import DataError
     from bundle.integrations.cv import parse_fold_ids, run_cv
 
+    check_options("cv", **_given(folds=folds, seed=seed, output_dir=output_dir, datalist=datalist))
     with _user_errors():
         parse_fold_ids(fold_ids, folds)
     with _user_errors(DataError):
@@ -333,6 +377,8 @@ def plots(path: str, output_dir: str | None = None, metric: str = "dice") -> lis
     from bundle.evaluation.plots import plot_training_curves
     from bundle.evaluation.reports import evaluation_plots
 
+    check_options(**_given(output_dir=output_dir))
+
     source = Path(path)
     if source.is_dir():
         candidates = [source / "metrics_per_epoch.csv", source / "metrics.csv", source / "cv_metrics.csv"]
@@ -351,6 +397,11 @@ def plots(path: str, output_dir: str | None = None, metric: str = "dice") -> lis
             else:
                 written += [str(p) for p in evaluation_plots(csv_file, out, metric=metric)]
     return written
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options given (not ``None``): ``None`` is each command's "as the config says"."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _metrics_csv(run: str) -> Path:
@@ -392,11 +443,18 @@ COMMANDS = {
 }
 
 
+def _check_flag_names(args: list[str]) -> None:
+    """A fixed-signature command given a flag it does not take stops here, before it runs (bundle.options)."""
+    if args and args[0] in COMMANDS:
+        check_command_flags(args[0], COMMANDS[args[0]], args[1:])
+
+
 def main() -> None:
     """Entry point of ``python -m bundle``: a dataset problem ends with its one sentence, exit code 1."""
     import fire
 
     try:
+        _check_flag_names(sys.argv[1:])
         fire.Fire(COMMANDS)
     except Exception as err:
         from bundle.errors import find_user_error, user_error_message

@@ -37,7 +37,7 @@ from bundle.evaluation.files import case_id_from_path, read_metrics_csv, write_m
 from bundle.evaluation.handlers import spacing_of
 from bundle.evaluation.metrics import evaluate_case
 from bundle.evaluation.reports import SUMMARY_METRICS, metric_table, save_evaluation, summarize
-from bundle.options import as_bool
+from bundle.options import as_bool, check_options
 from bundle.paths import BUNDLE_ROOT, LOGGING_CONF, resolve_config_files
 
 logger = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ def run_cv(
     from bundle.data import resolve_datalist
     from bundle.errors import DataError
 
+    check_options("cv", folds=folds, seed=seed)  # one fold would score each model on its own training cases
     out = Path(output_dir).resolve()
     configs = resolve_config_files(config_file)
     chosen = parse_fold_ids(fold_ids, folds)
@@ -232,10 +233,15 @@ def run_cv(
     if include_disjoint is None:
         include_disjoint = config_value(configs, overrides, "validate_disjoint", False)
     include_disjoint = as_bool(include_disjoint, "include_disjoint")
-    datalist_file = resolve_datalist(dataset_dir, datalist, str(out), folds=folds, seed=seed, **split)
+    datalist_file = resolve_datalist(
+        dataset_dir, datalist, str(out), folds=folds, seed=seed, empty_folds=False, **split
+    )
     declared = json.loads(Path(datalist_file).read_text()).get("num_folds")
     if declared is not None and int(declared) != folds:
         raise DataError(f"{datalist_file}: the datalist has {declared} folds, not --folds {folds}")
+    for k in chosen:  # every fold trains on some cases and is scored on others, before the first one trains
+        select_cases(datalist=datalist_file, fold=k, split="train")
+        select_cases(datalist=datalist_file, fold=k, split="val")
     holdout = select_cases(datalist=datalist_file, split="holdout")
     rows: list[dict] = []
     holdout_rows: list[dict] = []

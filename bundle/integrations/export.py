@@ -56,6 +56,7 @@ import yaml
 
 from bundle.errors import OptionError
 from bundle.networks import M4UNet
+from bundle.options import folder_problem
 from bundle.paths import BUNDLE_ROOT
 from bundle.plan.checkpoints import MODEL_KEY, RECORD_KEY, CheckpointError, load_checkpoint, record_file
 from bundle.plan.network import input_divisors, network_data_format, network_from_spec
@@ -238,7 +239,8 @@ def check_destination(out: Path, archive: Path | None = None) -> bool:
     The export writes a new folder, or replaces a folder only when everything in it was written by an
     earlier export (its :data:`EXPORT_MARKER` lists the files; Python's byte-code caches aside). Never the
     folder the user stands in or one holding it, never this repository or a folder it copies from, never a
-    file. ``archive`` (with ``--zip``): ``<output>.zip`` is replaced only if the earlier export wrote it.
+    file, nor a folder one cannot write in. ``archive`` (with ``--zip``): ``<output>.zip`` is replaced only
+    if the earlier export wrote it.
     """
     where = f"--output {out}"
     cwd = Path.cwd().resolve()
@@ -250,6 +252,10 @@ def check_destination(out: Path, archive: Path | None = None) -> bool:
     marker: dict[str, Any] | None = None
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OptionError(f"{where}: is a file or a link, not a folder; choose a new folder")
+    # the export is assembled beside it and renamed into place: a read-only mount stops it before any work
+    problem = folder_problem(out.parent, "the folder of the export")
+    if problem:
+        raise OptionError(f"--output {out}: {problem}")
     if out.is_dir() and any(out.iterdir()):
         marker = _read_marker(out)
         if marker is None:
@@ -291,10 +297,10 @@ def export(
     """
     out = Path(output).resolve()
     source = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
+    archive = out.with_name(f"{out.name}.zip") if zip else None
+    replacing = check_destination(out, archive)  # the options first, as every command checks them
     if not source.is_file():
         raise CheckpointError(f"{source}: checkpoint does not exist (train one first, or pass --checkpoint)")
-    archive = out.with_name(f"{out.name}.zip") if zip else None
-    replacing = check_destination(out, archive)
     made_parents = [p for p in reversed(out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))

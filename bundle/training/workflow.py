@@ -38,6 +38,7 @@ from monai.data.utils import json_hashing, set_rnd
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.transforms import Compose
 
+from bundle.atomic import process_is_running, write_error
 from bundle.options import as_bool
 from bundle.plan import ModelPlan
 
@@ -488,7 +489,9 @@ class AtomicDiskSaver(DiskSaver):
                 if old != name:
                     (self.dirname / old).unlink(missing_ok=True)
             for leftover in self.dirname.glob(f".{glob.escape(name)}.*.tmp"):  # of a write that was killed
-                leftover.unlink(missing_ok=True)
+                pid = leftover.name[len(name) + 2 : -len(".tmp")]
+                if pid.isdigit() and not process_is_running(int(pid)):  # never another run's write in progress
+                    leftover.unlink(missing_ok=True)
         self._pending_removal.clear()
 
     def remove(self, filename: str) -> None:
@@ -504,9 +507,12 @@ class AtomicDiskSaver(DiskSaver):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
-            raise
+            error = write_error(path, err)  # a full disk: one sentence, not PyTorch's "unexpected pos"
+            if error is None:
+                raise
+            raise error from err
         folder = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)  # the rename itself survives a power cut

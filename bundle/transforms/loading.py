@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,11 @@ from monai.transforms.io.array import SUPPORTED_READERS
 from monai.transforms.traits import ThreadUnsafe
 from monai.utils import ensure_tuple
 
+from bundle.constants import MODALITIES, MSD_CHANNEL_ORDER
 from bundle.data import case_of_image, check_case, image_reader, load_nifti
 from bundle.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
@@ -81,7 +86,7 @@ class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
         key = self.case_image_key
         if key is not None and isinstance(d.get(key), (str, PathLike)):
             case = case_of_image(d[key])
-            check_case(case, check_labels=False)
+            check_case(case, check_labels=False, decode=False)  # the voxels are checked as they load, below
             d[key], d[self.layout_key] = case.image, case.layout
         sources = dict(d)
         for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
@@ -95,6 +100,7 @@ class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
                     raise KeyError(f"Metadata with key {meta_key} already exists and overwriting=False.")
                 d[meta_key] = loaded[1]
             _refuse_non_finite(d[key], sources[key])
+            _check_brain(d[key], sources[key], d.get("case_id"))
         return d
 
 
@@ -114,6 +120,36 @@ def _refuse_non_finite(image: Any, source: Any) -> None:
         raise DataError(f"{files[index]}: {bad[index]} of {finite[index].numel()} voxels are not finite (NaN or Inf)")
     count = int((~finite).sum())
     raise DataError(f"{', '.join(map(str, files))}: {count} of {finite.numel()} voxels are not finite (NaN or Inf)")
+
+
+def _check_brain(image: Any, source: Any, case_id: Any = None) -> None:
+    """A case's image: warn of a modality of zeros (naming its file), refuse a case without any voxel above 0.
+
+    The case checks say the same of the files (:func:`bundle.data.check_case`); inference, which decodes
+    each file once, says it here. A one-channel image (a label map) is not checked.
+    """
+    array = torch.as_tensor(image)
+    if array.ndim < 4 or array.shape[0] < 2:
+        return
+    files = [str(f) for f in source] if isinstance(source, (list, tuple)) else [str(source)]
+    modalities = MODALITIES if len(files) == len(MODALITIES) == array.shape[0] else MSD_CHANNEL_ORDER
+    case = case_id or Path(files[0]).parent.name
+    for channel, modality in enumerate(modalities[: array.shape[0]]):
+        if not bool(array[channel].any()):
+            path = files[channel] if len(files) == array.shape[0] else files[0]
+            logger.warning(
+                "%s: every voxel of this %s volume is 0 (an empty or failed export?); case %s goes on with a blank %s",
+                path,
+                modality,
+                case,
+                modality,
+            )
+    if not bool((array > 0).any()):
+        where = files[0] if len(files) == 1 else str(Path(files[0]).parent)
+        raise DataError(
+            f"{where}: no voxel of any modality of case {case} is above 0, so its brain mask (the voxels "
+            "above 0) is empty and there is nothing to segment"
+        )
 
 
 #: NibabelReader's own arguments; any other keyword would go to nibabel.load, which is not called for .nii.gz
