@@ -386,3 +386,193 @@ def check_command_flags(command: str, function: Callable[..., Any], args: Sequen
             if near
             else f"unknown option --{name}; {command} takes {listed}"
         )
+
+
+# -------------------------------------------------------------------------------- config keys
+
+#: the arguments of ``monai.bundle run`` (and of the workflow it creates) that are no config key
+RUN_ARGUMENTS = (
+    "run_id",
+    "init_id",
+    "final_id",
+    "meta_file",
+    "config_file",
+    "logging_file",
+    "tracking",
+    "args_file",
+    "workflow_name",
+    "workflow_type",
+    "properties_path",
+)
+
+
+#: keys of earlier versions -> the keys that replaced them (a hint, where the configs have one)
+RENAMED_KEYS = {
+    "roi_size": ("patch_size", "window"),  # training patch in train.yaml, window in inference.yaml
+    "val_roi_size": ("window",),
+    "inference_roi_size": ("window",),
+    "slice_size": ("patch_size", "window"),
+    "train_config": ("config_file",),
+}
+
+
+def check_config_keys(config_files: str | Sequence[str], keys: Sequence[str], where: str | None = None) -> None:
+    """Refuse an override key that none of ``config_files`` defines: one sentence with the closest key.
+
+    MONAI's ``ConfigParser.update`` adds an unknown key as a new one, which nothing reads: ``--ttta false``
+    ran with TTA, ``--epoch 1`` ran the demo's 40 epochs. A key ``a#b#c`` must exist down to its last
+    part; the last part may be new only as an argument of a component (a block with ``_target_``) whose
+    callable takes it. Below a reference, an expression or a macro (``@x``, ``$...``, ``%file#x``) the
+    structure is only known when the config runs, so such a key is accepted. ``where`` names the configs
+    in the sentence (default: the files' names).
+    """
+    from monai.bundle import ConfigParser
+
+    files = [config_files] if isinstance(config_files, (str, Path)) else list(config_files)
+    parser = ConfigParser()
+    parser.read_config(f=[str(f) for f in files])
+    config = parser.get()
+    where = where or " + ".join(_config_name(f) for f in files)
+    for key in keys:
+        if str(key) in RUN_ARGUMENTS:
+            continue
+        problem = _key_problem(config, str(key))
+        if problem is None:
+            continue
+        detail, prefix, known = problem
+        name = str(key).split("#")[len(prefix)]
+        renamed = [k for k in RENAMED_KEYS.get(name, ()) if k in known] if not prefix else []
+        near = renamed[0] if renamed else closest(name, known)
+        hint = f"; did you mean --{'#'.join([*prefix, near])}?" if near else ""
+        raise OptionError(f"--{key}: not a key of {where} ({detail or 'it would be ignored'}){hint}")
+
+
+def _config_name(path: str | Path) -> str:
+    """A config file as the docs name it: relative to the bundle's folder when inside it."""
+    from bundle.paths import BUNDLE_ROOT
+
+    path = Path(path).resolve()
+    return str(path.relative_to(BUNDLE_ROOT)) if path.is_relative_to(BUNDLE_ROOT) else str(path)
+
+
+def _key_problem(config: Any, key: str) -> tuple[str, list[str], list[str]] | None:
+    """``None`` when ``key`` (``a#b#c``) names something in ``config``, or may; else why not.
+
+    The reason is a clause ("" at the top level), with the parts that matched and the names known where
+    matching stopped (for the closest-name hint).
+    """
+    parts = key.split("#")
+    node = config
+    for depth, part in enumerate(parts):
+        prefix, parent = parts[:depth], "#".join(parts[:depth])
+        if isinstance(node, str) and node[:1] in ("@", "$", "%"):
+            return None  # resolved when the config runs
+        if isinstance(node, Mapping):
+            if part in node:
+                node = node[part]
+                continue
+            known = [str(k) for k in node]
+            if depth == 0:
+                return "", prefix, known
+            arguments = _arguments(node.get("_target_"))
+            if arguments is None or (depth == len(parts) - 1 and part in arguments):
+                return None  # a new argument of a component that takes it, or may
+            known += [a for a in arguments if a not in known and not a.startswith("_")]
+            return f"{parent} has no key or argument {part!r}", prefix, known
+        if isinstance(node, list):
+            if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+                node = node[int(part)]
+                continue
+            return f"{parent} is a list of {len(node)} item(s)", prefix, []
+        return f"{parent} is a value, with no keys", prefix, []
+    return None
+
+
+def _arguments(target: Any) -> list[str] | None:
+    """The arguments the component ``target`` (a class or function name as configs give it) takes.
+
+    ``None``: it may take any (no component, ``**kwargs`` all the way, or a target that cannot be found
+    here: an expression, a name resolved only at run time). A class whose ``__init__`` passes ``**kwargs``
+    on is read with its bases' (``M4UNet`` -> ``DynUNet``).
+    """
+    import pydoc
+
+    from monai.bundle.config_item import ComponentLocator
+
+    if not isinstance(target, str) or target[:1] in ("@", "$", "%"):
+        return None
+    module = ComponentLocator().get_component_module_name(target)
+    component = pydoc.locate(f"{module}.{target}" if isinstance(module, str) else target)
+    if component is None:
+        return None
+    if isinstance(component, type):
+        functions = [c.__init__ for c in component.__mro__ if "__init__" in vars(c)]
+    else:
+        functions = [component]
+    names: list[str] = []
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            return None  # no signature (a builtin): the config itself will say
+        names += [n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return [n for n in dict.fromkeys(names) if n != "self"]
+    return None
+
+
+def check_command_line_keys(argv: Sequence[str] | None = None) -> None:
+    """Under ``python -m monai.bundle run``, refuse a ``--key`` that no config given to it defines.
+
+    A step of each config's ``initialize`` calls this: ``monai.bundle run`` hands the configs no list
+    of what the user typed, so the keys are read from ``sys.argv`` (and ``--args_file``) as Fire reads
+    them (``--key value``, ``--key=value``, dashes as underscores). Under any other program (a test, a
+    notebook, ``python -m bundle``, whose commands check their own ``**overrides``) this does nothing.
+    """
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not _is_monai_bundle_main(argv[0]) or argv[1:2] != ["run"]:
+        return
+    given = _fire_keywords(argv[2:])
+    args_file = given.get("args_file")
+    from_file: dict[str, Any] = {}
+    if args_file:
+        from monai.bundle import ConfigParser
+
+        from_file = dict(ConfigParser.load_config_files(str(args_file)))
+    config_file = given.get("config_file", from_file.get("config_file"))
+    if not config_file:
+        return  # MONAI itself refuses a run without configs
+    keys = [k for k in [*given, *from_file] if k not in RUN_ARGUMENTS]
+    check_config_keys(config_file, keys)
+
+
+def _is_monai_bundle_main(program: str) -> bool:
+    """Whether ``program`` (``sys.argv[0]``) is ``monai/bundle/__main__.py``, as ``python -m monai.bundle`` runs."""
+    import monai.bundle
+
+    path = Path(program)
+    return path.name == "__main__.py" and path.resolve().parent == Path(monai.bundle.__file__).resolve().parent
+
+
+def _fire_keywords(args: Sequence[str]) -> dict[str, Any]:
+    """The ``--key value`` pairs of a Fire command line, values parsed as Fire parses them."""
+    from fire.parser import DefaultParseValue
+
+    keywords: dict[str, Any] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if arg == "--":
+            break
+        if not arg.startswith("--") or len(arg) == 2:
+            continue  # a positional value (the run id) or a negative number
+        name, equals, value = arg[2:].partition("=")
+        if not equals:
+            has_value = index < len(args) and not args[index].startswith("--")
+            value = args[index] if has_value else "True"
+            index += has_value
+        keywords[name.replace("-", "_")] = DefaultParseValue(value)
+    return keywords

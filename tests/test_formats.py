@@ -255,9 +255,9 @@ def test_the_files_of_one_case_as_docs_ecosystem_md_types_them(
     for modality, suffix in zip(MODALITIES, (".nrrd", ".nrrd", ".nrrd", ".mha"), strict=True):
         convert_with_itk(source / f"BraTS2021_00001_{modality}.nii.gz", patient / f"{modality}{suffix}")
     files = ["t1.nrrd", "t1ce.nrrd", "t2.nrrd", "flair.mha"]
-    settings = ["--checkpoint", str(tiny_checkpoint), "--roi_size", "[16,16,16]", "--tta", "false"]
+    settings = ["--checkpoint", str(tiny_checkpoint), "--window", "[16,16,16]", "--tta", "false"]
     (expected,) = infer(
-        str(source), output=str(tmp_path / "nifti"), checkpoint=str(tiny_checkpoint), roi_size=[16] * 3, tta=False
+        str(source), output=str(tmp_path / "nifti"), checkpoint=str(tiny_checkpoint), window=[16] * 3, tta=False
     )
     monkeypatch.chdir(patient)  # the documented command names the files relative to the case's folder
     written = [
@@ -277,7 +277,7 @@ def test_the_files_of_one_case_as_docs_ecosystem_md_types_them(
         input_files=absolute,
         output_dir=str(patient / "out_monai"),
         checkpoint=str(tiny_checkpoint),
-        roi_size=[16, 16, 16],
+        window=[16, 16, 16],
         tta="false",
     )
     written.append([str(patient / "out_monai" / "Patient_7_seg.nii.gz")])

@@ -759,3 +759,142 @@ def test_device_cuda_without_cuda_is_one_sentence_for_inference_too(
         )
     assert str(find_user_error(info.value)).startswith(sentence)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ unknown config keys, with the closest one
+
+
+@pytest.mark.parametrize(
+    ("configs", "key", "sentence"),
+    [
+        (
+            ["inference.yaml"],
+            "ttta",
+            "--ttta: not a key of configs/inference.yaml (it would be ignored); did you mean --tta?",
+        ),
+        (
+            ["train.yaml", "demo.yaml"],
+            "epoch",
+            "--epoch: not a key of configs/train.yaml + configs/demo.yaml (it would be ignored);"
+            " did you mean --epochs?",
+        ),
+        (["train.yaml"], "tta", "--tta: not a key of configs/train.yaml (it would be ignored)"),
+        (
+            ["train.yaml"],
+            "loss_factory#loss#lamda_dice",
+            "--loss_factory#loss#lamda_dice: not a key of configs/train.yaml (loss_factory#loss has no key or"
+            " argument 'lamda_dice'); did you mean --loss_factory#loss#lambda_dice?",
+        ),
+        (
+            ["train.yaml"],
+            "network_factory#dropuot",
+            "--network_factory#dropuot: not a key of configs/train.yaml (network_factory has no key or argument"
+            " 'dropuot'); did you mean --network_factory#dropout?",
+        ),
+        (
+            ["train.yaml"],
+            "optimizer_factory#momentum",
+            "--optimizer_factory#momentum: not a key of configs/train.yaml"
+            " (optimizer_factory has no key or argument 'momentum')",
+        ),
+        (
+            ["train.yaml"],
+            "patch_size#3",
+            "--patch_size#3: not a key of configs/train.yaml (patch_size is a list of 3 item(s))",
+        ),
+        (
+            ["train.yaml"],
+            "epochs#max",
+            "--epochs#max: not a key of configs/train.yaml (epochs is a value, with no keys)",
+        ),
+    ],
+)
+def test_a_key_no_config_defines_is_one_sentence_with_the_closest(configs: list[str], key: str, sentence: str) -> None:
+    with pytest.raises(OptionError) as info:
+        bundle.options.check_config_keys([str(CONFIGS / name) for name in configs], [key])
+    assert str(info.value) == sentence
+
+
+@pytest.mark.parametrize(
+    ("configs", "key"),
+    [
+        (["inference.yaml"], "tta"),
+        (["train.yaml"], "epochs"),
+        (["train.yaml"], "patch_size#0"),
+        (["train.yaml"], "loss_factory#loss#lambda_dice"),  # an existing argument
+        (["train.yaml"], "network_factory#dropout"),  # a new argument M4UNet passes on to DynUNet
+        (["train.yaml"], "optimizer_factory#amsgrad"),  # a new argument of torch.optim.Adam
+        (["train.yaml"], "intensity_transform#zscore#nonzero"),
+        (["train.yaml", "variants/m3_resse_lka_unet.yaml"], "clahe"),  # a variant's own key
+        (["train.yaml", "train_2d.yaml"], "slices_per_volume"),
+        (["inference.yaml", "evaluate.yaml"], "lesion_wise"),
+        (["train.yaml"], "config_file"),  # monai.bundle run's own arguments
+    ],
+)
+def test_keys_the_configs_define_or_their_components_take_pass(configs: list[str], key: str) -> None:
+    bundle.options.check_config_keys([str(CONFIGS / name) for name in configs], [key])
+
+
+def test_monai_bundle_run_command_line_keys_are_read_as_fire_reads_them(tmp_path: Path) -> None:
+    """sys.argv of ``python -m monai.bundle run``: ``--k v``, ``--k=v``, dashes, ``--args_file``; elsewhere nothing."""
+    main = str(Path(monai.bundle.__file__).parent / "__main__.py")
+    files = "['configs/train.yaml','configs/demo.yaml']"
+    check = bundle.options.check_command_line_keys
+    with pytest.raises(OptionError, match=r"^--epoch: .*did you mean --epochs\?$"):
+        check([main, "run", "training", "--config_file", files, "--epoch", "1"])
+    with pytest.raises(OptionError, match=r"^--epoch: "):
+        check([main, "run", "training", f"--config_file={files}", "--epoch=1"])
+    with pytest.raises(OptionError, match=r"^--ttta: .*did you mean --tta\?$"):
+        check([main, "run", "--config-file", "configs/inference.yaml", "--amp", "--ttta", "false"])
+    check([main, "run", "training", "--config_file", files, "--epochs", "1", "--val-interval", "2", "--amp"])
+    args_file = tmp_path / "args.yaml"
+    args_file.write_text(f"config_file: {files}\nepohcs: 3\n")
+    with pytest.raises(OptionError, match=r"^--epohcs: .*did you mean --epochs\?$"):
+        check([main, "run", "training", "--args_file", str(args_file)])
+    check(["pytest", "run", "--config_file", files, "--epoch", "1"])  # not monai.bundle: its caller checks
+
+
+EPOCH_SENTENCE = (
+    "--epoch: not a key of configs/train.yaml + configs/demo.yaml (it would be ignored); did you mean --epochs?"
+)
+
+
+def test_unknown_keys_stop_every_command_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """``--ttta false`` ran with TTA and ``--epoch 1`` the demo's 40 epochs: now one sentence, nothing made."""
+    case, checkpoint = _tiny_case_and_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    infer = ["infer", str(case), "--output", str(out), "--checkpoint", str(checkpoint), "--ttta", "false"]
+    assert _main(monkeypatch, capsys, infer) == (
+        "error: --ttta: not a key of configs/inference.yaml (it would be ignored); did you mean --tta?"
+    )
+    evaluate = ["evaluate", "--truth", str(case.parent), "--checkpoint", str(checkpoint), "--output_dir", str(out)]
+    assert _main(monkeypatch, capsys, [*evaluate, "--lesion-wsie", "false"]).startswith(
+        "error: --lesion_wsie: not a key of configs/inference.yaml + configs/evaluate.yaml (it would be ignored);"
+        " did you mean --lesion_wise?"
+    )
+    demo = "['configs/train.yaml','configs/demo.yaml']"
+    train = ["train", "--config_file", demo, "--output_dir", str(out), "--epoch", "1"]
+    sentence = "error: " + EPOCH_SENTENCE
+    assert _main(monkeypatch, capsys, train) == sentence
+    cv = ["cv", "--config_file", demo, "--folds", "2", "--dataset_dir", str(case.parent), "--output_dir", str(out)]
+    assert _main(monkeypatch, capsys, [*cv, "--epoch", "1"]) == sentence
+    assert not out.exists()
+
+
+def test_monai_bundle_run_stops_on_an_unknown_key_with_one_sentence(tmp_path: Path) -> None:
+    """The whole command as users type it: exit 1, the sentence last, no traceback, no folder."""
+    out = tmp_path / "out"
+    args = ["-m", "monai.bundle", "run", "training", "--config_file", "['configs/train.yaml','configs/demo.yaml']"]
+    result = subprocess.run(
+        [sys.executable, *args, "--output_dir", str(out), "--epoch", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == ("error: " + EPOCH_SENTENCE)
+    assert not out.exists()

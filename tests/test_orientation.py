@@ -116,7 +116,7 @@ def test_orientations_round_trip_through_python_m_bundle_infer(tmp_path: Path, o
     checkpoint = _checkpoint(tmp_path / "model.pt", TINY_NET)
     out = tmp_path / "out"
     args = ["infer", str(data), "--output", str(out), "--checkpoint", str(checkpoint), "--tta", "false"]
-    fire.Fire(COMMANDS, command=[*args, "--roi_size", WINDOW, *THRESHOLDS])
+    fire.Fire(COMMANDS, command=[*args, "--window", WINDOW, *THRESHOLDS])
     _check_round_trip(data, out, orientations, reference)
 
 
@@ -135,7 +135,7 @@ def test_permuted_orientations_through_monai_bundle_run(tmp_path: Path, monkeypa
         checkpoint=str(checkpoint),
         tta="false",
         save_probabilities="true",
-        roi_size=[32, 32, 24],
+        window=[32, 32, 24],
         **{k.lstrip("-"): float(v) for k, v in zip(THRESHOLDS[::2], THRESHOLDS[1::2], strict=True)},
     )
     _check_round_trip(data, out, orientations, "RAS")
@@ -161,7 +161,7 @@ def test_a_whole_real_case_in_permuted_orientations(tmp_path: Path) -> None:
     checkpoint = _checkpoint(tmp_path / "model.pt", TINY_NET)
     out = tmp_path / "out"
     args = ["infer", str(data), "--output", str(out), "--checkpoint", str(checkpoint), "--tta", "false"]
-    fire.Fire(COMMANDS, command=[*args, "--roi_size", "[96,96,96]", *THRESHOLDS])
+    fire.Fire(COMMANDS, command=[*args, "--window", "[96,96,96]", *THRESHOLDS])
     _check_round_trip(data, out, orientations, "LPS", suffix=".nii")
 
 

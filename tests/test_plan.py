@@ -162,10 +162,12 @@ def test_resume_applies_a_new_learning_rate_and_refuses_another_network(
     logged = capsys.readouterr().out  # configs/logging.conf, which the workflow installs, logs to stdout
     assert "resume: learning_rate 0.001 -> 0.5 (applied to the restored optimizer)" in logged
     assert workflow.parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 0.5
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
     with pytest.raises(Exception) as raised:
         _train(tmp_path, tiny_demo, resume="true", epochs=3, **{"network_factory#filters": [4, 8, 16, 32, 32]})
     message = str(find_user_error(raised.value))
     assert message.startswith("resume: the checkpoint was trained with another network than this config gives")
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == before  # no new TensorBoard pair, no file
 
 
 def test_what_a_plan_cannot_hold_by_value_is_one_sentence() -> None:

@@ -160,7 +160,7 @@ def test_training_records_the_checked_recipe_and_refuses_a_bad_one(tmp_path: Pat
     parser["inference_recipe#et_min_volume"] = -3
     parser["network_factory#filters"] = [4, 8, 8, 8, 8, 8]
     parser["device"] = "$torch.device('cpu')"
-    step = parser["initialize"].index("@model_plan")
+    step = next(i for i, s in enumerate(parser["initialize"]) if "check_resume(@model_plan" in str(s))
     with pytest.raises(RuntimeError) as raised:
         parser.get_parsed_content(f"initialize#{step}")
     assert str(find_user_error(raised.value)).startswith("inference_recipe#et_min_volume: -3 is not a whole number")
@@ -274,6 +274,34 @@ def test_bundle_infer_takes_a_variants_recipe_from_config_file(tmp_path: Path) -
     variant.write_text("inference_recipe: [tta]\n")
     with pytest.raises(OptionError, match="inference_recipe is not a block of keys"):
         variant_recipe(variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.stem for v in VARIANTS])
+def test_python_m_bundle_infer_config_file_works_for_every_variant(
+    variant: Path, case: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``python -m bundle infer CASE --config_file configs/variants/X.yaml`` (issue: KeyError network_factory).
+
+    A checkpoint of the variant's kind (its output type, 2-D or 3-D) segments the case with the
+    variant's recipe, read through Fire and the command's entry point as users type it.
+    """
+    import yaml
+
+    from bundle.integrations.cli import main
+
+    content = yaml.safe_load(variant.read_text())
+    output_type = content.get("output_type", "regions")
+    network = content.get("network_factory", {})
+    dims = network.get("spatial_dims", content.get("network_factory#spatial_dims", 3))
+    checkpoint = _checkpoint(tmp_path / "model.pt", output_type, variant_recipe(variant), dims)
+    out = tmp_path / "out"
+    argv = ["bundle", "infer", str(case), "--output", str(out), "--checkpoint", str(checkpoint), "--amp", "false"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--config_file", f"configs/variants/{variant.name}"])
+    with caplog.at_level(logging.INFO, logger="bundle.inference.run"):
+        main()
+    assert f"running the inference recipe of {CONFIGS / 'variants' / variant.name}" in caplog.text
+    seg = np.asarray(nib.load(out / "Case_001_seg.nii.gz").dataobj)
+    assert seg.shape == nib.load(next(case.glob("*_t1.nii.gz"))).shape and seg.any()
 
 
 # ------------------------------------------------------------------------------------ end to end

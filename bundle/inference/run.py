@@ -29,7 +29,7 @@ from bundle.errors import DataError, OptionError, find_user_error
 from bundle.inference.gate import GatedSliceInferer, SliceGate
 from bundle.inference.inferers import FlipTTAInferer, ResizedSliceInferer
 from bundle.inference.writers import AtomicSaveImaged
-from bundle.options import as_bool, folder_problem
+from bundle.options import as_bool, check_config_keys, folder_problem
 from bundle.paths import BUNDLE_ROOT, output_path, resolve_config_files, working_directory
 from bundle.plan.network import inference_window, spatial_dims
 from bundle.plan.recipes import RULE_KEYS, STEPS
@@ -368,6 +368,7 @@ def infer(
         logger.info("running the inference recipe of %s", variants[0])
     if not configs:
         configs = resolve_config_files(["configs/inference.yaml"])
+    check_config_keys(configs, list(overrides))  # e.g. --ttta: one sentence, not a run with TTA
     settings.update(overrides)
     with working_directory(BUNDLE_ROOT), _unwrapped_data_errors():
         workflow = ConfigWorkflow(config_file=configs, workflow_type="inference", **settings)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.errors import OptionError
-from bundle.options import as_bool, check_command_flags, check_options
+from bundle.options import as_bool, check_command_flags, check_config_keys, check_options
 from bundle.paths import BUNDLE_ROOT, LOGGING_CONF, resolve_config_files
 
 
@@ -66,6 +66,7 @@ def train(config_file: str | list[str] = "configs/train.yaml", **overrides: Any)
     """Run ``monai.bundle run training`` in-process with optional ``--key value`` overrides."""
     from monai.bundle import run
 
+    check_config_keys(resolve_config_files(config_file), list(overrides))
     run("training", config_file=resolve_config_files(config_file), logging_file=str(LOGGING_CONF), **overrides)
 
 

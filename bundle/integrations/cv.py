@@ -37,7 +37,7 @@ from bundle.evaluation.files import case_id_from_path, read_metrics_csv, write_m
 from bundle.evaluation.handlers import spacing_of
 from bundle.evaluation.metrics import evaluate_case
 from bundle.evaluation.reports import SUMMARY_METRICS, metric_table, save_evaluation, summarize
-from bundle.options import as_bool, check_options
+from bundle.options import as_bool, check_config_keys, check_options
 from bundle.paths import BUNDLE_ROOT, LOGGING_CONF, resolve_config_files
 
 logger = logging.getLogger(__name__)
@@ -226,6 +226,7 @@ def run_cv(
     check_options("cv", folds=folds, seed=seed)  # one fold would score each model on its own training cases
     out = Path(output_dir).resolve()
     configs = resolve_config_files(config_file)
+    check_config_keys(configs, list(overrides))  # a key no config reads would be ignored by every fold
     chosen = parse_fold_ids(fold_ids, folds)
     # one datalist for every fold: folds trained in separate calls still share the split, with the
     # hold-out and subset the config stack asks for (train.yaml: 20 % held out; M3: a 10 % subset)

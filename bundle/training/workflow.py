@@ -39,6 +39,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.transforms import Compose
 
 from bundle.atomic import process_is_running, write_error
+from bundle.errors import OptionError
 from bundle.options import as_bool
 from bundle.plan import ModelPlan
 
@@ -94,6 +95,26 @@ def latest_checkpoint(directory: str | Path, prefix: str = "checkpoint") -> Path
     if not found:
         raise FileNotFoundError(f"{directory}: no {prefix}_*epoch=N.pt checkpoint to resume from")
     return max(found)[1]
+
+
+def check_resume(plan: ModelPlan, directory: str | Path, resume: Any = False) -> ModelPlan:
+    """With ``resume``: refuse, in ``initialize``, a run that cannot resume from ``directory``; return ``plan``.
+
+    A folder without a checkpoint, or one whose checkpoint records another model than this run's plan
+    (:meth:`ModelPlan.load_state_dict`), is one sentence before any case is read and before the trainer
+    and its handlers exist: refused at :func:`resume_training`, the TensorBoard handler had already
+    written a new, empty events file into the user's run folder. Only the checkpoint's plan is read.
+    """
+    if not as_bool(resume, "resume"):
+        return plan
+    try:
+        path = latest_checkpoint(directory)
+    except FileNotFoundError as err:
+        raise OptionError(f"resume: {err}; train without --resume, or give the output_dir of the run") from None
+    record = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("model_record")
+    if record is not None:  # an older checkpoint without a plan is compared at resume_training
+        plan.load_state_dict(record)
+    return plan
 
 
 def resume_training(engine: Any, directory: str | Path, load_dict: dict[str, Any], resume: Any = True) -> Path | None:
