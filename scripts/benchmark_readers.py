@@ -2,7 +2,7 @@
 
 The question it answers: should NIfTI move to ITK now that ITK reads NRRD, MetaImage and DICOM?
 Each real case of ``--samples`` is loaded as training and inference load it
-(``bundle.transforms.ThreadUnsafeLoadImaged``, channel first), from NIfTI with each reader, and from
+(``bundle.transforms.LoadCaseImaged``, channel first), from NIfTI with each reader, and from
 the same case converted with ITK to NRRD and MetaImage (``.mha``, gzip-compressed as Slicer writes).
 Readers alternate within every repetition, so a busy machine slows all of them alike; the median
 per case is reported. Prints a Markdown table and writes ``results.json``.
@@ -24,7 +24,7 @@ import torch
 from monai.data import ITKReader, NibabelReader
 
 from bundle.data import discover_cases
-from bundle.transforms import ThreadUnsafeLoadImaged
+from bundle.transforms import LoadCaseImaged
 
 
 def convert_case(item: dict, target: Path, suffix: str) -> dict:
@@ -40,7 +40,7 @@ def convert_case(item: dict, target: Path, suffix: str) -> dict:
     return {"image": [convert(p) for p in item["image"]], "label": convert(item["label"])}
 
 
-def load_seconds(loader: ThreadUnsafeLoadImaged, item: dict, reader: object | None) -> float:
+def load_seconds(loader: LoadCaseImaged, item: dict, reader: object | None) -> float:
     """Wall-clock seconds of one load of ``item``."""
     start = time.perf_counter()
     loaded = loader(dict(item), reader)
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output).resolve()
     cases = [c.to_item() for c in discover_cases(args.samples) if c.label]
-    loader = ThreadUnsafeLoadImaged(keys=["image", "label"], ensure_channel_first=True)
+    loader = LoadCaseImaged(keys=["image", "label"], ensure_channel_first=True)
     runs: dict[str, tuple[list[dict], object | None]] = {
         "NIfTI, NibabelReader (the bundle's choice)": (cases, NibabelReader()),
         "NIfTI, ITKReader": (cases, ITKReader()),

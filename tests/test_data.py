@@ -378,7 +378,7 @@ def _case_files(case_dir: Path) -> tuple[list[str], str]:
 
 
 def test_monai_nibabel_reader_shares_file_names_between_reads(brats2021_dir: Path) -> None:
-    """The MONAI behaviour ThreadUnsafeLoadImaged guards against: a read in between truncates an image.
+    """The MONAI behaviour LoadCaseImaged guards against: a read in between truncates an image.
 
     If this starts failing, MONAI's reader no longer keeps per-read state and the subclass is moot.
     """
@@ -397,17 +397,17 @@ def test_thread_unsafe_loader_gets_a_copy_per_threaded_call(monkeypatch: pytest.
     """MONAI's Compose deep-copies it when run threaded (as CacheDataset does), not otherwise."""
     from monai.transforms import Compose, LoadImaged
 
-    from bundle.transforms import ThreadUnsafeLoadImaged
+    from bundle.transforms import LoadCaseImaged
 
-    loader = ThreadUnsafeLoadImaged(keys="image")
+    loader = LoadCaseImaged(keys="image")
     assert isinstance(loader, LoadImaged)  # MONAI Label wraps it like MONAI's own
     called_on: list[object] = []
 
-    def record_instance(self: ThreadUnsafeLoadImaged, data: dict) -> dict:
+    def record_instance(self: LoadCaseImaged, data: dict) -> dict:
         called_on.append(self)
         return dict(data)
 
-    monkeypatch.setattr(ThreadUnsafeLoadImaged, "__call__", record_instance)
+    monkeypatch.setattr(LoadCaseImaged, "__call__", record_instance)
     pipeline = Compose([loader])
     pipeline({"image": "unused"}, threading=True)
     pipeline({"image": "unused"})

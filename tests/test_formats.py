@@ -28,7 +28,7 @@ from bundle.evaluation.reports import evaluate_folder
 from bundle.inference.run import infer
 from bundle.paths import BUNDLE_ROOT
 from bundle.plan.checkpoints import save_model
-from bundle.transforms import ThreadUnsafeLoadImaged
+from bundle.transforms import LoadCaseImaged
 
 ITK_FORMATS = (".nrrd", ".mha", ".mhd")
 SHAPE = (19, 16, 12)
@@ -63,7 +63,7 @@ def convert_dataset(source: Path, target: Path, suffix: str) -> Path:
 
 def load_case(item: dict) -> dict:
     """What training and inference load of a datalist item (the bundle's loader, channel first)."""
-    loader = ThreadUnsafeLoadImaged(keys=["image", "label"], ensure_channel_first=True, allow_missing_keys=True)
+    loader = LoadCaseImaged(keys=["image", "label"], ensure_channel_first=True, allow_missing_keys=True)
     return Compose([loader])(dict(item))
 
 

@@ -307,14 +307,14 @@ def test_fortran_order_writer_writes_monai_nibabel_writers_bytes(tmp_path, outpu
     import torch
     from monai.data import MetaTensor, NibabelWriter
 
-    from bundle.inference.writers import FortranOrderNibabelWriter
+    from bundle.inference.writers import NiftiWriter
 
     rng = np.random.default_rng(2)
     voxels = rng.integers(0, 4, size=(1, 23, 19, 11)).astype(np.float32)
     affine = torch.tensor([[-1.0, 0, 0, 30], [0, -1.2, 0, 20], [0, 0, 2.0, -5], [0, 0, 0, 1]])
     image = MetaTensor(torch.from_numpy(voxels), affine=affine, meta={"filename_or_obj": "case.nii.gz"})
     ours = AtomicSaveImaged("pred", output_dir=tmp_path, output_postfix="ours", output_dtype=output_dtype)
-    assert ours.saver.writers == (FortranOrderNibabelWriter,)
+    assert ours.saver.writers == (NiftiWriter,)
     monai = AtomicSaveImaged(
         "pred", output_dir=tmp_path, output_postfix="monai", output_dtype=output_dtype, writer=NibabelWriter
     )

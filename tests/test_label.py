@@ -252,7 +252,7 @@ def _serve_like_monai_label(config: dict[str, Any], image: str) -> dict[str, Any
     parser = ConfigParser(config)
     pre = parser.get_parsed_content("preprocessing")
     for transform in pre.transforms:
-        if type(transform).__name__ == "ThreadUnsafeLoadImaged":
+        if type(transform).__name__ == "LoadCaseImaged":
             transform._loader.image_only = False  # what MONAI Label sets
     data = pre({"image": image})
     network = parser.get_parsed_content("network_def").eval()

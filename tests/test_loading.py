@@ -32,9 +32,9 @@ from bundle.constants import MODALITIES
 from bundle.data import demo_affine, make_phantom
 from bundle.transforms import (
     ConcurrentNibabelReader,
-    FastNormalizeIntensityd,
     LabelsToRegionsd,
     ToInternalConventiond,
+    ZScoreIntensityd,
     is_positive_numpy,
 )
 
@@ -179,7 +179,7 @@ def bits(x) -> torch.Tensor:
 @pytest.mark.parametrize("channel_wise", [True, False])
 @pytest.mark.parametrize("source", ["int16", "float32", "numpy", "given_statistics", "all_zero", "constant"])
 def test_fast_normalize_is_monai_bit_for_bit(source: str, channel_wise: bool) -> None:
-    """FastNormalizeIntensityd gives MONAI's NormalizeIntensityd output to the last bit, metadata and dtype included."""
+    """ZScoreIntensityd gives MONAI's NormalizeIntensityd output to the last bit, metadata and dtype included."""
     rng = np.random.default_rng(3)
     volume = rng.normal(300.0, 120.0, size=(4, 23, 19, 17)).astype(np.float32)
     volume[:, :5] = 0.0  # background
@@ -203,7 +203,7 @@ def test_fast_normalize_is_monai_bit_for_bit(source: str, channel_wise: bool) ->
                 subtrahend=[1.0, 2.0, 3.0, 4.0] if channel_wise else 2.5, divisor=[2.0] * 4 if channel_wise else 2.0
             )
     copy = data.clone() if isinstance(data, torch.Tensor) else data.copy()
-    ours = FastNormalizeIntensityd("image", **kwargs)({"image": data})["image"]
+    ours = ZScoreIntensityd("image", **kwargs)({"image": data})["image"]
     monai = NormalizeIntensityd("image", **kwargs)({"image": copy})["image"]
     assert type(ours) is type(monai) and ours.dtype == monai.dtype and ours.shape == monai.shape
     assert torch.equal(bits(ours), bits(monai))
@@ -215,13 +215,13 @@ def test_fast_normalize_is_the_config_z_score() -> None:
     """Every method's z-score (train.yaml's intensity_transform, M3's) is the fast one."""
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "configs" / "train.yaml"))
-    assert parser.get_parsed_content("intensity_transform")["zscore"].func is FastNormalizeIntensityd
+    assert parser.get_parsed_content("intensity_transform")["zscore"].func is ZScoreIntensityd
     m3 = ConfigParser()
     m3.read_config(
         [str(REPO_ROOT / "configs" / f) for f in ("train.yaml", "train_2d.yaml", "variants/m3_resse_lka_unet.yaml")]
     )
     steps = m3.get_parsed_content("intensity_transform")
-    assert list(steps)[-1] == "zscore" and steps["zscore"].func is FastNormalizeIntensityd
+    assert list(steps)[-1] == "zscore" and steps["zscore"].func is ZScoreIntensityd
 
 
 @pytest.mark.parametrize("dtype", [torch.int16, torch.float32, torch.uint8])

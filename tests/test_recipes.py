@@ -113,8 +113,8 @@ def test_every_stack_plans_its_preprocessing_and_recipe_by_value(variant: Path) 
     intensity = [step["_target_"].rsplit(".", 1)[-1] for step in _planned(stack)["intensity"]]
     expected = {
         "m2_resunet_tversky": ["ScaleIntensityd"],
-        "m3_resse_lka_unet": ["ClipNonzeroPercentilesd", "FastNormalizeIntensityd"],
-    }.get(variant.stem, ["FastNormalizeIntensityd"])
+        "m3_resse_lka_unet": ["ClipNonzeroPercentilesd", "ZScoreIntensityd"],
+    }.get(variant.stem, ["ZScoreIntensityd"])
     assert intensity == expected
     if variant.stem == "m3_resse_lka_unet":  # CLAHE when asked for, with its numbers
         steps = _planned(stack, clahe="yes")["intensity"]
@@ -181,7 +181,7 @@ def test_a_2d_methods_training_config_records_its_recipe_and_preprocessing(metho
     intensity = [step["_target_"].rsplit(".", 1)[-1] for step in plan["preprocessing"]["intensity"]]
     assert (
         intensity
-        == {"m3": ["ClipNonzeroPercentilesd", "CLAHEd", "FastNormalizeIntensityd"], "m2": ["ScaleIntensityd"]}[method]
+        == {"m3": ["ClipNonzeroPercentilesd", "CLAHEd", "ZScoreIntensityd"], "m2": ["ScaleIntensityd"]}[method]
     )
     assert (
         plan["preprocessing"]["target"]
@@ -398,13 +398,13 @@ def test_m3_checkpoint_runs_one_pass_argmax_and_nothing_else_by_default(case: Pa
         parser.read_config(str(CONFIGS / "inference.yaml"))
         parser["checkpoint"] = str(path)
         names = [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms]
-        return [n for n in names if n in ("ClipNonzeroPercentilesd", "CLAHEd", "FastNormalizeIntensityd")]
+        return [n for n in names if n in ("ClipNonzeroPercentilesd", "CLAHEd", "ZScoreIntensityd")]
 
-    assert intensity_steps(checkpoint) == ["ClipNonzeroPercentilesd", "FastNormalizeIntensityd"]
+    assert intensity_steps(checkpoint) == ["ClipNonzeroPercentilesd", "ZScoreIntensityd"]
     # a model trained with CLAHE is preprocessed with it
     clahe = _planned([str(CONFIGS / f) for f in STACKS["m3"]], clahe=True)
     with_clahe = _checkpoint(tmp_path / "clahe.pt", "classes", M3, 2, clahe)
-    assert intensity_steps(with_clahe) == ["ClipNonzeroPercentilesd", "CLAHEd", "FastNormalizeIntensityd"]
+    assert intensity_steps(with_clahe) == ["ClipNonzeroPercentilesd", "CLAHEd", "ZScoreIntensityd"]
 
 
 def test_explicit_options_override_m3s_recipe(case: Path, tmp_path: Path) -> None:

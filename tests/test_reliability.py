@@ -27,7 +27,7 @@ from test_inference_config import TINY_NET, _checkpoint
 from bundle.data import generate_demo_dataset, make_datalist
 from bundle.errors import DataError, find_user_error
 from bundle.inference.run import infer
-from bundle.transforms import ThreadUnsafeLoadImaged
+from bundle.transforms import LoadCaseImaged
 
 CASE = "BraTS2021_00001"
 
@@ -181,7 +181,7 @@ def test_the_loader_refuses_non_finite_voxels_and_names_the_modality_file(tmp_pa
     case = write_brats_case(tmp_path, "Case", "brats2021", with_label=False)
     files = [str(case / f"Case_{m}.nii.gz") for m in ("t1", "t1ce", "t2", "flair")]
     _with_voxels(Path(files[2]), _nan_inf)
-    loader = ThreadUnsafeLoadImaged(keys="image", ensure_channel_first=True, image_only=True)
+    loader = LoadCaseImaged(keys="image", ensure_channel_first=True, image_only=True)
     with pytest.raises(DataError, match=r"Case_t2\.nii\.gz: 20 of 960 voxels are not finite \(NaN or Inf\)$"):
         loader({"image": files})
     _with_voxels(Path(files[2]), lambda d: d.fill(1.0))

@@ -40,7 +40,7 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True,
     is 0 is logged as a warning naming its file (the network would see it blank); a case with no voxel
     above 0 in any modality is an error, its brain mask (the voxels above 0) being empty. ``decode=False``
     checks the headers and label values only: inference decodes each image once, in its loader, which
-    makes the same voxel checks naming the file (:class:`bundle.transforms.ThreadUnsafeLoadImaged`).
+    makes the same voxel checks naming the file (:class:`bundle.transforms.LoadCaseImaged`).
     """
     if case.problems:
         raise DataError(case.problems[0])

@@ -2,7 +2,7 @@
 
 * :class:`AtomicSaveImaged` - MONAI's ``SaveImaged`` writing ``<case>_<postfix>.nii.gz`` through a hidden
   temporary file renamed when complete (a killed run never leaves a truncated result).
-* :class:`FortranOrderNibabelWriter` - MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's
+* :class:`NiftiWriter` - MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's
   own order (same bytes, fewer copies).
 * :class:`SlicerSegmentationWriter` - MONAI's ``ITKWriter`` writing a ``.seg.nrrd`` with Slicer's segment
   fields; :func:`slicer_segments` names and colours the segments of a label scheme.
@@ -51,7 +51,7 @@ class AtomicSaveImaged(SaveImaged):
     ) -> None:
         kwargs.setdefault("resample", False)  # Invertd already restored the input's grid
         if str(kwargs.get("output_ext", ".nii.gz")).lower() in (".nii", ".nii.gz"):
-            kwargs.setdefault("writer", FortranOrderNibabelWriter)
+            kwargs.setdefault("writer", NiftiWriter)
         kwargs.setdefault("print_log", False)
         super().__init__(keys, **kwargs)
         if writer_options:  # arguments of the writer class (e.g. SlicerSegmentationWriter's segments)
@@ -152,7 +152,7 @@ class GridAsGiven:
         )
 
 
-class FortranOrderNibabelWriter(GridAsGiven, NibabelWriter):
+class NiftiWriter(GridAsGiven, NibabelWriter):
     """MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's own (Fortran) order: the same file, faster.
 
     MONAI's writer gives nibabel a C-ordered array, which nibabel then writes slice by slice in

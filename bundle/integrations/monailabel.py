@@ -14,7 +14,7 @@ MONAI Label already uses (one 4-D image per case, MSD channel order). MONAI Labe
 the files at the top of one folder, one image per case, so a dataset becomes a *view*
 (:func:`prepare_studies`): ``WORK/studies/<case>.<ext>``, a link to the case's FLAIR, which is what a
 3D Slicer user sees. Inference and training follow the link back to the case folder and load its
-four modalities (``ThreadUnsafeLoadImaged(case_image_key=...)``); the dataset's own segmentations are
+four modalities (``LoadCaseImaged(case_image_key=...)``); the dataset's own segmentations are
 copied once to ``labels/final`` (links there would make MONAI Label write into the dataset). Labels
 are read and written in the dataset's values: BraTS 2021 1, 2, 4; BraTS 2023 1, 2, 3; MSD 1 ED,
 2 NCR, 3 ET.

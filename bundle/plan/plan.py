@@ -57,7 +57,7 @@ OUTPUT_CHANNELS: dict[str, tuple[str, ...]] = {
 M4_PREPROCESSING: dict[str, Any] = {
     "spacing": None,
     "salient_channel": False,
-    "intensity": [{"_target_": "bundle.transforms.FastNormalizeIntensityd", "nonzero": True, "channel_wise": True}],
+    "intensity": [{"_target_": "bundle.transforms.ZScoreIntensityd", "nonzero": True, "channel_wise": True}],
     "target": {"_target_": "bundle.transforms.LabelsToRegionsd"},
 }
 #: The parts of a plan a resumed training may not change: they define the model and its data.

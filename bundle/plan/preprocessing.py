@@ -32,8 +32,8 @@ from monai.transforms import (
 from bundle.plan.specs import build
 from bundle.transforms import (
     ConcurrentNibabelReader,
+    LoadCaseImaged,
     SalientMaskd,
-    ThreadUnsafeLoadImaged,
     ToInternalConventiond,
     is_positive_numpy,
 )
@@ -70,7 +70,7 @@ def preprocessing_transforms(
         with_label: load the label and turn it into the network's target (training, validation);
             ``False`` for inference, where there is none.
         case_image_key: MONAI Label's datastore lists one file per case: the key whose file stands for
-            its whole case (:class:`bundle.transforms.ThreadUnsafeLoadImaged`).
+            its whole case (:class:`bundle.transforms.LoadCaseImaged`).
     """
     preprocessing: Mapping[str, Any] = getattr(plan, "plan", plan)["preprocessing"]
     keys = [image_key, label_key] if with_label else [image_key]
@@ -78,7 +78,7 @@ def preprocessing_transforms(
     salient = bool(preprocessing.get("salient_channel"))
     steps: list[MapTransform] = [
         # each file's own type (int16 for BraTS) until the brain is cropped out, then float32 once, on the crop
-        ThreadUnsafeLoadImaged(
+        LoadCaseImaged(
             keys=keys,
             reader=ConcurrentNibabelReader(),
             ensure_channel_first=True,

@@ -69,7 +69,7 @@ def make_dataset(
         transform = transform.flatten()
     if cache == "memory":
         # Several caching threads need the loader declared ThreadUnsafe (train.yaml's
-        # bundle.transforms.ThreadUnsafeLoadImaged): a shared LoadImaged truncates images.
+        # bundle.transforms.LoadCaseImaged): a shared LoadImaged truncates images.
         return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, num_workers), progress=progress)
     if cache == "disk":
         if not cache_dir:

@@ -5,8 +5,8 @@ from bundle.transforms.brain import SalientMaskd, input_channel_names, is_positi
 from bundle.transforms.intensity import (
     CLAHEd,
     ClipNonzeroPercentilesd,
-    FastNormalizeIntensity,
-    FastNormalizeIntensityd,
+    ZScoreIntensity,
+    ZScoreIntensityd,
     clahe_slices,
     clip_nonzero_percentiles,
     opencv_to_skimage_clip_limit,
@@ -18,22 +18,22 @@ from bundle.transforms.labels import (
     ToInternalConventiond,
     map_label_values,
 )
-from bundle.transforms.loading import ConcurrentNibabelReader, ThreadUnsafeLoadImaged
+from bundle.transforms.loading import ConcurrentNibabelReader, LoadCaseImaged
 
 __all__ = [
     "CLAHEd",
     "ClipNonzeroPercentilesd",
     "ConcurrentNibabelReader",
-    "FastNormalizeIntensity",
-    "FastNormalizeIntensityd",
     "LabelsToRegions",
     "LabelsToRegionsd",
+    "LoadCaseImaged",
     "RandChannelGammad",
     "RandGaussianShiftIntensityd",
     "RegionsToDisjointd",
     "SalientMaskd",
-    "ThreadUnsafeLoadImaged",
     "ToInternalConventiond",
+    "ZScoreIntensity",
+    "ZScoreIntensityd",
     "clahe_slices",
     "clip_nonzero_percentiles",
     "input_channel_names",

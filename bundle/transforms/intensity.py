@@ -1,6 +1,6 @@
 """Intensity transforms MONAI's own do not cover: a faster z-score, M3's percentile clip and CLAHE.
 
-* :class:`FastNormalizeIntensityd` - MONAI's ``NormalizeIntensityd`` with a faster non-zero path on CPU
+* :class:`ZScoreIntensityd` - MONAI's ``NormalizeIntensityd`` with a faster non-zero path on CPU
   (numpy's gather, one ``torch.where`` write), bit-identical: the z-score of every method.
 * :class:`ClipNonzeroPercentilesd` (M3) - clip each modality to its [0.5, 99.5] percentiles over
   *non-zero* voxels. MONAI's ``ClipIntensityPercentilesd`` takes percentiles over all voxels (on a
@@ -28,7 +28,7 @@ from monai.transforms import (
 from monai.utils import convert_data_type, convert_to_dst_type
 
 
-class FastNormalizeIntensity(NormalizeIntensity):
+class ZScoreIntensity(NormalizeIntensity):
     """MONAI's ``NormalizeIntensity`` with a faster non-zero path on CPU tensors; the same voxels, bit for bit.
 
     With ``nonzero=True`` and the statistics computed from the image, MONAI gathers the non-zero
@@ -61,13 +61,13 @@ class FastNormalizeIntensity(NormalizeIntensity):
         return img
 
 
-class FastNormalizeIntensityd(NormalizeIntensityd):
-    """MONAI's ``NormalizeIntensityd`` computed by :class:`FastNormalizeIntensity` (same arguments, same voxels)."""
+class ZScoreIntensityd(NormalizeIntensityd):
+    """MONAI's ``NormalizeIntensityd`` computed by :class:`ZScoreIntensity` (same arguments, same voxels)."""
 
     def __init__(self, keys: KeysCollection, *args: Any, **kwargs: Any) -> None:
         super().__init__(keys, *args, **kwargs)
         n = self.normalizer
-        self.normalizer = FastNormalizeIntensity(n.subtrahend, n.divisor, n.nonzero, n.channel_wise, n.dtype)
+        self.normalizer = ZScoreIntensity(n.subtrahend, n.divisor, n.nonzero, n.channel_wise, n.dtype)
 
 
 def clip_nonzero_percentiles(image: np.ndarray | torch.Tensor, lower: float = 0.5, upper: float = 99.5) -> Any:

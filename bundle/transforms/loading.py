@@ -1,6 +1,6 @@
 """Loading a case: MONAI's ``LoadImaged`` per caching thread, and a reader decoding a case's NIfTI files at once.
 
-* :class:`ThreadUnsafeLoadImaged` - MONAI's ``LoadImaged`` declared ``ThreadUnsafe``, so the threads of
+* :class:`LoadCaseImaged` - MONAI's ``LoadImaged`` declared ``ThreadUnsafe``, so the threads of
   ``CacheDataset`` each get their own copy (see its docstring), and refusing images with NaN / Inf voxels.
 * :class:`ConcurrentNibabelReader` - MONAI's ``NibabelReader`` decoding the files of one case at once,
   gzip by ISA-L: the largest part of inference's per-case overhead (docs/inference.md).
@@ -31,7 +31,7 @@ from bundle.errors import DataError
 logger = logging.getLogger(__name__)
 
 
-class ThreadUnsafeLoadImaged(LoadImaged, ThreadUnsafe):
+class LoadCaseImaged(LoadImaged, ThreadUnsafe):
     """MONAI's ``LoadImaged``, declared ``ThreadUnsafe``, choosing each file's reader, optionally loading a whole case.
 
     On monai 1.6.1 ``NibabelReader.read`` keeps the file names on the reader (``self.filenames``)
