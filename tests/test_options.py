@@ -674,6 +674,16 @@ TRAINING_PROBES = {
         "datalist: DELETED: listed in DATALIST but does not exist (moved or deleted after prepare?); "
         "run python -m bundle prepare again",
     ),
+    "patch not a multiple of the network's down-sampling": (
+        {"patch_size": [100, 100, 100]},
+        "patch_size: [100, 100, 100] is not a multiple of [32, 32, 32] per side, the down-sampling of the network "
+        "(M4UNet); e.g. [128, 128, 128]",
+    ),
+    "window not a multiple of the network's down-sampling": (
+        {"window": [96, 96, 80]},
+        "window: [96, 96, 80] is not a multiple of [32, 32, 32] per side, the down-sampling of the network "
+        "(M4UNet); e.g. [96, 96, 96]",
+    ),
     "fold outside the datalist's folds": (
         {"datalist": "DATALIST", "fold": 2},
         "fold: 2 is outside 0..1 (the 2 folds of DATALIST)",

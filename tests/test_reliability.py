@@ -115,7 +115,7 @@ def _user_error(call: Callable[[], Any]) -> str:
 TRAIN_OVERRIDES = {
     "num_folds": 2,
     "num_workers": 0,
-    "patch_size": [8, 8, 8],
+    "patch_size": [16, 16, 16],  # a multiple of the 16 of four down-samplings
     "network_factory#filters": [4, 8, 16, 32, 64],
 }
 

@@ -161,6 +161,8 @@ class ModelPlan:
             raise OptionError(f"inference_recipe: missing; a {output_type} model records how it segments a case")
         patch = _sizes(patch_size, "patch_size")
         dims = spatial_dims({"network": spec, "patch_size": patch})
+        if patch is not None and output_type != "gate":  # a segmenter's patch passes its down-sampling
+            patch = check_window(patch, spec, "patch_size", dims)
         self.plan: dict[str, Any] = {
             "plan_version": PLAN_VERSION,
             "network": dict(spec),
