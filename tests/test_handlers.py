@@ -187,3 +187,57 @@ def test_regions_to_disjoint_classes_and_the_m3_validation_reports_them() -> Non
     plain = ConfigParser()
     plain.read_config(str(root / "train.yaml"))
     assert not {"val_dice_classes", "val_hd95_classes"} & set(plain.get_parsed_content("validate#additional_metrics"))
+
+
+def test_the_console_shows_one_line_per_epoch_and_every_iteration_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """EpochSummary after validation: loss mean, key metric by region, best, time, ETA; StatsHandler at DEBUG."""
+    import logging
+
+    from ignite.engine import Engine, Events
+    from monai.handlers import StatsHandler
+
+    from bundle.errors import OptionError
+    from bundle.training.handlers import EpochSummary, set_console_level
+
+    losses = iter([1.0, 3.0, 0.5, 0.5])
+    trainer = Engine(lambda engine, batch: [{"loss": next(losses)}])
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.state.key_metric_name = "val_mean_dice"
+
+    @evaluator.on(Events.COMPLETED)
+    def scores(engine: Engine) -> None:
+        engine.state.metrics = {"val_mean_dice": 0.5, "val_dice_WT": 0.8, "val_dice_TC": 0.4, "val_dice_ET": 0.3}
+        engine.state.metrics["val_loss"] = 0.25
+        engine.state.best_metric, engine.state.best_metric_epoch = 0.5, 1
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda _: evaluator.run([0], max_epochs=1))
+    StatsHandler(name="monai.handlers.StatsHandler", output_transform=lambda out: out[0]["loss"]).attach(trainer)
+    EpochSummary(evaluator).attach(trainer)
+    stats_logger = logging.getLogger("monai.handlers.StatsHandler")  # MONAI's own handler: no propagation
+    stats_logger.addHandler(caplog.handler)
+    try:
+        assert set_console_level("info") == "INFO"
+        with caplog.at_level(logging.INFO):
+            trainer.run([0, 1], max_epochs=2)
+        lines = [r.getMessage() for r in caplog.records if r.name == "bundle.training"]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith(
+            "epoch 1/2: loss 2.0000 | val_mean_dice 0.5000 (WT 0.80, TC 0.40, ET 0.30), val_loss 0.2500, "
+            "best val_mean_dice 0.5000 at epoch 1 | "
+        )
+        assert " s/epoch, at most " in lines[0] and lines[1].startswith("epoch 2/2: loss 0.5000 | ")
+        assert not [r for r in caplog.records if r.name == "monai.handlers.StatsHandler"]  # no line per iteration
+        set_console_level("DEBUG")
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            losses = iter([1.0, 1.0])
+            trainer.state.max_epochs = None  # a new run
+            trainer.run([0, 1], max_epochs=1)
+        assert any("Iter: 1/2" in r.getMessage() for r in caplog.records if r.name == "monai.handlers.StatsHandler")
+        with pytest.raises(OptionError, match=r"^log_level: 'loud' is not one of DEBUG, INFO, WARNING$"):
+            set_console_level("loud")
+    finally:
+        stats_logger.removeHandler(caplog.handler)
+        set_console_level("INFO")
+        for name in ("monai.handlers.StatsHandler", "ignite.engine"):
+            logging.getLogger(name).setLevel(logging.NOTSET)

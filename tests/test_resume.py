@@ -151,7 +151,7 @@ def test_resume_is_bit_exact_when_the_batches_do_not_divide_steps_per_epoch(tmp_
     for process, expected, run_dir in first:
         _wait(process, expected, run_dir)
     assert _last_checkpoints(killed) == ["checkpoint_epoch=1.pt"], "iteration 3 of passes of 2 batches: mid-pass"
-    assert "Iter: 3/3" in (reference / "process0.log").read_text(), "an epoch is steps_per_epoch steps"
+    assert "[3/3] 100%" in (reference / "process0.log").read_text(), "an epoch is steps_per_epoch steps"
     _wait(_start(killed, tiny_demo, resume=True, **cpu), 0, killed)
     _assert_same_outcome(killed, reference, steps_per_epoch=3)
 
