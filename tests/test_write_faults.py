@@ -103,3 +103,31 @@ def test_commands_on_a_read_only_file_system(tmp_path: Path) -> None:
     }
     for name, (command, sentence) in probes.items():
         assert _last_line(_run_on_tmpfs(read_only, remount, command)) == sentence, name
+
+
+SEG_NRRD_ON_A_FULL_DISK = """
+import sys
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from bundle.errors import WriteError
+from bundle.inference.writers import output_writers
+writer = output_writers(sys.argv[1], "brats2021", "regions", slicer_segmentation=True)[1]
+label = MetaTensor(torch.randint(0, 3, (1, 17, 15, 11), dtype=torch.uint8), affine=torch.eye(4))
+label.meta["filename_or_obj"] = "Case_000.nii.gz"
+try:
+    writer({"pred_label": label})
+except WriteError as err:
+    print(err)
+"""
+
+
+def test_a_slicer_segmentation_on_a_full_disk(tmp_path: Path) -> None:
+    """ITK's NRRD writer reports nothing on a full disk and leaves a 0-byte file: now the same sentence."""
+    out = tmp_path / "out"
+    fill = f"(dd if=/dev/zero of={shlex.quote(str(out / 'filler'))} bs=1k count=128 2>/dev/null; true)"
+    result = _run_on_tmpfs(out, fill, [sys.executable, "-c", SEG_NRRD_ON_A_FULL_DISK, str(out)])
+    assert result.stdout.strip() == (
+        f"{out / 'Case_000_seg.seg.nrrd'}: cannot be written: no space left on device "
+        "(free some space there, or write elsewhere)"
+    ), (result.stdout + result.stderr)[-3000:]

@@ -13,7 +13,10 @@ Both writers keep the grid they are given when no resampling is asked for (:clas
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -231,6 +234,31 @@ class SlicerSegmentationWriter(GridAsGiven, ITKWriter):
         for key, value in self.header_fields(labels).items():
             self.data_obj[key] = value
         itk.imwrite(self.data_obj, str(filename), compression=True)
+        check_written(filename, labels.size)
+
+
+def check_written(filename: Any, voxels: int) -> None:
+    """Raise the storage fault behind a file ITK wrote incompletely without a word.
+
+    ITK's NRRD writer reports no error on a full disk: it leaves a 0-byte file and returns. Reading the
+    header and voxel count back costs a few milliseconds; a file that does not read back on a full disk
+    is Errno 28, named like every other write (:func:`bundle.atomic.write_error`).
+    """
+    import itk
+
+    try:
+        written = itk.imread(str(filename))
+        complete = int(np.prod(itk.size(written))) == int(voxels)
+    except Exception:  # whatever ITK says about a truncated file, it is incomplete
+        complete = False
+    if complete:
+        return
+    folder = Path(str(filename)).parent
+    if shutil.disk_usage(folder).free < 64 * 1024:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+    raise OSError(
+        errno.EIO, f"ITK wrote an incomplete file ({Path(str(filename)).stat().st_size} bytes)", str(filename)
+    )
 
 
 def to_input_grid(
