@@ -380,8 +380,9 @@ def evaluate_case(
             set as the ET region and is not repeated).
         case_id: stored in each row's ``case`` column when given.
 
-    Each row holds ``region``, :data:`OVERLAP_METRICS`, :data:`DISTANCE_METRICS`, ``volume_pred`` and
-    ``volume_true`` (mm^3) and, with ``lesion_wise``, :data:`LESION_METRICS`.
+    Each row holds ``region``, :data:`OVERLAP_METRICS`, :data:`DISTANCE_METRICS`, ``volume_pred``,
+    ``volume_true`` and ``volume_false_positive`` (mm^3; predicted voxels outside the true region) and,
+    with ``lesion_wise``, :data:`LESION_METRICS`.
     """
     pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)
     if pred_labels.shape != true_labels.shape:
@@ -415,6 +416,7 @@ def evaluate_case(
         row["hd95_monai"] = hd95_monai(p, t, spacing)
         row["volume_pred"] = float(p.sum()) * voxel_volume
         row["volume_true"] = float(t.sum()) * voxel_volume
+        row["volume_false_positive"] = float(cm[1]) * voxel_volume  # predicted outside the truth's region
         if lesion_wise:
             lw = lesion_wise_brats2023(p, t, spacing)
             mi = lesion_wise_matched(p, t, spacing)

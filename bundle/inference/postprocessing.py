@@ -13,7 +13,9 @@ inference recipe (or a flag) switches it on:
    by a small structuring element (a cross by default).
 
 Before them, every method's recipe runs :class:`OutsideBrainToBackgroundd`: no tumour where all input
-channels are 0, outside the skull-stripped brain (the papers are silent; docs/methods.md).
+channels are 0, outside the skull-stripped brain (the papers are silent; docs/methods.md). A recipe
+may then switch on :class:`RemoveUnconfidentComponentsd` (ours): whole-tumour components that the
+model never predicts with high confidence go, the most confident one always stays.
 
 Label maps are ``(1, *spatial)`` with internal labels (0 bg, 1 NCR, 2 ED, 3 ET), numpy or torch
 (CPU or CUDA, MetaTensor included); every function returns the same type on the same device with
@@ -130,6 +132,38 @@ def remove_small_tumour_components(
     if not small.any():
         return labels
     return _assign(labels, box, small[cc], BACKGROUND)
+
+
+def remove_unconfident_components(
+    labels: NdarrayOrTensor, wt_prob: NdarrayOrTensor, min_prob: float = 0.9, connectivity: int | None = None
+) -> NdarrayOrTensor:
+    """Remove whole-tumour components whose highest p(WT) is below ``min_prob``; the most confident one stays.
+
+    A false region of a model trained on few cases tends to sit just above the threshold everywhere,
+    while a tumour has a confident core; the component's peak probability tells them apart where its
+    size does not (a large false region survives :func:`remove_small_tumour_components`). A case is
+    never emptied: BraTS cases hold a tumour, so the component with the highest peak is kept whatever
+    its value. ``wt_prob``: p(WT), ``(1, *spatial)`` or ``(*spatial)``. MONAI has no per-component
+    statistic, hence connected components plus ``scipy.ndimage.maximum``.
+    """
+    from scipy import ndimage
+
+    lab = _label_numpy(labels)
+    tumour = lab != BACKGROUND
+    box = bounding_box(tumour)
+    if box is None:
+        return labels
+    cc, sizes = connected_components(tumour[box], connectivity)
+    if sizes.size <= 2:  # background and one component: nothing to choose between
+        return labels
+    ids = np.arange(1, sizes.size)
+    peaks = np.asarray(ndimage.maximum(_probability_numpy(wt_prob, lab.shape)[box], cc, ids))
+    drop = np.zeros(sizes.size, bool)
+    drop[ids] = peaks < min_prob
+    drop[ids[np.argmax(peaks)]] = False
+    if not drop.any():
+        return labels
+    return _assign(labels, box, drop[cc], BACKGROUND)
 
 
 def binary_dilation(
@@ -315,6 +349,34 @@ class SmallETVolumeToNCRd(_ETProbabilityStepd):
         return small_et_volume_to_ncr(labels, self.et_probability(data), self.min_volume, self.prob_threshold)
 
 
+class RemoveUnconfidentComponentsd(_LabelMapStepd):
+    """Dictionary version of :func:`remove_unconfident_components`: p(WT) from the item's ``prob_key``.
+
+    ``wt_channels``: the channels whose sum is p(WT): ``(0,)`` for region and binary models,
+    ``(1, 2, 3)`` (every tumour class) for class models.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob_key: str = "pred",
+        wt_channels: tuple[int, ...] = (0,),
+        min_prob: float = 0.9,
+        connectivity: int | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.prob_key = prob_key
+        self.wt_channels = list(wt_channels)
+        self.min_prob = min_prob
+        self.connectivity = connectivity
+
+    def step(self, labels: NdarrayOrTensor, data: Mapping[Hashable, Any]) -> NdarrayOrTensor:
+        """Remove the whole-tumour components the model is never confident about."""
+        wt_prob = data[self.prob_key][self.wt_channels].sum(0)
+        return remove_unconfident_components(labels, wt_prob, self.min_prob, self.connectivity)
+
+
 class RemoveSmallTumourComponentsd(_LabelMapStepd):
     """Dictionary version of :func:`remove_small_tumour_components`."""
 
@@ -417,6 +479,11 @@ def recipe_steps(
     steps: list[MapTransform] = []
     if recipe["mask_outside_brain"]:
         steps.append(OutsideBrainToBackgroundd(label_key, image_key=image_key))
+    if recipe.get("remove_unconfident_components", False):
+        wt_channels = (1, 2, 3) if output_type == "classes" else (0,)
+        steps.append(
+            RemoveUnconfidentComponentsd(label_key, prob_key, wt_channels, min_prob=recipe["component_min_prob"])
+        )
     if recipe["et_components_to_ncr"]:
         steps.append(
             SmallETComponentsToNCRd(

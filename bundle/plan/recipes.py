@@ -13,7 +13,8 @@ single keys (``--tta false``, ``--closing true``...) override it. Keys:
   nothing for the argmax of class models;
 * the post-processing steps, in order, each a boolean with its numbers (:data:`STEPS`): first
   ``mask_outside_brain`` (no tumour where every input channel is 0; every method's recipe runs it),
-  then M4's four clean-up steps.
+  ``remove_unconfident_components`` (ours, off unless a recipe switches it on: whole-tumour
+  components whose peak p(WT) stays below ``component_min_prob`` go), then M4's four clean-up steps.
 
 A user option the recipe cannot honour (a region threshold for a class model, an ET rule for a
 binary model, a step's number while the step is off, a step switched on whose numbers the recipe
@@ -42,11 +43,14 @@ RULE_KEYS: dict[str, tuple[str, ...]] = {
 #: The post-processing steps in the order they run, each with the keys of its numbers.
 STEPS: dict[str, tuple[str, ...]] = {
     "mask_outside_brain": (),
+    "remove_unconfident_components": ("component_min_prob",),
     "et_components_to_ncr": ("et_component_min_size", "et_component_min_prob"),
     "et_volume_to_ncr": ("et_min_volume", "et_volume_min_prob"),
     "remove_small_components": ("min_component_size",),
     "closing": ("closing_size", "closing_element"),
 }
+#: Steps added after recipes were first recorded: a recipe without one did not run it (off).
+OPTIONAL_STEPS: tuple[str, ...] = ("remove_unconfident_components",)
 #: Steps that act on ET, which a binary (whole-tumour) model does not have.
 ET_STEPS = ("et_components_to_ncr", "et_volume_to_ncr")
 #: Every key a recipe may hold.
@@ -64,6 +68,7 @@ LEGACY_RECIPE: dict[str, Any] = {
     "tc_threshold": 0.40,
     "et_threshold": 0.45,
     "mask_outside_brain": True,
+    "remove_unconfident_components": False,
     "et_components_to_ncr": True,
     "et_component_min_size": 16,
     "et_component_min_prob": 0.9,
@@ -78,7 +83,7 @@ LEGACY_RECIPE: dict[str, Any] = {
 }
 
 _PROBABILITIES = ("wt_threshold", "tc_threshold", "et_threshold", "binary_threshold")
-_PROBABILITIES += ("et_component_min_prob", "et_volume_min_prob")
+_PROBABILITIES += ("et_component_min_prob", "et_volume_min_prob", "component_min_prob")
 _WHAT_IT_IS = {
     "regions": "a region model (sigmoid WT, TC, ET)",
     "classes": "a class model (softmax, argmax)",
@@ -129,6 +134,8 @@ def normalise_recipe(recipe: Mapping[str, Any], output_type: str, where: str = "
         raise OptionError(f"{where}{unknown[0]}: not a recipe key; expected one of {', '.join(RECIPE_KEYS)}")
     # null is "not set": a variant over train.yaml's recipe nulls the rule keys its output type lacks
     out = {key: _value(key, value, where) for key, value in recipe.items() if value is not None}
+    for step in OPTIONAL_STEPS:
+        out.setdefault(step, False)
     required = ["tta", *RULE_KEYS[output_type], *STEPS]
     missing = [k for k in required if k not in out]
     if missing:
