@@ -48,7 +48,6 @@ def _parser(tmp_path: Path, dataset_dir: Path, **overrides: Any) -> ConfigParser
     return parser
 
 
-@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, small_demo: Path) -> None:
     parser = _parser(tmp_path, small_demo)
     record = parser.get_parsed_content("model_plan").state_dict()
@@ -59,8 +58,8 @@ def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, smal
     loader = parser.get_parsed_content("train#dataloader")
     assert loader.batch_size == 2 and loader.num_workers == 0
     crops = [t for t in parser.get_parsed_content("train#random_transforms") if isinstance(t, RandCropByPosNegLabeld)]
-    assert len(crops) == 1 and crops[0].cropper.pos_ratio == pytest.approx(0.75)  # 3 tumour : 1 other patch
-    assert crops[0].image_key is None, "the other patches are centred anywhere in the box, background too"
+    assert len(crops) == 1 and crops[0].cropper.pos_ratio == pytest.approx(2 / 3)  # 2 tumour : 1 other patch
+    assert crops[0].image_key == "image", "the other patches are centred on brain voxels"
     batch = next(iter(loader))
     assert tuple(batch["image"].shape) == (2, 4, 64, 64, 64) and tuple(batch["label"].shape) == (2, 3, 64, 64, 64)
 
@@ -69,14 +68,17 @@ def test_the_overlay_builds_its_network_loader_and_schedule(tmp_path: Path, smal
     assert trainer.state.max_epochs == parser["epochs"]
     scheduler = parser.get_parsed_content("lr_scheduler")
     assert isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR)
-    assert scheduler.total_iters == parser["epochs"] // parser["val_interval"]  # stepped once per validation
+    assert scheduler.total_iters == parser["epochs"]  # stepped once per epoch, whatever the validations
+    assert any(isinstance(h, LrScheduleHandler) for h in parser.get_parsed_content("train#handlers"))
     handlers = parser.get_parsed_content("validate#handlers")
     assert not any(isinstance(h, EarlyStopHandler) for h in handlers), "a fixed schedule has no early stopping"
-    (lr_handler,) = [h for h in handlers if isinstance(h, LrScheduleHandler)]
-    lr = parser.get_parsed_content("optimizer").param_groups[0]["lr"]
-    for _ in range(scheduler.total_iters):  # what the handler does at each validation
-        scheduler.step(*lr_handler.step_transform(None))
-    assert lr == pytest.approx(3e-3) and parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 0.0
+    assert not any(isinstance(h, LrScheduleHandler) for h in handlers), "validation steps no schedule"
+    optimizer = parser.get_parsed_content("optimizer")
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3)
+    for _ in range(scheduler.total_iters):  # what the handler does at each epoch's end
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.0
 
 
 def test_validation_scores_the_inference_recipes_labels(tmp_path: Path, small_demo: Path) -> None:
@@ -114,8 +116,8 @@ def test_the_checkpoint_record_is_all_inference_needs(tmp_path: Path, small_demo
     inference["checkpoint"] = str(checkpoint)
     built = inference.get_parsed_content("network_def")
     built.load_state_dict(network.state_dict())  # strict: the same layers, the same shapes
-    assert record["window"] == [160, 192, 160]  # one window over a whole cropped brain
-    assert list(inference.get_parsed_content("base_inferer").roi_size) == [160, 192, 160]
+    assert record["window"] is None  # the 64^3 training patch slides over the case
+    assert list(inference.get_parsed_content("base_inferer").roi_size) == [64, 64, 64]
     assert inference.get_parsed_content("recipe")["tta"] is True  # the recipe's; --tta false turns it off
 
 
@@ -127,14 +129,16 @@ def test_monai_bundle_run_training_with_the_overlay_and_bundle_infer(tmp_path: P
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CPU_CONFIGS).replace(" ", ""),
         "--bundle_root", str(REPO_ROOT), "--dataset_dir", str(small_demo), "--output_dir", str(tmp_path / "out"),
         "--ckpt_dir", str(tmp_path / "models"), "--num_folds", "2", "--holdout_fraction", "0",
-        "--epochs", "1", "--steps_per_epoch", "2", "--val_interval", "1",
+        "--epochs", "1", "--steps_per_epoch", "2", "--val_interval", "1", "--average_last_epochs", "1",
     ]  # fmt: skip
     result = subprocess.run(train, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Iter: 2/2" in result.stdout + result.stderr, "an epoch is steps_per_epoch steps"
+    assert "[2/2] 100%" in result.stdout + result.stderr, "an epoch is steps_per_epoch steps"
     checkpoint = tmp_path / "models" / "model.pt"
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved[RECORD_KEY]["network"]["filters"] == [8, 16, 32, 64, 80, 80]
+    averaged = torch.load(tmp_path / "models" / "model_average.pt", map_location="cpu", weights_only=True)
+    assert averaged[RECORD_KEY] == saved[RECORD_KEY], "both kept weights carry the same plan"
     heldout = next(p for p in small_demo.iterdir() if p.is_dir() and not list(p.glob("*_seg.nii.gz")))
     infer = [
         sys.executable, "-m", "bundle", "infer", str(heldout), "--output", str(tmp_path / "seg"),
@@ -143,3 +147,37 @@ def test_monai_bundle_run_training_with_the_overlay_and_bundle_infer(tmp_path: P
     result = subprocess.run(infer, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "seg" / f"{heldout.name}_seg.nii.gz").is_file()
+
+
+def test_the_average_is_the_mean_of_the_last_epochs_weights_and_resumes_exactly() -> None:
+    """EpochWeightAverage: equal weights over the last N epochs only; its state survives a checkpoint round trip."""
+    from ignite.engine import Engine
+
+    from bundle.training.averaging import EpochWeightAverage
+
+    network = torch.nn.Conv3d(1, 1, 1)
+    seen: list[torch.Tensor] = []
+
+    def step(engine: Engine, _: Any) -> None:
+        with torch.no_grad():
+            network.weight.fill_(float(engine.state.epoch))  # epoch e ends with weight e
+        seen.append(network.weight.detach().clone())
+
+    engine = Engine(step)
+    average = EpochWeightAverage(network, epochs=5, last_epochs=2)
+    average.attach(engine)
+    engine.run([0], max_epochs=5)
+    assert float(average.module.weight.flatten()[0]) == pytest.approx((4 + 5) / 2)  # epochs 4 and 5 only
+    restored = EpochWeightAverage(torch.nn.Conv3d(1, 1, 1), epochs=5, last_epochs=2)
+    restored.averaged.load_state_dict(average.averaged.state_dict())
+    assert int(restored.averaged.n_averaged) == 2
+    assert torch.equal(restored.module.weight, average.module.weight)
+
+
+@pytest.mark.parametrize("last_epochs", [-1, 6, "2", True])
+def test_an_average_over_more_epochs_than_the_run_is_one_sentence(last_epochs: Any) -> None:
+    from bundle.errors import OptionError
+    from bundle.training.averaging import EpochWeightAverage
+
+    with pytest.raises(OptionError, match="average_last_epochs must be an integer from 0 to epochs"):
+        EpochWeightAverage(torch.nn.Conv3d(1, 1, 1), epochs=5, last_epochs=last_epochs)

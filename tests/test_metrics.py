@@ -196,6 +196,11 @@ def test_evaluate_case_regions_and_columns():
     rows = {r["region"]: r for r in evaluate_case(pred, truth, lesion_wise=False)}
     assert rows["ET"]["dice"] == 0.0 and rows["ET"]["hd95"] == MAX_DISTANCE_MM
     assert rows["TC"]["dice"] == 1.0 and "lesion_dice" not in rows["TC"]
+    assert rows["WT"]["volume_false_positive"] == 0.0
+    pred[0, 0, :3] = 2  # 3 voxels of ED outside the tumour: false positives of WT, not of TC or ET
+    rows = {r["region"]: r for r in evaluate_case(pred, truth, (1.0, 1.0, 2.0), lesion_wise=False)}
+    assert rows["WT"]["volume_false_positive"] == pytest.approx(3 * 2.0)
+    assert rows["TC"]["volume_false_positive"] == 0.0 and rows["ET"]["volume_false_positive"] == 0.0
     with pytest.raises(ValueError, match="shape"):
         evaluate_case(pred[:-1], truth)
 

@@ -13,12 +13,14 @@ from bundle.constants import BACKGROUND, ED, ET, NCR
 from bundle.inference.postprocessing import (
     CloseTumourRegionsd,
     RemoveSmallTumourComponentsd,
+    RemoveUnconfidentComponentsd,
     SmallETComponentsToNCRd,
     SmallETVolumeToNCRd,
     binary_dilation,
     binary_erosion,
     close_tumour_regions,
     remove_small_tumour_components,
+    remove_unconfident_components,
     small_et_components_to_ncr,
     small_et_volume_to_ncr,
 )
@@ -394,3 +396,39 @@ def test_full_post_processing_chain():
     assert set(torch.unique(lab).tolist()) == {0, 1, 4}
     assert int((lab == 4).sum()) == 64 and int((lab == 1).sum()) == 8**3 - 64
     assert lab[0, 13, 13, 13] == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_components_never_confident_go_the_most_confident_stays(device):
+    """A large false region just above the threshold goes whatever its size; a confident tumour stays."""
+    labels = torch.zeros(1, 24, 24, 24, dtype=torch.uint8, device=device)
+    prob = torch.zeros(24, 24, 24, device=device)
+    labels[0, 2:8, 2:8, 2:8] = ED  # the tumour: a confident core
+    prob[2:8, 2:8, 2:8] = 0.7
+    prob[4:6, 4:6, 4:6] = 0.99
+    labels[0, 12:22, 12:22, 12:22] = ED  # 1000 voxels, never above 0.6: a false region
+    prob[12:22, 12:22, 12:22] = 0.6
+    out = remove_unconfident_components(labels, prob, min_prob=0.9)
+    assert out.device == labels.device and out.dtype == labels.dtype
+    assert int((out[0, 2:8, 2:8, 2:8] == ED).sum()) == 216 and int(out[0, 12:22, 12:22, 12:22].sum()) == 0
+    prob[4:6, 4:6, 4:6] = 0.7  # no component reaches 0.9: the case is never emptied
+    alone = remove_unconfident_components(labels, prob, min_prob=0.9)
+    assert int((alone[0, 2:8, 2:8, 2:8] == ED).sum()) == 216, "the most confident component stays"
+    assert int(alone[0, 12:22, 12:22, 12:22].sum()) == 0
+
+
+def test_confident_components_dict_reads_p_wt_of_regions_and_classes():
+    labels = np.zeros((1, 12, 12, 12), np.uint8)
+    labels[0, 1:4, 1:4, 1:4] = NCR
+    labels[0, 7:10, 7:10, 7:10] = NCR
+    regions = np.zeros((3, 12, 12, 12), np.float32)
+    regions[0, 1:4, 1:4, 1:4] = 0.95
+    regions[0, 7:10, 7:10, 7:10] = 0.5
+    out = RemoveUnconfidentComponentsd("label", prob_key="pred", min_prob=0.9)({"label": labels, "pred": regions})
+    assert out["label"][0, 2, 2, 2] == NCR and out["label"][0, 8, 8, 8] == BACKGROUND
+    classes = np.zeros((4, 12, 12, 12), np.float32)  # p(WT) = NCR + ED + ET
+    classes[1:4, 1:4, 1:4, 1:4] = 0.32
+    classes[1:4, 7:10, 7:10, 7:10] = 0.2
+    step = RemoveUnconfidentComponentsd("label", prob_key="pred", wt_channels=(1, 2, 3), min_prob=0.9)
+    out = step({"label": labels, "pred": classes})
+    assert out["label"][0, 2, 2, 2] == NCR and out["label"][0, 8, 8, 8] == BACKGROUND

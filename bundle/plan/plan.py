@@ -37,7 +37,7 @@ from bundle.errors import DataError, OptionError
 from bundle.options import as_bool
 from bundle.paths import BUNDLE_ROOT
 from bundle.plan.network import check_window, spatial_dims
-from bundle.plan.recipes import LEGACY_RECIPE, STEPS, recipe_for
+from bundle.plan.recipes import LEGACY_RECIPE, OPTIONAL_STEPS, STEPS, recipe_for
 from bundle.plan.specs import callable_mode, same_component, spec_of
 from bundle.transforms import input_channel_names
 
@@ -283,8 +283,8 @@ def _v1_recipe(record: Mapping[str, Any], where: str) -> dict[str, Any] | None:
         recipe["mask_outside_brain"] = False
     recipe.pop("train_config", None)
     # a step switched on later takes the numbers inference then took from configs/train.yaml (M4's)
-    for numbers in STEPS.values():
-        for key in numbers:
+    for step, numbers in STEPS.items():
+        for key in numbers if step not in OPTIONAL_STEPS else ():  # a later step: version 1 never ran it
             recipe.setdefault(key, LEGACY_RECIPE[key])
     return recipe
 
