@@ -226,7 +226,12 @@ def test_the_checkpoints_recipe_runs_and_options_override_it() -> None:
         ("classes", M3, {"et_min_volume": 10}, r"^et_min_volume: the et_volume_to_ncr step is off .*set .* true"),
         ("regions", M4, {"closing": "ture"}, r"^closing: 'ture' is not a boolean"),
         ("regions", M4, {"overlap_size": 3}, r"^overlap_size: not a recipe option"),
-        ("regions", M4, {"remove_unconfident_components": "true"}, r"^component_min_prob: missing; .* give --comp"),
+        (
+            "regions",
+            M4,
+            {"remove_unconfident_components": "true"},
+            r"^component_min_prob: missing; .*\(give --component_min_prob\)",
+        ),
         ("regions", M4, {"component_min_prob": 0.9}, r"^component_min_prob: the remove_unconfident_components step"),
         ("regions", M4, {"remove_unconfident_components": True, "component_min_prob": 1.5}, r"component_min_prob"),
     ],
