@@ -33,9 +33,7 @@ from bundle.errors import OptionError
 
 __all__ = [
     "COMMAND_OPTIONS",
-    "FALSE_WORDS",
     "OPTIONS",
-    "TRUE_WORDS",
     "Rule",
     "as_bool",
     "check_command_flags",
@@ -45,16 +43,18 @@ __all__ = [
     "folder_problem",
 ]
 
-TRUE_WORDS = ("true", "yes", "on", "1")
-FALSE_WORDS = ("false", "no", "off", "0")
+#: on/off, which MONAI's ``str2bool`` does not know, as the words it does
+_ON_OFF = {"on": "true", "off": "false"}
 
 
 def as_bool(value: Any, name: str = "value") -> bool:
     """Read ``value`` of option ``name`` as a boolean.
 
-    Accepts ``True``/``False``, the integers 1/0 and, in any letter case, the strings
-    true/false, yes/no, on/off, 1/0. Anything else (``None``, ``"ture"``, ``2``, a list) raises
-    :class:`~bundle.errors.OptionError` with one sentence naming the option.
+    Accepts ``True``/``False``, the integers 1/0 and, in any letter case and without surrounding
+    spaces, the strings MONAI's :func:`monai.utils.str2bool` reads (true/false, yes/no, t/f, y/n,
+    1/0) plus on/off. Anything else (``None``, ``"ture"``, ``2``, a list) raises
+    :class:`~bundle.errors.OptionError` with one sentence naming the option: ``str2bool``'s own
+    ``ValueError`` names neither the option nor on/off, hence this wrapper.
     """
     if isinstance(value, bool):
         return value
@@ -63,11 +63,14 @@ def as_bool(value: Any, name: str = "value") -> bool:
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
         return as_bool(value.item(), name)
     if isinstance(value, str):
+        # imported here: ``import bundle`` (this module) stays standard-library only, no torch
+        from monai.utils import str2bool
+
         word = value.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
+        try:
+            return str2bool(_ON_OFF.get(word, word))
+        except ValueError:
+            pass  # the sentence below names the option
     raise OptionError(f"{name}: {value!r} is not a boolean; use one of true/false, yes/no, on/off, 1/0")
 
 

@@ -17,6 +17,7 @@ import torch
 from conftest import convert_with_itk, shared_samples_dir, write_dicom_series
 from monai.bundle import ConfigParser
 from monai.data import ITKReader
+from monai.data.utils import orientation_ras_lps
 from monai.transforms import Compose
 from test_inference_config import TINY_NET, _checkpoint, _oblique_lps_affine
 
@@ -117,6 +118,29 @@ def test_header_affine_of_itk_files_is_monai_itk_readers(nifti_dataset: Path, tm
     reader = ITKReader()
     _, meta = reader.get_data(reader.read(str(path)))
     np.testing.assert_allclose(read_header(path).affine, meta["affine"], atol=1e-6)
+
+
+def _old_lps_to_ras(affine: np.ndarray) -> np.ndarray:
+    """The hand-written flip read_header used before MONAI's ``orientation_ras_lps`` (issue 21): the reference."""
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def test_orientation_ras_lps_is_the_old_flip() -> None:
+    rng = np.random.default_rng(0)
+    for affine in [_oblique_lps_affine(), *(np.vstack([rng.normal(size=(3, 4)), [0, 0, 0, 1]]) for _ in range(5))]:
+        np.testing.assert_array_equal(orientation_ras_lps(affine), _old_lps_to_ras(affine))
+
+
+def test_header_of_a_real_case_in_nrrd_is_its_nifti_header(tmp_path: Path) -> None:
+    """A real BraTS image rewritten as NRRD: the header's RAS affine is the NIfTI file's and ITKReader's."""
+    samples = shared_samples_dir()
+    if samples is None:
+        pytest.skip("no real BraTS samples (../shared/brats_samples)")
+    source = sorted(samples.glob("*/*_t1.nii.gz"))[0]
+    path = convert_with_itk(source, tmp_path / "t1.nrrd")
+    header = read_header(path)
+    np.testing.assert_allclose(header.affine, read_header(source).affine, atol=1e-4)
+    np.testing.assert_allclose(header.affine, ITKReader().get_data(ITKReader().read(str(path)))[1]["affine"], atol=1e-6)
 
 
 def test_dicom_series_folder_per_modality(nifti_dataset: Path, tmp_path: Path) -> None:

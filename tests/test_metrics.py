@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from scipy import ndimage
 
 from bundle.constants import DISJOINT_CLASSES, LABEL_SCHEMES, REGIONS
+from bundle.errors import OptionError
 from bundle.evaluation.files import case_id_from_path, load_label_map, read_metrics_csv, write_metrics_csv
 from bundle.evaluation.metrics import (
     MAX_DISTANCE_MM,
@@ -26,7 +28,7 @@ from bundle.evaluation.metrics import (
     surface_distances,
 )
 from bundle.evaluation.reports import evaluate_folder, summarize
-from bundle.evaluation.statistics import compare
+from bundle.evaluation.statistics import bootstrap_ci, compare
 
 SAMPLES = Path(os.environ.get("BRATS_SAMPLES", Path(__file__).parents[2] / "shared" / "brats_samples"))
 
@@ -90,7 +92,7 @@ def test_hd95_translation_and_symmetry():
     truth = _box((20, 20, 20), slice(5, 12), slice(5, 12), slice(5, 12))
     pred = np.roll(truth, 2, axis=0)
     # every surface distance of a pure translation along one axis is at most 2 voxels (0.8 mm each here)
-    assert 0.0 < hd95(pred, truth, (0.8, 1.0, 1.0)) <= 1.6 + 1e-9
+    assert 0.0 < hd95(pred, truth, (0.8, 1.0, 1.0)) <= 1.6 + 1e-6  # MONAI's distances are float32
     assert hd95(pred, truth) == pytest.approx(hd95(truth, pred))
     assert hd95(truth, truth, (0.8, 1.0, 3.0)) == 0.0
 
@@ -103,6 +105,66 @@ def test_surface_is_mask_minus_face_connected_erosion():
     cross = ndimage.generate_binary_structure(3, 1)
     d, _ = surface_distances(cross, cross)
     assert len(d) == 6
+
+
+def _old_surface_distances(pred, truth, spacing):
+    """The hand-written surface distances before MONAI's get_edge_surface_distance (issue 21): the reference.
+
+    Surface = mask minus its face-connected erosion, distances by scipy's exact EDT in float64.
+    """
+    footprint = ndimage.generate_binary_structure(pred.ndim, 1)
+    pred_border = pred ^ ndimage.binary_erosion(pred, structure=footprint)
+    truth_border = truth ^ ndimage.binary_erosion(truth, structure=footprint)
+    d_truth = ndimage.distance_transform_edt(~pred_border, sampling=spacing)[truth_border]
+    d_pred = ndimage.distance_transform_edt(~truth_border, sampling=spacing)[pred_border]
+    return d_truth, d_pred
+
+
+def _assert_same_distances(pred, truth, spacing):
+    """Same surface voxels in the same order, distances within MONAI's float32, the same pooled HD95."""
+    new, old = surface_distances(pred, truth, spacing), _old_surface_distances(pred, truth, spacing)
+    for ours, reference in zip(new, old, strict=True):
+        assert ours.dtype == np.float64 and ours.shape == reference.shape
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
+    pooled = np.percentile(np.concatenate(old), 95)
+    assert hd95(pred, truth, spacing) == pytest.approx(pooled, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_monai_surface_distances_are_the_old_ones_on_synthetic_pairs(seed):
+    rng = np.random.default_rng(seed)
+    pred, truth = _synthetic_case(rng)
+    spacing = [(1.0, 1.0, 1.0), (0.9, 1.1, 2.5), (1.2, 1.2, 1.2)][seed]
+    for region, mask in region_masks(pred).items():
+        _assert_same_distances(mask, region_masks(truth)[region], spacing)
+    # masks touching the image border (the border voxels are surface), and a 2-D pair
+    _assert_same_distances(pred[:20] > 0, truth[:20] > 0, spacing)
+    _assert_same_distances(pred[:, :, 20] > 0, truth[:, :, 20] > 0, spacing[:2])
+
+
+def _assert_same_distances_on_real_case(path):
+    truth, spacing = _load_cropped(path)
+    for pred in _perturbations(truth).values():
+        for region, mask in region_masks(pred, {**REGIONS, **DISJOINT_CLASSES}).items():
+            reference = region_masks(truth, {region: {**REGIONS, **DISJOINT_CLASSES}[region]})[region]
+            if mask.any() and reference.any():
+                _assert_same_distances(mask, reference, spacing)
+
+
+def test_monai_surface_distances_are_the_old_ones_on_a_real_case():
+    cases = _sample_cases()
+    if not cases:
+        pytest.skip(f"no BraTS samples at {SAMPLES} (set BRATS_SAMPLES)")
+    _assert_same_distances_on_real_case(cases[0])
+
+
+@pytest.mark.slow
+def test_monai_surface_distances_are_the_old_ones_on_all_real_cases():
+    cases = _sample_cases()
+    if not cases:
+        pytest.skip(f"no BraTS samples at {SAMPLES} (set BRATS_SAMPLES)")
+    for path in cases:
+        _assert_same_distances_on_real_case(path)
 
 
 @pytest.mark.parametrize("fn", [hd95, hd95_monai])
@@ -320,13 +382,16 @@ def _perturbations(truth):
     return {"eroded": eroded, "shifted": shifted, "lesion_removed": removed}
 
 
+@functools.lru_cache(maxsize=3)  # the three sample cases, each decoded once per test session
 def _load_cropped(path, margin=10):
     labels, spacing, _ = load_label_map(path, "brats2021")
     # the values do not depend on background far from the tumour (shown by the synthetic tests, which use the
     # whole volume); cropping to the tumour box keeps this test fast
     idx = np.nonzero(labels)
     box = tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in idx)
-    return labels[box], spacing
+    labels = labels[box].copy()
+    labels.flags.writeable = False  # cached for every test of the module: nobody may change it
+    return labels, spacing
 
 
 def _check_sample(official, path, include_disjoint):
@@ -468,3 +533,51 @@ def test_compare_names_the_file_when_cases_differ(tmp_path):
     with pytest.raises(ValueError, match=r"b\.csv.*c02"):
         compare(a, b, verbose=False)
     assert read_metrics_csv(a)[0]["dice"] == 0.8
+
+
+def _old_bootstrap_ci(diff: np.ndarray, n_bootstrap: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """The hand-written bootstrap compare used before scipy.stats.bootstrap (issue 21): the reference."""
+    resample = np.random.default_rng(seed).integers(0, len(diff), size=(n_bootstrap, len(diff)))
+    low, high = np.percentile(np.asarray(diff)[resample].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 30])
+def test_bootstrap_ci_is_the_old_resampling_on_synthetic_differences(n):
+    rng = np.random.default_rng(n)
+    for diff in (rng.normal(0.05, 0.02, n), rng.uniform(-5, 5, n), np.zeros(n)):
+        for seed, n_bootstrap in ((0, 10000), (7, 999)):
+            assert bootstrap_ci(diff, n_bootstrap, seed) == pytest.approx(_old_bootstrap_ci(diff, n_bootstrap, seed))
+    assert bootstrap_ci(diff, 500, 3) == bootstrap_ci(diff, 500, 3)  # same seed, same CI
+
+
+def test_bootstrap_ci_is_the_old_resampling_on_real_cases():
+    """Paired Dice and IoU of two perturbations (eroded vs shifted) of a real BraTS ground truth, per region."""
+    cases = _sample_cases()
+    if not cases:
+        pytest.skip(f"no BraTS samples at {SAMPLES} (set BRATS_SAMPLES)")
+    truth, _ = _load_cropped(cases[0])  # the agreement test's case, loaded once for both
+    runs, regions = _perturbations(truth), {**REGIONS, **DISJOINT_CLASSES}
+    truths = region_masks(truth, regions)
+    a, b = {"dice": [], "iou": []}, {"dice": [], "iou": []}
+    for run, name in ((a, "eroded"), (b, "shifted")):
+        for region, mask in region_masks(runs[name], regions).items():
+            scores = overlap_metrics(mask, truths[region])
+            run["dice"].append(scores["dice"])
+            run["iou"].append(scores["iou"])
+    for metric in ("dice", "iou"):
+        diff = np.array(b[metric]) - np.array(a[metric])
+        assert bootstrap_ci(diff) == pytest.approx(_old_bootstrap_ci(diff))
+
+
+def test_compare_cis_are_the_old_ones_and_n_bootstrap_is_checked(tmp_path):
+    rng = np.random.default_rng(4)
+    dice, hd = rng.uniform(0.6, 0.9, 9), rng.uniform(2, 10, 9)
+    a = _run_table(tmp_path / "a.csv", dice, hd)
+    b = _run_table(tmp_path / "b.csv", dice + rng.normal(0.02, 0.03, 9), hd + rng.normal(0, 1, 9))
+    for r in compare(a, b, n_bootstrap=2000, seed=5, verbose=False):
+        diff = np.array([row[r["metric"]] for row in read_metrics_csv(b) if row["region"] == r["region"]])
+        diff -= np.array([row[r["metric"]] for row in read_metrics_csv(a) if row["region"] == r["region"]])
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(_old_bootstrap_ci(diff, 2000, 5))
+    with pytest.raises(OptionError, match=r"^n_bootstrap: 0 is not allowed: use a whole number of at least 1$"):
+        compare(a, b, n_bootstrap=0, verbose=False)

@@ -78,6 +78,29 @@ def test_anything_else_is_one_sentence_naming_the_key(value: Any) -> None:
         as_bool(value, "tta")
 
 
+#: the words as_bool read before it delegated to monai.utils.str2bool (issue 21): the reference
+_OLD_TRUE, _OLD_FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _old_as_bool(word: str) -> bool | None:
+    word = word.strip().lower()
+    return True if word in _OLD_TRUE else False if word in _OLD_FALSE else None
+
+
+@pytest.mark.parametrize("word", [*_OLD_TRUE, *_OLD_FALSE])
+def test_str2bool_reads_every_word_as_the_old_table_did(word: str) -> None:
+    for spelling in (word, word.upper(), word.capitalize(), f"  {word}\t"):
+        assert as_bool(spelling, "x") is _old_as_bool(spelling)
+
+
+def test_str2bool_adds_monais_one_letter_words_and_keeps_the_sentence() -> None:
+    assert [as_bool(w, "x") for w in ("t", "Y", "f", "N")] == [True, True, False, False]
+    for word in ("tru", "nope", "o", "1.0", "yes please"):
+        assert _old_as_bool(word) is None
+        with pytest.raises(OptionError, match=r"^x: .* is not a boolean; use one of true/false, yes/no, on/off, 1/0$"):
+            as_bool(word, "x")
+
+
 # ------------------------------------------------------------------ every boolean key of every config
 
 

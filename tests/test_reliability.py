@@ -168,6 +168,38 @@ def test_inference_names_a_file_whose_voxels_fail_and_writes_nothing_of_it(tmp_p
     assert not list(out.glob(f"{CASE}_*"))  # nothing of the bad case; the cases before it are complete
 
 
+def test_evaluate_with_a_checkpoint_decodes_and_checks_each_image_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bundle evaluate --checkpoint``: the cases' headers and labels are checked up front, each image is
+    decoded and scanned for NaN / Inf once, by inference's loader (was: by the case checks too); a NaN
+    case is still one sentence naming its file, and nothing of it is written."""
+    import bundle.data.io
+    import bundle.transforms.loading
+    from bundle.integrations.cli import evaluate
+
+    root = _dataset(tmp_path, lambda r: None)
+    checkpoint = str(_checkpoint(tmp_path / "model.pt", TINY_NET))
+    decoded, scanned, checked = [], [], []
+    for module in (bundle.data.io, bundle.transforms.loading):  # every NIfTI decode of the bundle is load_nifti
+        original = module.load_nifti
+        monkeypatch.setattr(module, "load_nifti", lambda p, f=original: decoded.append(Path(p).name) or f(p))
+    refuse, read = bundle.transforms.loading._refuse_non_finite, bundle.data.io.read_voxels
+    monkeypatch.setattr(bundle.transforms.loading, "_refuse_non_finite", lambda a, s: scanned.append(s) or refuse(a, s))
+    monkeypatch.setattr(bundle.data.checks, "read_voxels", lambda p, *a: checked.append(Path(p).name) or read(p, *a))
+    kwargs = {"checkpoint": checkpoint, "tta": False, "window": [8, 8, 8], "lesion_wise": False}
+    evaluate(truth=str(root), output_dir=str(tmp_path / "scores"), **kwargs)
+    images = sorted(name for name in decoded if not name.endswith("_seg.nii.gz"))
+    assert len(images) == 16 and len(set(images)) == 16, images  # 4 cases x 4 modalities, once each
+    assert len(scanned) == 4 and not [name for name in checked if not name.endswith("_seg.nii.gz")]
+    corrupt, expected = CORRUPTIONS["NaN / Inf voxels"]
+    corrupt(root)
+    with pytest.raises(SystemExit) as stop:
+        evaluate(truth=str(root), output_dir=str(tmp_path / "again"), **kwargs)
+    assert expected in str(stop.value), stop.value
+    assert not list((tmp_path / "again").glob(f"{CASE}*"))
+
+
 def test_a_missing_dataset_folder(tmp_path: Path) -> None:
     message = _user_error(lambda: make_datalist(tmp_path / "nowhere"))
     assert message.endswith("nowhere: dataset folder does not exist")

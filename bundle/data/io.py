@@ -36,14 +36,15 @@ class ImageHeader:
         return len(self.shape)
 
 
-def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
-    """ITK's physical space is LPS, NIfTI's and MONAI's RAS (MONAI's ``orientation_ras_lps``)."""
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-
-
 def _itk_header(path: Path) -> ImageHeader:
-    """The header of an NRRD / MetaImage file through ITK's ImageIO, voxels not read."""
+    """The header of an NRRD / MetaImage file through ITK's ImageIO, voxels not read.
+
+    ITK's physical space is LPS, NIfTI's and MONAI's RAS: the affine is flipped by MONAI's
+    ``orientation_ras_lps``, as MONAI's ``ITKReader`` does (imported here: ``bundle.data`` stays
+    importable without torch and MONAI).
+    """
     import itk
+    from monai.data.utils import orientation_ras_lps
 
     io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
     if io is None:
@@ -59,7 +60,7 @@ def _itk_header(path: Path) -> ImageHeader:
         raise DataError(f"{path}: expected a 3-D volume, got {ndim} dimensions (4-D images are read from NIfTI)")
     shape = tuple(int(io.GetDimensions(i)) for i in range(ndim))
     components = int(io.GetNumberOfComponents())
-    return ImageHeader(shape + ((components,) if components > 1 else ()), _lps_to_ras(affine), tuple(spacing))
+    return ImageHeader(shape + ((components,) if components > 1 else ()), orientation_ras_lps(affine), tuple(spacing))
 
 
 def _dicom_series_check(folder: Path) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.metrics import compute_confusion_matrix_metric, compute_hausdorff_distance, get_confusion_matrix
+from monai.metrics.utils import get_edge_surface_distance
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
@@ -113,23 +114,21 @@ def surface_distances(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Directed surface distances in mm: (truth surface -> prediction surface, prediction -> truth).
 
-    The surface of a mask is the mask minus its erosion with the 1-connectivity (face-neighbour) structuring
-    element, ``scipy.ndimage.generate_binary_structure(ndim, 1)``, exactly as in the official BraTS evaluation
-    (panoptica ``_surface_distance_pair``); distances come from an exact Euclidean distance transform with the
-    voxel spacing as sampling. Both masks must be non-empty.
+    MONAI's :func:`monai.metrics.utils.get_edge_surface_distance` (``symmetric=True``): the surface of a mask
+    is the mask minus its erosion with the 1-connectivity (face-neighbour) structuring element, exactly as in
+    the official BraTS evaluation (panoptica ``_surface_distance_pair``), and each surface voxel's distance
+    to the other surface is exact (Euclidean, with the voxel spacing). MONAI returns float32 distances; they
+    are returned as float64 so that :func:`hd95`'s percentile interpolates in double precision. Both masks
+    must be non-empty.
     """
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if not pred.any() or not truth.any():
         raise ValueError("surface distances need two non-empty masks (see hd95 for the empty-mask conventions)")
-    crop = _crop_to(pred, truth)
-    pred, truth = pred[crop], truth[crop]
     spacing = _spacing(spacing, pred.ndim)
-    footprint = ndimage.generate_binary_structure(pred.ndim, 1)
-    pred_border = pred ^ ndimage.binary_erosion(pred, structure=footprint)
-    truth_border = truth ^ ndimage.binary_erosion(truth, structure=footprint)
-    d_truth = ndimage.distance_transform_edt(~pred_border, sampling=spacing)[truth_border]
-    d_pred = ndimage.distance_transform_edt(~truth_border, sampling=spacing)[pred_border]
-    return d_truth, d_pred
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        _, (d_pred, d_truth), _ = get_edge_surface_distance(pred, truth, spacing=list(spacing), symmetric=True)
+    return np.asarray(d_truth, dtype=np.float64), np.asarray(d_pred, dtype=np.float64)
 
 
 def hd95(

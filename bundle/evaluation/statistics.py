@@ -19,7 +19,7 @@ from bundle.evaluation.files import (
     write_metrics_table,
 )
 from bundle.evaluation.reports import LOWER_IS_BETTER, SUMMARY_METRICS
-from bundle.options import closest
+from bundle.options import check_options, closest
 
 
 def compare(
@@ -37,11 +37,13 @@ def compare(
     Cases are paired by case id; both files must hold the same cases and regions (a ``ValueError`` names
     the file and the cases that differ). Each result row has ``region``, ``metric``, ``n``, ``mean_a``,
     ``mean_b``, ``mean_diff`` (B - A), ``ci_low`` / ``ci_high`` (percentile bootstrap 95 % CI of the mean
-    difference, ``n_bootstrap`` resamples of the cases, seeded), ``p_wilcoxon`` (two-sided Wilcoxon
-    signed-rank) and ``p_ttest`` (two-sided paired t-test), and ``verdict``: B is called better or worse
-    only if the Wilcoxon p-value is below ``alpha`` *and* the bootstrap CI excludes 0; otherwise
-    "no significant difference". Identical runs give mean difference 0 and p-values of 1.
+    difference, ``n_bootstrap`` resamples of the cases, seeded: :func:`bootstrap_ci`), ``p_wilcoxon``
+    (two-sided Wilcoxon signed-rank) and ``p_ttest`` (two-sided paired t-test), and ``verdict``: B is
+    called better or worse only if the Wilcoxon p-value is below ``alpha`` *and* the bootstrap CI
+    excludes 0; otherwise "no significant difference". Identical runs give mean difference 0 and p-values of 1.
     """
+    # the numbers before the files: compare(n_bootstrap=0) is one sentence naming the option, as on the command line
+    check_options(n_bootstrap=n_bootstrap, seed=seed, alpha=alpha)
     a, b = read_metrics_csv(run_a_csv), read_metrics_csv(run_b_csv)
     for rows, path in ((a, run_a_csv), (b, run_b_csv)):
         if not rows:
@@ -59,16 +61,13 @@ def compare(
     cases = sorted({c for c, _ in index_a})
     regions = list(dict.fromkeys(r["region"] for r in a))
     metrics = _metrics_of_both(metrics, a[0], b[0], run_a_csv, run_b_csv)
-    rng = np.random.default_rng(seed)
-    resample = rng.integers(0, len(cases), size=(n_bootstrap, len(cases)))
     results = []
     for region in regions:
         for metric in metrics:
             va = np.array([index_a[(c, region)][metric] for c in cases], dtype=float)
             vb = np.array([index_b[(c, region)][metric] for c in cases], dtype=float)
             diff = vb - va
-            boot = diff[resample].mean(axis=1)
-            ci_low, ci_high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+            ci_low, ci_high = bootstrap_ci(diff, n_bootstrap, seed)
             p_w, p_t = _paired_p_values(diff)
             results.append(
                 {
@@ -90,6 +89,27 @@ def compare(
     if verbose:
         print(format_comparison(results))
     return results
+
+
+def bootstrap_ci(diff: np.ndarray, n_bootstrap: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95 % CI of the mean of paired differences: :func:`scipy.stats.bootstrap`.
+
+    Every call draws from a generator seeded with ``seed``, so each region and metric of a comparison
+    resamples the same cases (and a run repeats its CIs). One case has no resampling to do (scipy
+    refuses a sample of one): its CI is its difference.
+    """
+    diff = np.asarray(diff, dtype=float)
+    if diff.size == 1:
+        return float(diff[0]), float(diff[0])
+    result = stats.bootstrap(
+        (diff,),
+        np.mean,
+        n_resamples=n_bootstrap,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def _metrics_of_both(
