@@ -91,6 +91,7 @@ class Served:
         self.client: Any = None
 
     def start(self) -> None:
+        """Prepare (studies, served weights, app) and start the server; wait until it answers."""
         from monailabel.client import MONAILabelClient
 
         app, studies = prepare_server(self.dataset_dir, self.checkpoint, self.work, tta=False)
@@ -108,6 +109,7 @@ class Served:
         raise RuntimeError(f"the server did not start; see {self.work / 'server.log'}")
 
     def stop(self) -> None:
+        """Stop the server by its process group."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)  # the server and its workers: one process group
             self.process.wait(timeout=120)
@@ -145,6 +147,7 @@ class Served:
 
 
 def main() -> None:
+    """Train (or take) a configs/cpu.yaml checkpoint, time, fine-tune, restart, time; write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset_dir", type=Path, default=ROOT.parent / "shared" / "brats_samples")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a configs/cpu.yaml checkpoint (else trained)")
@@ -180,7 +183,11 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "dataset_dir": str(args.dataset_dir),
         "case": case,
         "checkpoint": str(args.checkpoint),
@@ -195,13 +202,14 @@ def main() -> None:
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    tuned_eval = json.dumps(tuning["train_stats"].get("eval", {}))
     rows = "\n".join(f"| {i + 1} | {b:.2f} | {a:.2f} | {a / b:.2f} |" for i, (b, a) in enumerate(zip(before, after)))
     (args.output / "README.md").write_text(
         f"# MONAI Label: inference speed before and after fine-tuning + restart ({results['date']})\n\n"
         f"```bash\n{results['command']}\n```\n\n"
         f"Case `{case}` of `{args.dataset_dir}`, served one pass (no TTA) on {os.cpu_count()} CPU cores "
         f"shared with other work; checkpoint trained by configs/cpu.yaml. Fine-tuning: one epoch through MONAI "
-        f"Label's trainer ({tuning['seconds']:.0f} s, train_stats {json.dumps(tuning['train_stats'].get('eval', {}))}).\n\n"
+        f"Label's trainer ({tuning['seconds']:.0f} s, train_stats {tuned_eval}).\n\n"
         f"Window before / after: {plan_before.get('window')} / {plan_after.get('window')}; patch "
         f"{plan_before['patch_size']} / {plan_after['patch_size']}; plan kept: "
         f"{', '.join(k for k, v in kept.items() if v)}"
