@@ -31,6 +31,14 @@ test-time augmentation default (:func:`default_tta`). Inference builds from the 
 plan; training continues that plan (:func:`app_train_config`: the same network, preprocessing, window,
 recipe and training recipe; ``cache: none``, as a corrected label must be read again), so a model
 fine-tuned in MONAI Label keeps its plan, and a restart serves it as before.
+
+**At start-up** (:func:`prepare_server`) every case is checked (:func:`check_studies`: a broken case
+is named in the log, not at a user's first click) and the trainer's default epochs are sized for about
+:data:`TRAIN_MINUTES` minutes from the plan and one measured training step (:func:`size_training`).
+While the server runs, the datastore follows the dataset folder (:func:`follow_dataset`), a training
+request is checked before any work (:func:`check_train_request`, :func:`check_labelled_cases`), and
+:class:`TrainStats` writes MONAI Label's ``train_stats``. The MONAI Label side of these is
+:mod:`bundle.integrations.monailabel_app`.
 """
 
 from __future__ import annotations
@@ -552,8 +560,8 @@ TYPICAL_BRAIN = (140, 176, 140)
 BUDGET_FILE = "monailabel_training.json"
 #: MONAI Label's ``train_stats`` of the served model, written by :class:`TrainStats` beside the weights.
 STATS_FILE = "train_stats.json"
-#: Request keys MONAI Label itself adds to a training request (not the user's options).
-TRAIN_REQUEST_KEYS = ("model", "bundle_path", "local_rank", "force_multi_gpu", "tracking_run_name")
+#: Request keys MONAI Label and its client add to a training request (not the user's options).
+TRAIN_REQUEST_KEYS = ("model", "bundle_path", "local_rank", "force_multi_gpu", "tracking_run_name", "client_id")
 
 
 def _network_input(plan: Mapping[str, Any], size: Sequence[int], batch: int, device: Any) -> Any:
