@@ -85,8 +85,8 @@ def train_cpu_checkpoint(dataset_dir: Path, output: Path, steps: int) -> Path:
 class Served:
     """One MONAI Label server on the benchmark's work folder, started as ``label_serve`` starts it."""
 
-    def __init__(self, dataset_dir: Path, checkpoint: Path, work: Path) -> None:
-        self.dataset_dir, self.checkpoint, self.work = dataset_dir, checkpoint, work
+    def __init__(self, dataset_dir: Path, checkpoint: Path, work: Path, overrides: dict[str, Any]) -> None:
+        self.dataset_dir, self.checkpoint, self.work, self.overrides = dataset_dir, checkpoint, work, overrides
         self.process: Any = None
         self.client: Any = None
 
@@ -94,7 +94,9 @@ class Served:
         """Prepare (studies, served weights, app) and start the server; wait until it answers."""
         from monailabel.client import MONAILabelClient
 
-        app, studies = prepare_server(self.dataset_dir, self.checkpoint, self.work, tta=False)
+        app, studies = prepare_server(
+            self.dataset_dir, self.checkpoint, self.work, tta=False, overrides=self.overrides or None
+        )
         port = free_port()
         self.process = start_server(app, studies, port=port, log_file=self.work / "server.log")
         (self.work / "client").mkdir(exist_ok=True)
@@ -154,6 +156,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps of the short configs/cpu.yaml training")
     parser.add_argument("--case", default=None, help="the case to time (default: the first of the dataset)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--fine_tune_steps",
+        type=int,
+        default=None,
+        help="steps of the fine-tuning epoch (label_serve --steps_per_epoch; default: the plan's)",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "benchmark_label_finetune")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "label_finetune")
     args = parser.parse_args()
@@ -162,7 +170,8 @@ def main() -> None:
     if args.checkpoint is None:
         args.checkpoint = train_cpu_checkpoint(args.dataset_dir.resolve(), args.work / "cpu_training", args.steps)
     case = args.case or sorted(p.name for p in args.dataset_dir.iterdir() if p.is_dir())[0]
-    served = Served(args.dataset_dir.resolve(), args.checkpoint.resolve(), args.work / "label")
+    overrides = {} if args.fine_tune_steps is None else {"steps_per_epoch": args.fine_tune_steps}
+    served = Served(args.dataset_dir.resolve(), args.checkpoint.resolve(), args.work / "label", overrides)
     plan_before = read_plan(args.checkpoint)
 
     served.start()
@@ -198,7 +207,7 @@ def main() -> None:
         "seconds_per_case_after_fine_tuning_and_restart": after,
         "ratio_after_over_before": ratios,
         "median_ratio": statistics.median(ratios),
-        "fine_tuning": tuning,
+        "fine_tuning": {**tuning, "label_serve_overrides": overrides},
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -209,7 +218,8 @@ def main() -> None:
         f"```bash\n{results['command']}\n```\n\n"
         f"Case `{case}` of `{args.dataset_dir}`, served one pass (no TTA) on {os.cpu_count()} CPU cores "
         f"shared with other work; checkpoint trained by configs/cpu.yaml. Fine-tuning: one epoch through MONAI "
-        f"Label's trainer ({tuning['seconds']:.0f} s, train_stats {tuned_eval}).\n\n"
+        f"Label's trainer ({tuning['seconds']:.0f} s, train_stats {tuned_eval}"
+        f"{', label_serve overrides ' + json.dumps(overrides) if overrides else ''}).\n\n"
         f"Window before / after: {plan_before.get('window')} / {plan_after.get('window')}; patch "
         f"{plan_before['patch_size']} / {plan_after['patch_size']}; plan kept: "
         f"{', '.join(k for k, v in kept.items() if v)}"

@@ -177,8 +177,10 @@ class BratsTrainTask(BundleTrainTask):
 
     def __init__(self, path: str, conf: dict[str, str]) -> None:
         super().__init__(path, conf)
-        budget_file = os.path.join(path, "configs", BUDGET_FILE)
-        budget = json.load(open(budget_file)) if os.path.isfile(budget_file) else {}  # noqa: SIM115
+        budget: dict[str, Any] = {}
+        if os.path.isfile(os.path.join(path, "configs", BUDGET_FILE)):  # written by label_serve at start-up
+            with open(os.path.join(path, "configs", BUDGET_FILE)) as handle:
+                budget = json.load(handle)
         self.default_epochs = int(budget.get("max_epochs", MONAI_LABEL_EPOCHS))
         self.stats_file = os.path.join(path, "models", STATS_FILE)
 
@@ -338,6 +340,7 @@ class RequestChecks:
                 return
         if method == "POST" and path.startswith("/train/"):
             body, receive = await _read_body(receive)
+            # MONAI Label's app keeps its trainers by model name and offers no accessor for them
             task = app_instance()._trainers.get(path[len("/train/") :])
             if isinstance(task, BratsTrainTask):
                 try:
