@@ -151,6 +151,18 @@ COMMAND_OPTIONS: dict[str, dict[str, Rule]] = {
         )
     },
     "demo": {"epochs": Rule("int", low=1, null=True)},
+    # a training request to MONAI Label (POST /train/<model>: Slicer's training options)
+    "label_train": {
+        "max_epochs": Rule("int", low=1),
+        "val_split": Rule(
+            "float",
+            low=0.0,
+            high=1.0,
+            open_low=True,
+            open_high=True,
+            hint="the served training validates on this fraction of the labelled cases",
+        ),
+    },
 }
 
 

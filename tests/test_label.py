@@ -35,7 +35,6 @@ from bundle.integrations.monailabel import (
     MODEL_NAME,
     PRED_KEY,
     app_inference_config,
-    app_train_config,
     assemble_app,
     choose_checkpoint,
     default_tta,
@@ -72,6 +71,13 @@ def write_brats_case(root: Path, case_id: str, seed: int, with_label: bool, skip
     if with_label:
         nib.save(nib.Nifti1Image(labels, lps_affine()), case_dir / f"{case_id}_seg.nii.gz")
     return case_dir
+
+
+def truncate(path: Path) -> Path:
+    """Cut a ``.nii.gz`` file to half its bytes: its header is read, its voxels cannot be decoded."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
 
 
 def write_msd_case(studies: Path, case_id: str, seed: int, with_label: bool) -> Path:
@@ -309,50 +315,78 @@ def cpu_recipe_checkpoint(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.label
 def test_monai_label_fine_tuning_keeps_the_served_plan(brats_dataset: Path, tmp_path: Path) -> None:
-    """The exact call MONAI Label's BundleTrainTask makes (run id 'run', no initialize) on the app's train.json,
-    from a configs/cpu.yaml checkpoint: one epoch, and the new model.pt records the same plan."""
-    from monai.bundle import run
-
+    """One epoch through MONAI Label's trainer as ``POST /train`` runs it (the app's BratsTrainTask, MONAI Label's
+    BundleTrainTask: datastore list, split, CheckpointLoader of the served weights, ``monai.bundle.run`` of the
+    app's train.json) from a configs/cpu.yaml checkpoint; the new model.pt records the same plan."""
+    pytest.importorskip("monailabel")
+    from bundle.integrations.monailabel_app import DATASTORE_EXTENSIONS, BratsTrainTask, StudiesDatastore
     from bundle.plan import read_plan
     from bundle.plan.specs import same_component
 
-    served = read_plan(cpu_recipe_checkpoint(tmp_path / "served.pt"))
-    studies = prepare_studies(brats_dataset, tmp_path / "work")
-    final = studies.folder / "labels" / "final"
-    items = [{"image": str(studies.folder / p.name), "label": str(p)} for p in sorted(final.iterdir())]
-    # the app's train.json (monailabel.assemble_app writes it from the served plan): MONAI Label edits train#handlers
-    train_json = tmp_path / "train.json"
-    ConfigParser.export_config_file(app_train_config(REPO_ROOT, served, {}, studies.layout), str(train_json))
-    config = ConfigParser.load_config_file(str(train_json))
+    work = tmp_path / "work"
+    studies = prepare_studies(brats_dataset, work)
+    served_file = choose_checkpoint(work / "models", cpu_recipe_checkpoint(tmp_path / "served.pt"))
+    served = read_plan(served_file)
+    # steps_per_epoch: a user's explicit change at label_serve (logged); the plan keeps the rest
+    bundle_dir = assemble_app(work, studies.layout, overrides={"steps_per_epoch": 2, "num_workers": 0})
+    config = ConfigParser.load_config_file(str(bundle_dir / "configs" / "train.json"))
     assert isinstance(config["train"]["handlers"], list) and config["cache"] == "none"
-    assert config["window"] == [24, 24, 16] and config["steps_per_epoch"] == 100  # the plan's, not train.yaml's
-    bundle_root = tmp_path / "bundle"
-    overrides: dict[str, Any] = {
-        "bundle_root": str(bundle_root),
-        "device": torch.device("cpu"),
-        "train#trainer#max_epochs": 1,
-        "train#dataset#data": items[:1],
-        "train#handlers": config["train"]["handlers"],
-        "validate#dataset#data": items[1:],
-        "steps_per_epoch": 2,  # a user's explicit change (logged); the plan keeps the rest
-        "num_workers": 0,
-    }
-    run(
-        run_id="run",
-        init_id=None,
-        final_id=None,
-        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
-        config_file=str(train_json),
-        **overrides,
-    )
-    assert list((bundle_root / "runs" / "train").glob("checkpoint_*epoch=1.pt"))
-    assert not (bundle_root / "data").exists(), "MONAI Label's datalist must be used, not the demo data"
-    tuned = read_plan(bundle_root / "models" / "model.pt")  # one epoch still validates and saves the model
+    assert config["window"] == [24, 24, 16] and config["crop_pos"] == 3  # the plan's, not train.yaml's
+
+    task = BratsTrainTask(str(bundle_dir), {"models": MODEL_NAME})
+    datastore = StudiesDatastore(str(studies.folder), extensions=DATASTORE_EXTENSIONS)
+    request = {"model": MODEL_NAME, "max_epochs": 1, "val_split": 0.5, "multi_gpu": False, "device": "cpu"}
+    task({**request, "bundle_path": str(bundle_dir)}, datastore)
+
+    assert list((work / "runs" / "train").glob("checkpoint_*epoch=1.pt"))
+    assert not (bundle_dir / "data").exists(), "MONAI Label's datalist must be used, not the demo data"
+    assert md5sum(work / "models" / "model.pt") != md5sum(tmp_path / "served.pt"), "the served weights were trained"
+    tuned = read_plan(work / "models" / "model.pt")  # one epoch still validates and saves the model
     for key in ("network", "input_channels", "preprocessing", "patch_size", "window", "inference_recipe"):
         assert same_component(tuned[key], served[key]), key
     changed = {k for k in served["training"] if not same_component(tuned["training"][k], served["training"][k])}
     assert changed == {"steps_per_epoch"}, changed
+    assert task.stats()["epoch"] == 1 and task.stats()["eval"]["best_metric_epoch"] == 1
+
+
+@pytest.mark.slow
+def test_default_epochs_fill_about_15_minutes_by_the_plan(tmp_path: Path) -> None:
+    """The trainer's default epochs: the plan's steps, batch and windows at the measured seconds, in 15 minutes."""
+    from bundle.integrations.monailabel import default_epochs, measure_training, size_training
+    from bundle.plan import read_plan
+
+    plan = {**read_plan(cpu_recipe_checkpoint(tmp_path / "cpu.pt")), "window": [160, 192, 160]}
+    training = plan["training"]
+    assert training["steps_per_epoch"] == 100 and training["lr_scheduler_factory"]["total_iters"] == 12  # cpu.yaml
+    # 100 steps x 1.4 s + 2 validation cases x 1 whole-brain window x 2 s = 144 s an epoch: 6 in 15 minutes
+    epochs, reason = default_epochs(plan, labelled=10, seconds={"step": 1.4, "window": 2.0})
+    assert epochs == 6, reason
+    assert reason.startswith("training: 6 epoch(s) by default, about 14 min: one step of 2 x 16x16x16 patches")
+    assert default_epochs(plan, 10, {"step": 20.0, "window": 2.0})[0] == 1  # at least one
+    # at most the model's learning-rate schedule (12 epochs to 0 in configs/cpu.yaml), else MONAI Label's 50
+    assert default_epochs(plan, 10, {"step": 0.01, "window": 0.01})[0] == 12
+    assert default_epochs({**plan, "training": {}}, 10, {"step": 0.01, "window": 0.01})[0] == 50
+
+    seconds = measure_training(read_plan(tiny_checkpoint(tmp_path / "tiny.pt")))
+    assert seconds["step"] > 0 and seconds["window"] > 0
+    (tmp_path / "work" / "models").mkdir(parents=True)
+    (tmp_path / "app" / "configs").mkdir(parents=True)
+    first = size_training(tmp_path / "work", tmp_path / "app", plan, labelled=3)
+    budget = json.loads((tmp_path / "app" / "configs" / "monailabel_training.json").read_text())
+    assert budget["max_epochs"] == first
+    import bundle.integrations.monailabel as monailabel
+
+    def measured_again(*args: Any) -> None:
+        raise AssertionError("the measurement of the same model on the same machine is kept")
+
+    original, monailabel.measure_training = monailabel.measure_training, measured_again
+    try:
+        assert size_training(tmp_path / "work", tmp_path / "app", plan, labelled=3) == first
+    finally:
+        monailabel.measure_training = original
 
 
 # ------------------------------------------------------------------ a real MONAI Label server
@@ -370,7 +404,7 @@ class Server:
 
     def __init__(self, root: Path, dataset: Path, checkpoint: Path) -> None:
         self.root, self.dataset, self.checkpoint = root, dataset, checkpoint
-        self.work, self.log = root / "work", root / "server.log"
+        self.work, self.log, self.tmp = root / "work", root / "server.log", root / "server_tmp"
         self.process: subprocess.Popen | None = None
         self.client: Any = None
 
@@ -399,9 +433,12 @@ class Server:
         from monailabel.client import MONAILabelClient
 
         port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.tmp.mkdir(exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(self.tmp)}  # the server's temporary files, to look at
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
-                self.command(port), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(port), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
             )
         (self.root / "client").mkdir(exist_ok=True)
         self.client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(self.root / "client"))
@@ -433,6 +470,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     write_brats_case(dataset, "BraTS2021_00002", seed=22, with_label=True)
     write_brats_case(dataset, "BraTS2021_00003", seed=11, with_label=False)
     write_brats_case(dataset, "BraTS2021_00004", seed=12, with_label=False, skip="t2")
+    truncate(write_brats_case(dataset, "BraTS2021_00005", seed=13, with_label=False) / "BraTS2021_00005_t1.nii.gz")
     running = Server(root, dataset, tiny_checkpoint(root / "tiny.pt"))
     running.info = running.start()
     try:
@@ -453,9 +491,16 @@ def test_server_lists_the_bundle_and_one_image_per_case(server: Server) -> None:
     model = server.info["models"][MODEL_NAME]
     assert model["labels"] == {"background": 0, "NCR": 1, "ED": 2, "ET": 4}
     assert model["config"]["tta"] is False  # --tta false as typed
+    # the trainer's default epochs: sized at start-up (measured), stated in the log, offered to Slicer
+    budget = json.loads(
+        (server.work / "app" / "model" / MODEL_NAME / "configs" / "monailabel_training.json").read_text()
+    )
+    assert server.info["trainers"][MODEL_NAME]["config"]["max_epochs"] == budget["max_epochs"]
+    assert budget["reason"].startswith(f"training: {budget['max_epochs']} epoch(s) by default, about ")
+    assert budget["reason"] in server.log.read_text()
     datastore = server.client.datastore()
     objects = datastore["objects"]
-    assert sorted(objects) == [f"BraTS2021_0000{i}" for i in (1, 2, 3, 4)]
+    assert sorted(objects) == [f"BraTS2021_0000{i}" for i in (1, 2, 3, 4, 5)]
     assert objects["BraTS2021_00003"]["image"]["ext"] == ".nii.gz"
     assert sorted(k for k, v in objects.items() if "final" in v["labels"]) == ["BraTS2021_00001", "BraTS2021_00002"]
 
@@ -484,6 +529,162 @@ def test_a_case_missing_a_modality_is_a_4xx_naming_the_file(server: Server) -> N
     assert raised.value.msg == f'Status: 422; Response: {{"detail":"{missing}: missing modality t2"}}'
 
 
+def _request(server: Server, method: str, path: str, **kwargs: Any) -> Any:
+    """One HTTP request to the server, as a client other than MONAI Label's (Slicer, curl) sends it."""
+    import requests
+
+    return requests.request(method, server.url + path, timeout=600, **kwargs)
+
+
+def _wait_for_training(server: Server, timeout: float = 900) -> dict[str, Any]:
+    """The training task's status once it is DONE, ERROR or STOPPED."""
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:  # SUBMITTED -> RUNNING -> DONE | ERROR | STOPPED
+        status = server.client.train_status()
+        if status.get("status") in TASK_FINAL_STATES:
+            break
+        time.sleep(3)
+    return status
+
+
+#: Ids that name no listed image: a case that does not exist, a path out of the studies folder, an absolute path.
+BAD_IDS = (
+    "BraTS2021_09999",
+    "../BraTS2021_Training_Data/BraTS2021_00001/BraTS2021_00001_flair",
+    "../../../../../../etc/passwd",
+    "/etc/passwd",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.label
+def test_unknown_image_ids_are_404_naming_the_id_and_never_a_path(server: Server) -> None:
+    """infer, download and save_label on an id the studies do not list: 404 with the id; no file read or left."""
+    from bundle.integrations.monailabel_app import unknown_image
+
+    final = server.work / "studies" / "labels" / "final"
+    labels_before = sorted(p.name for p in final.iterdir())
+    temporary_before = sorted(server.tmp.iterdir())
+    upload = {
+        "label": ("label.nii.gz", (server.dataset / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz").read_bytes())
+    }
+    for image_id in BAD_IDS:
+        answers = {
+            "infer": _request(
+                server, "POST", f"/infer/{MODEL_NAME}", params={"image": image_id}, data={"params": "{}"}
+            ),
+            "download": _request(server, "GET", "/datastore/image", params={"image": image_id}),
+            "save_label": _request(
+                server, "PUT", "/datastore/label", params={"image": image_id, "tag": "final"}, files=upload
+            ),
+        }
+        for endpoint, answer in answers.items():
+            assert answer.status_code == 404, (endpoint, image_id, answer.text)
+            assert answer.json() == {"detail": unknown_image(image_id)}, (endpoint, answer.text)
+    assert sorted(server.tmp.iterdir()) == temporary_before, "a refused upload left a temporary file"
+    assert sorted(p.name for p in final.iterdir()) == labels_before
+    assert _request(server, "GET", "/datastore/image", params={"image": "BraTS2021_00003"}).status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.label
+def test_broken_cases_are_named_at_start_up_and_new_cases_appear_without_restart(server: Server) -> None:
+    log = server.log.read_text()
+    truncated = (server.dataset / "BraTS2021_00005" / "BraTS2021_00005_t1.nii.gz").resolve()
+    missing = (server.dataset / "BraTS2021_00004" / "BraTS2021_00004_t2.nii.gz").resolve()
+    started = log.index("Uvicorn running on")  # MONAI Label's server starts after label_serve's checks
+    for case, sentence in (
+        ("BraTS2021_00005", f"{truncated}: image data cannot be decoded"),
+        ("BraTS2021_00004", f"{missing}: missing modality t2"),
+    ):
+        said = log.find(f"studies: case {case} cannot be segmented or trained on as it is: {sentence}")
+        assert 0 <= said < started, f"{case} was not named at start-up:\n{log[:6000]}"
+
+    # cases copied into the dataset while the server runs: listed without a restart, a broken one named
+    write_brats_case(server.dataset, "BraTS2021_00006", seed=14, with_label=False)
+    truncate(
+        write_brats_case(server.dataset, "BraTS2021_00007", seed=15, with_label=False) / "BraTS2021_00007_t2.nii.gz"
+    )
+    label = _infer(server, "BraTS2021_00006")  # an id not listed yet is looked for in the dataset first
+    assert label.shape == SHAPE
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "BraTS2021_00007" not in server.client.datastore()["objects"]:
+        time.sleep(1)
+    assert "BraTS2021_00007" in server.client.datastore()["objects"]
+    broken = (server.dataset / "BraTS2021_00007" / "BraTS2021_00007_t2.nii.gz").resolve()
+    assert f"studies: case BraTS2021_00007 cannot be segmented or trained on as it is: {broken}: image data" in (
+        server.log.read_text()
+    )
+
+    # cases removed from the dataset leave the list
+    shutil.rmtree(server.dataset / "BraTS2021_00006")
+    shutil.rmtree(server.dataset / "BraTS2021_00007")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "BraTS2021_00006" in server.client.datastore()["objects"]:
+        time.sleep(1)
+    assert sorted(server.client.datastore()["objects"]) == [f"BraTS2021_0000{i}" for i in (1, 2, 3, 4, 5)]
+
+
+@pytest.mark.slow
+@pytest.mark.label
+def test_training_requests_that_cannot_train_are_refused_before_any_work(server: Server) -> None:
+    """POST /train/<model>: a bad option or too few labelled cases is HTTP 422 with the sentence; nothing starts."""
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"max_epochs": 0}, "max_epochs: 0 is not allowed: use a whole number of at least 1"),
+        ({"max_epoch": 1}, "train: unknown option 'max_epoch' (it would be ignored); did you mean 'max_epochs'?"),
+        ({"val_split": -1}, "val_split: -1 is not allowed: use a number above 0 and below 1"),
+        ({"val_split": 0.1}, "train: 2 labelled case(s) split by val_split 0.1 leave no case to validate on"),
+    ]
+    if not torch.cuda.is_available():
+        refused.append(({"device": "cuda"}, "device: 'cuda' needs a CUDA GPU, and PyTorch finds none"))
+    for params, sentence in refused:
+        answer = _request(server, "POST", f"/train/{MODEL_NAME}", json=params)
+        assert answer.status_code == 422, (params, answer.text)
+        assert answer.json()["detail"].startswith(sentence), answer.text
+
+    # no labelled case at all (the final labels moved away, then back)
+    final = server.work / "studies" / "labels" / "final"
+    aside = server.root / "labels_aside"
+    shutil.move(final, aside)
+    final.mkdir()
+    try:
+        time.sleep(2.5)  # the datastore refreshes at most every 2 s
+        answer = _request(server, "POST", f"/train/{MODEL_NAME}", json={"max_epochs": 1})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].startswith("train: no case holds a final label yet")
+    finally:
+        final.rmdir()
+        shutil.move(aside, final)
+    time.sleep(2.5)
+    objects = server.client.datastore()["objects"]
+    assert sorted(k for k, v in objects.items() if "final" in v["labels"]) == ["BraTS2021_00001", "BraTS2021_00002"]
+    assert _request(server, "GET", "/train/").status_code == 404, "no training may have started"
+    assert not (server.work / "runs" / "train").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.label
+def test_a_training_that_fails_ends_with_the_sentence_the_client_sees(server: Server) -> None:
+    """A labelled case missing a modality: the training stops before any work, its status ends with the sentence."""
+    label_file, _ = server.client.infer(MODEL_NAME, "BraTS2021_00003", {"device": "cpu"})
+    server.client.save_label("BraTS2021_00004", label_file, tag="final")  # the case misses its T2
+    served = server.work / "models" / "model.pt"
+    before = md5sum(served)
+    try:
+        server.client.train_start(MODEL_NAME, {"max_epochs": 1, "val_split": 0.34, "multi_gpu": False, "device": "cpu"})
+        status = _wait_for_training(server)
+    finally:
+        _request(server, "DELETE", "/datastore/label", params={"id": "BraTS2021_00004", "tag": "final"})
+    missing = (server.dataset / "BraTS2021_00004" / "BraTS2021_00004_t2.nii.gz").resolve()
+    assert status.get("status") == "ERROR", status
+    details = list(status["details"])
+    assert details[-1] == f"error: {missing}: missing modality t2", details
+    assert not any("Traceback" in line for line in details), details
+    assert md5sum(served) == before
+    assert not list((server.work / "runs").glob("train/checkpoint_*.pt")), "no epoch may have run"
+
+
 @pytest.mark.slow
 @pytest.mark.label
 def test_saved_labels_train_and_trained_weights_survive_a_restart(server: Server) -> None:
@@ -497,14 +698,11 @@ def test_saved_labels_train_and_trained_weights_survive_a_restart(server: Server
     served = server.work / "models" / "model.pt"
     before = md5sum(served)
     server.client.train_start(MODEL_NAME, {"max_epochs": 1, "val_split": 0.34, "multi_gpu": False, "device": "cpu"})
-    deadline = time.monotonic() + 900
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:  # SUBMITTED -> RUNNING -> DONE | ERROR | STOPPED
-        status = server.client.train_status()
-        if status.get("status") in TASK_FINAL_STATES:
-            break
-        time.sleep(5)
+    status = _wait_for_training(server)
     assert status.get("status") == "DONE", f"{status}\n{server.log.read_text()[-4000:]}"
+    stats = server.client.info()["train_stats"][MODEL_NAME]  # what 3D Slicer shows
+    assert stats["epoch"] == stats["total_epochs"] == 1 and stats["total_time"].startswith("0:"), stats
+    assert stats["eval"]["best_metric_epoch"] == 1 and stats["best_metric"] == stats["eval"]["best_metric"], stats
     assert "Total Records in Dataset: 3" in server.log.read_text(), "the saved label must be trained on"
     trained = md5sum(served)
     assert trained != before, "training did not replace the served weights"
@@ -513,6 +711,7 @@ def test_saved_labels_train_and_trained_weights_survive_a_restart(server: Server
     server.stop()
     server.start()
     assert md5sum(served) == trained, "the restart must serve the trained weights"
+    assert server.client.info()["train_stats"][MODEL_NAME] == stats, "the stats are kept with the weights"
     assert "trained in MONAI Label since it was copied from --checkpoint" in server.log.read_text()
     label = _infer(server, "BraTS2021_00003")
 
