@@ -220,8 +220,8 @@ INFERENCE = ["configs/inference.yaml"]
 TRAIN = ["configs/train.yaml"]
 # key -> (configs, probe reading the key's effect from the resolved config)
 PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
-    "tta": (INFERENCE, lambda p: p.get_parsed_content("inferer").tta),
-    "save_uncertainty": (INFERENCE, lambda p: p.get_parsed_content("inferer").return_std),
+    "tta": (INFERENCE, lambda p: p.get_parsed_content("inferer").inferer.tta),
+    "save_uncertainty": (INFERENCE, lambda p: p.get_parsed_content("inferer").inferer.return_std),
     "save_probabilities": (
         INFERENCE,
         lambda p: any(type(t).__name__ == "Invertd" and "pred_mean" in t.keys for t in _postprocessing(p)),

@@ -204,7 +204,7 @@ def export(output: str, zip: bool = False, checkpoint: str | None = None, url_ba
 def infer(
     *inputs: str,
     output: str = "runs/inference",
-    checkpoint: str | None = None,
+    checkpoint: str | list[str] | None = None,
     tta: bool | str | None = None,
     device: str | None = None,
     overwrite: bool | str = False,
@@ -214,7 +214,9 @@ def infer(
 
     ``inputs``: one dataset or case folder, or the files of one case in the order T1, T1ce, T2, FLAIR
     (``infer t1.nrrd t1ce.nrrd t2.nrrd flair.mha``, or as one list ``infer "[t1.nrrd,t1ce.nrrd,t2.nrrd,flair.mha]"``),
-    or one 4-D image; every other setting is a ``--flag``. The checkpoint's own inference recipe runs
+    or one 4-D image; every other setting is a ``--flag``. ``--checkpoint a.pt b.pt ...`` (or
+    ``--checkpoint "[a.pt,b.pt]"``) is a fold ensemble: the models' probabilities are averaged before the
+    recipe's thresholds and clean-up; their plans must agree. The checkpoint's own inference recipe runs
     unless ``--tta``, another recipe key or ``--config_file <variant>`` overrides it. Cases whose outputs
     already exist in ``output`` are skipped (logged), so rerunning a killed run continues it;
     ``--overwrite true`` redoes them. Returns every case's segmentation file.
@@ -444,6 +446,36 @@ COMMANDS = {
 }
 
 
+#: Commands whose ``--checkpoint`` takes several files (a fold ensemble), and what a checkpoint's name ends with.
+CHECKPOINT_LISTS = ("infer", "evaluate")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _checkpoint_lists(args: list[str]) -> list[str]:
+    """``--checkpoint a.pt b.pt`` as the one list Fire reads, ``--checkpoint "['a.pt','b.pt']"``.
+
+    Fire gives a flag one value: ``b.pt`` would become an input to segment. The files after
+    ``--checkpoint`` that end in ``.pt`` / ``.pth`` / ``.ckpt`` are taken as its list; other names are
+    given as one list (``--checkpoint "[a,b]"``), which is passed on as typed.
+    """
+    if not args or args[0] not in CHECKPOINT_LISTS:
+        return args
+    out, i = list(args[:1]), 1
+    while i < len(args):
+        out.append(args[i])
+        if args[i] == "--checkpoint":
+            files = []
+            while i + 1 < len(args) and args[i + 1].lower().endswith(CHECKPOINT_SUFFIXES):
+                files.append(args[i + 1])
+                i += 1
+            if len(files) > 1:
+                out.append("[" + ",".join(repr(f) for f in files) + "]")
+            else:
+                out += files
+        i += 1
+    return out
+
+
 def _check_flag_names(args: list[str]) -> None:
     """A fixed-signature command given a flag it does not take stops here, before it runs (bundle.options)."""
     if args and args[0] in COMMANDS:
@@ -455,8 +487,9 @@ def main() -> None:
     import fire
 
     try:
-        _check_flag_names(sys.argv[1:])
-        fire.Fire(COMMANDS)
+        args = _checkpoint_lists(sys.argv[1:])
+        _check_flag_names(args)
+        fire.Fire(COMMANDS, command=args)
     except Exception as err:
         from bundle.errors import find_user_error, user_error_message
 
