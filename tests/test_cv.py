@@ -223,3 +223,42 @@ def test_one_fold_or_an_empty_fold_is_one_sentence_before_any_training(
         run_cv(folds=4, datalist=str(datalist), output_dir=str(out))
     assert not trained, "a fold trained"
     assert not any(p.name.startswith("fold_") for p in out.glob("*"))
+
+
+@pytest.mark.slow
+def test_seeds_repeat_the_whole_cv_each_in_its_folder_and_compare_pairs_the_runs(
+    tmp_path: Path, tiny_demo: Path, capsys
+) -> None:
+    """``cv --seeds 2 --scoring raw``: two runs (training seeds 42, 43; the split of 42) in seed_42/ and seed_43/,
+    mean +- sd over them in cv_runs.json; ``bundle compare`` of two such folders pairs the runs by seed."""
+    out = tmp_path / "cv"
+    base = ["cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out), *TINY_FLAGS]
+    fire.Fire(COMMANDS, command=[*base, "--seeds", "2", "--scoring", "raw"])
+    printed = capsys.readouterr().out
+    assert "raw scoring (no TTA, 0.5 thresholds, no post-processing" in printed
+    assert "2 runs (seeds 42, 43)" in printed and "python -m bundle infer" in printed
+    runs = json.loads((out / "cv_runs.json").read_text())
+    assert runs["seeds"] == [42, 43] and runs["split_seed"] == 42 and runs["scoring"] == "raw"
+    split = {i["case_id"]: i["fold"] for i in json.loads((out / "datalist.json").read_text())["training"]}
+    per_seed = {}
+    for s in (42, 43):
+        summary = json.loads((out / f"seed_{s}" / "cv_summary.json").read_text())
+        assert summary["seed"] == s and summary["scoring"] == "raw"
+        assert summary["datalist"] == str(out / "datalist.json")
+        assert json.loads((out / f"seed_{s}" / "fold_1" / "cv_fold.json").read_text())["seed"] == s
+        rows = _read_csv(out / f"seed_{s}" / "cv_metrics.csv")
+        assert {r["case"]: int(r["fold"]) for r in rows} == split  # the same split in every run
+        per_seed[s] = summary["across_folds"]["WT"]["dice"]["mean"]
+    entry = runs["across_runs"]["WT"]["dice"]
+    assert entry["run_means"] == {"42": pytest.approx(per_seed[42]), "43": pytest.approx(per_seed[43])}
+    assert entry["mean"] == pytest.approx(np.mean(list(per_seed.values())))
+    assert entry["std"] == pytest.approx(np.std(list(per_seed.values()), ddof=1))
+    weights = [torch.load(out / f"seed_{s}" / "fold_0" / "models" / "model.pt", weights_only=True) for s in (42, 43)]
+    assert any(not torch.equal(weights[0]["model"][k], weights[1]["model"][k]) for k in weights[0]["model"])
+    # the printed ensemble command names the four checkpoints (two folds of two runs)
+    assert printed.count("models/model.pt") >= 4
+
+    fire.Fire(COMMANDS, command=["compare", str(out), str(out), "--metrics", "dice"])
+    table = capsys.readouterr().out
+    assert "2 runs per side, paired by seed" in table and "p Holm-adjusted" in table.splitlines()[1]
+    assert "no significant difference" in table

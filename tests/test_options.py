@@ -645,7 +645,7 @@ def test_compare_refuses_a_file_that_is_no_metrics_table_and_a_misspelt_metric(
     assert message.startswith(f"error: {other}: not a metrics table (expected the columns 'case' and 'region'")
     monkeypatch.setattr(sys, "argv", ["bundle", "compare", str(table), str(table), "--metrics", "dice,hd95"])
     bundle.integrations.cli.main()
-    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]] == [["WT", "dice"], ["WT", "hd95"]]
+    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:-1]] == [["WT", "dice"], ["WT", "hd95"]]
 
 
 TRAINING_PROBES = {
