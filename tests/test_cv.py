@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import fire
@@ -15,7 +17,8 @@ from monai.data import MetaTensor
 
 from bundle.data import generate_demo_dataset, prepare
 from bundle.errors import DataError
-from bundle.integrations.cli import COMMANDS
+from bundle.inference.run import infer
+from bundle.integrations.cli import COMMANDS, main
 from bundle.integrations.cv import CaseMetricsCollector, parse_fold_ids, run_cv, summarize_folds
 
 # the tiny network and schedule of tests/test_training.py, as command-line flags
@@ -55,12 +58,32 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_cv_two_folds_end_to_end_through_the_cli(tmp_path: Path, tiny_demo: Path, capsys) -> None:
+@pytest.mark.slow
+def test_cv_two_folds_end_to_end_through_the_cli(
+    tmp_path: Path, tiny_demo: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default each fold's checkpoint segments its cases as ``bundle infer`` would (its recipe: TTA, thresholds,
+    clean-up), and cv ends with the fold-ensemble command, which runs as printed."""
     out = tmp_path / "cv"
     command = ["cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out), *TINY_FLAGS]
     fire.Fire(COMMANDS, command=command)
     printed = capsys.readouterr().out
     assert "mean +- std of the per-fold means" in printed and "dice" in printed
+    assert "recipe scoring (each checkpoint's inference recipe, as bundle infer runs it)" in printed
+    assert json.loads((out / "fold_0" / "cv_fold.json").read_text()) == {"fold": 0, "seed": 42, "scoring": "recipe"}
+    # what fold 0 scored is what bundle infer writes with its checkpoint
+    case = next(i["case_id"] for i in json.loads((out / "datalist.json").read_text())["training"] if i["fold"] == 0)
+    best = str(out / "fold_0" / "models" / "model.pt")
+    (alone,) = infer(str(tiny_demo / case), output=str(tmp_path / "alone"), checkpoint=best)
+    scored = out / "fold_0" / "val_predictions" / f"{case}_seg.nii.gz"
+    np.testing.assert_array_equal(np.asarray(nib.load(scored).dataobj), np.asarray(nib.load(alone).dataobj))
+    # the printed ensemble command, typed as printed
+    (line,) = [t.strip() for t in printed.splitlines() if t.strip().startswith("python -m bundle infer")]
+    monkeypatch.setattr(sys, "argv", ["bundle", *shlex.split(line)[3:]])
+    main()
+    assert sorted(p.name for p in (out / "ensemble").glob("*_seg.nii.gz")) == sorted(
+        f"{d.name}_seg.nii.gz" for d in tiny_demo.iterdir() if d.is_dir()
+    )
 
     datalist = json.loads((out / "datalist.json").read_text())
     assert datalist["num_folds"] == 2 and datalist["holdout_fraction"] == 0.2
@@ -148,6 +171,7 @@ def test_summarize_folds_averages_fold_means_not_cases() -> None:
     assert summary["cases_per_fold"] == {"0": 3, "1": 1}
 
 
+@pytest.mark.slow
 def test_fold_ids_runs_a_subset_and_pools_earlier_folds(tmp_path: Path, tiny_demo: Path) -> None:
     out = tmp_path / "cv"
     base = ["cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out), *TINY_FLAGS]
@@ -166,6 +190,9 @@ def test_fold_ids_runs_a_subset_and_pools_earlier_folds(tmp_path: Path, tiny_dem
     assert [r["dice"] for r in fold_0] == [r["dice"] for r in first]
     summary = json.loads((out / "cv_summary.json").read_text())
     assert summary["folds"] == [0, 1] and summary["holdout"]["folds"] == [0, 1]  # the hold-out pooled too
+    # fold 1 again, scored raw: fold 0 (scored with its recipe) is not pooled with it
+    fire.Fire(COMMANDS, command=[*base, "--fold_ids", "1", "--scoring", "raw"])
+    assert {r["fold"] for r in _read_csv(out / "cv_metrics.csv")} == {"1"}
 
 
 def test_collector_scores_the_disjoint_classes_from_the_region_channels() -> None:
