@@ -87,6 +87,11 @@ def test_bundle_compare_of_repeated_cross_validations_reports_mean_sd_over_runs(
     assert float(rows["WT"]["mean_a"]) == pytest.approx(np.mean(figures))
     assert float(rows["WT"]["mean_a_sd"]) == pytest.approx(np.std(figures, ddof=1))
     assert int(rows["WT"]["n_runs"]) == 3 and float(rows["WT"]["mean_diff"]) == pytest.approx(0.1, abs=0.03)
+    # a repeated cross-validation against one run: not alike
+    plain = _table(tmp_path / "plain" / "cv_metrics.csv", 0.0, 5, folds=True)
+    monkeypatch.setattr(sys, "argv", ["bundle", "compare", str(tmp_path / "a"), str(plain.parent)])
+    with pytest.raises(SystemExit, match=r"plain: not a repeated cross-validation \(no seed_<s>/cv_metrics.csv\)"):
+        main()
     # another seed on one side: the runs cannot be paired
     _table(tmp_path / "b" / "seed_4" / "cv_metrics.csv", 0.1, 4, folds=True)
     monkeypatch.setattr(sys, "argv", ["bundle", "compare", str(tmp_path / "a"), str(tmp_path / "b")])

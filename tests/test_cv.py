@@ -289,3 +289,26 @@ def test_seeds_repeat_the_whole_cv_each_in_its_folder_and_compare_pairs_the_runs
     table = capsys.readouterr().out
     assert "2 runs per side, paired by seed" in table and "p Holm-adjusted" in table.splitlines()[1]
     assert "no significant difference" in table
+
+
+def test_a_misspelt_scoring_or_no_seeds_is_one_sentence_before_any_training(
+    tmp_path: Path, tiny_demo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from bundle.errors import OptionError
+
+    trained: list[dict] = []
+    monkeypatch.setattr("monai.bundle.ConfigWorkflow", lambda **kw: trained.append(kw))
+    out = tmp_path / "cv"
+    base = ["bundle", "cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out)]
+    for flags, sentence in (
+        (["--scoring", "rwa"], "error: scoring: 'rwa' is not one of recipe, raw; did you mean raw?"),
+        (["--seeds", "0"], "error: seeds: 0 is not allowed: use a whole number of at least 1"),
+    ):
+        monkeypatch.setattr(sys, "argv", [*base, *flags])
+        with pytest.raises(SystemExit) as info:
+            main()
+        message = info.value.code if isinstance(info.value.code, str) else capsys.readouterr().err.strip()
+        assert message.startswith(sentence), message
+    with pytest.raises(OptionError, match="scoring: 'tta' is not one of recipe, raw"):
+        run_cv(folds=2, dataset_dir=str(tiny_demo), output_dir=str(out), scoring="tta")
+    assert not trained and not out.exists()

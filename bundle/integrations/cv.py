@@ -1,21 +1,33 @@
-"""K-fold cross-validation in one command: ``python -m bundle cv --folds 5 [--fold_ids 0,2] ...``.
+"""K-fold cross-validation in one command: ``python -m bundle cv --folds 5 [--fold_ids 0,2] [--seeds 3] ...``.
 
 :func:`run_cv` prepares *one* datalist with the requested number of folds (so every fold sees the same
 split), trains each chosen fold through MONAI's ``ConfigWorkflow`` on the training config with
 ``fold=k``, ``output_dir=<out>/fold_k`` and ``ckpt_dir=<out>/fold_k/models``, then scores that fold's
-validation cases with its best checkpoint: the validation pipeline of the same workflow (its dataloader,
-sliding-window inferer and post-processing, so any variant config is evaluated as it validates) runs in
-a MONAI ``SupervisedEvaluator`` whose :class:`CaseMetricsCollector` turns every case into per-region rows
-of :func:`bundle.evaluation.metrics.evaluate_case`. Outputs in ``<out>``:
+validation cases (and the held-out ones) with its best checkpoint, one of two ways (``scoring``):
+
+* ``recipe`` (default): as ``python -m bundle evaluate --checkpoint`` does: ``configs/evaluate.yaml`` over
+  ``configs/inference.yaml`` runs the checkpoint's own plan and inference recipe (TTA, thresholds,
+  post-processing; what ``bundle infer`` on it writes, in ``fold_k/val_predictions``), scored on each
+  case's own grid. This is how the papers report their cross-validation (M4's five folds).
+* ``raw``: the network's validation output on the validation grid (RAS, cropped to the brain), no TTA,
+  0.5 thresholds (argmax for class models), no post-processing, like nnU-Net's fold validation: a
+  ``SupervisedEvaluator`` on the workflow's validation parts whose :class:`CaseMetricsCollector` turns
+  every case into per-region rows of :func:`bundle.evaluation.metrics.evaluate_case`. Specificity and
+  accuracy then count only voxels inside the crop.
+
+Outputs in ``<out>``:
 
 * ``fold_k/metrics.csv`` + ``fold_k/summary.json`` - one fold, the same files as ``python -m bundle evaluate``;
+  ``fold_k/cv_fold.json`` records the seed and the scoring (folds pooled from earlier calls must match);
 * ``cv_metrics.csv`` - every validation case of every fold once, with a ``fold`` column;
 * ``cv_summary.json`` - per-fold means, the fold summary (mean +- std of the per-fold means, as papers
   report cross-validation) and the pooled per-case summary; the fold summary is printed as a table.
 
-Scores are on the validation grid (RAS, cropped to the brain), without test-time augmentation or
-post-processing: the network's own validation predictions, like nnU-Net's fold validation. Overlap and
-distance metrics are unaffected by the crop; specificity and accuracy count only voxels inside it.
+``seeds`` > 1 repeats the whole cross-validation with training seeds ``seed``, ``seed + 1``, ... (the split
+stays ``seed``'s, so every run scores the same cases) in ``<out>/seed_<s>/``, and ``<out>/cv_runs.json``
+holds mean +- sd over the runs (M1 reports repeated runs so); ``bundle compare`` of two such folders
+pairs the runs by seed. The run ends by printing the fold-ensemble command (every fold's best
+checkpoint, their probabilities averaged: :class:`bundle.plan.CheckpointEnsemble`).
 """
 
 from __future__ import annotations
