@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -441,13 +442,21 @@ def ensemble_commands(
     checkpoints: Sequence[Path], dataset_dir: str | None, datalist_file: str, out: Path, has_holdout: bool
 ) -> dict[str, str]:
     """The commands that run the folds as one ensemble: segment new cases, and score it on the held-out cases."""
-    files = " ".join(str(c) for c in checkpoints)
-    cases = dataset_dir or "CASES"
-    commands = {"infer": f"python -m bundle infer {cases} --checkpoint {files} --output {out / 'ensemble'}"}
+    files = " ".join(shlex.quote(str(c)) for c in checkpoints)
+    cases = shlex.quote(str(dataset_dir)) if dataset_dir else "CASES"
+    quoted = {
+        name: shlex.quote(str(path))
+        for name, path in (
+            ("ensemble", out / "ensemble"),
+            ("holdout", out / "ensemble_holdout"),
+            ("datalist", datalist_file),
+        )
+    }
+    commands = {"infer": f"python -m bundle infer {cases} --checkpoint {files} --output {quoted['ensemble']}"}
     if has_holdout:
         commands["evaluate_holdout"] = (
-            f"python -m bundle evaluate --checkpoint {files} --truth {cases} --datalist_file {datalist_file} "
-            f"--split holdout --output_dir {out / 'ensemble_holdout'}"
+            f"python -m bundle evaluate --checkpoint {files} --truth {cases} --datalist_file {quoted['datalist']} "
+            f"--split holdout --output_dir {quoted['holdout']}"
         )
     return commands
 
