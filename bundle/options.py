@@ -148,7 +148,9 @@ COMMAND_OPTIONS: dict[str, dict[str, Rule]] = {
             "int",
             low=2,
             hint="cross-validation needs 2 folds or more (with one, a model is scored on the cases it trained on)",
-        )
+        ),
+        "scoring": Rule("choice", choices=("recipe", "raw")),
+        "seeds": Rule("int", low=1),
     },
     "demo": {"epochs": Rule("int", low=1, null=True)},
     # a training request to MONAI Label (POST /train/<model>: Slicer's training options)

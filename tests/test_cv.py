@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import fire
@@ -15,7 +17,8 @@ from monai.data import MetaTensor
 
 from bundle.data import generate_demo_dataset, prepare
 from bundle.errors import DataError
-from bundle.integrations.cli import COMMANDS
+from bundle.inference.run import infer
+from bundle.integrations.cli import COMMANDS, main
 from bundle.integrations.cv import CaseMetricsCollector, parse_fold_ids, run_cv, summarize_folds
 
 # the tiny network and schedule of tests/test_training.py, as command-line flags
@@ -55,12 +58,32 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_cv_two_folds_end_to_end_through_the_cli(tmp_path: Path, tiny_demo: Path, capsys) -> None:
+@pytest.mark.slow
+def test_cv_two_folds_end_to_end_through_the_cli(
+    tmp_path: Path, tiny_demo: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default each fold's checkpoint segments its cases as ``bundle infer`` would (its recipe: TTA, thresholds,
+    clean-up), and cv ends with the fold-ensemble command, which runs as printed."""
     out = tmp_path / "cv"
     command = ["cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out), *TINY_FLAGS]
     fire.Fire(COMMANDS, command=command)
     printed = capsys.readouterr().out
     assert "mean +- std of the per-fold means" in printed and "dice" in printed
+    assert "recipe scoring (each checkpoint's inference recipe, as bundle infer runs it)" in printed
+    assert json.loads((out / "fold_0" / "cv_fold.json").read_text()) == {"fold": 0, "seed": 42, "scoring": "recipe"}
+    # what fold 0 scored is what bundle infer writes with its checkpoint
+    case = next(i["case_id"] for i in json.loads((out / "datalist.json").read_text())["training"] if i["fold"] == 0)
+    best = str(out / "fold_0" / "models" / "model.pt")
+    (alone,) = infer(str(tiny_demo / case), output=str(tmp_path / "alone"), checkpoint=best)
+    scored = out / "fold_0" / "val_predictions" / f"{case}_seg.nii.gz"
+    np.testing.assert_array_equal(np.asarray(nib.load(scored).dataobj), np.asarray(nib.load(alone).dataobj))
+    # the printed ensemble command, typed as printed
+    (line,) = [t.strip() for t in printed.splitlines() if t.strip().startswith("python -m bundle infer")]
+    monkeypatch.setattr(sys, "argv", ["bundle", *shlex.split(line)[3:]])
+    main()
+    assert sorted(p.name for p in (out / "ensemble").glob("*_seg.nii.gz")) == sorted(
+        f"{d.name}_seg.nii.gz" for d in tiny_demo.iterdir() if d.is_dir()
+    )
 
     datalist = json.loads((out / "datalist.json").read_text())
     assert datalist["num_folds"] == 2 and datalist["holdout_fraction"] == 0.2
@@ -148,6 +171,7 @@ def test_summarize_folds_averages_fold_means_not_cases() -> None:
     assert summary["cases_per_fold"] == {"0": 3, "1": 1}
 
 
+@pytest.mark.slow
 def test_fold_ids_runs_a_subset_and_pools_earlier_folds(tmp_path: Path, tiny_demo: Path) -> None:
     out = tmp_path / "cv"
     base = ["cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out), *TINY_FLAGS]
@@ -166,6 +190,9 @@ def test_fold_ids_runs_a_subset_and_pools_earlier_folds(tmp_path: Path, tiny_dem
     assert [r["dice"] for r in fold_0] == [r["dice"] for r in first]
     summary = json.loads((out / "cv_summary.json").read_text())
     assert summary["folds"] == [0, 1] and summary["holdout"]["folds"] == [0, 1]  # the hold-out pooled too
+    # fold 1 again, scored raw: fold 0 (scored with its recipe) is not pooled with it
+    fire.Fire(COMMANDS, command=[*base, "--fold_ids", "1", "--scoring", "raw"])
+    assert {r["fold"] for r in _read_csv(out / "cv_metrics.csv")} == {"1"}
 
 
 def test_collector_scores_the_disjoint_classes_from_the_region_channels() -> None:
@@ -223,3 +250,65 @@ def test_one_fold_or_an_empty_fold_is_one_sentence_before_any_training(
         run_cv(folds=4, datalist=str(datalist), output_dir=str(out))
     assert not trained, "a fold trained"
     assert not any(p.name.startswith("fold_") for p in out.glob("*"))
+
+
+@pytest.mark.slow
+def test_seeds_repeat_the_whole_cv_each_in_its_folder_and_compare_pairs_the_runs(
+    tmp_path: Path, tiny_demo: Path, capsys
+) -> None:
+    """``cv --seeds 2 --scoring raw``: two runs (training seeds 42, 43; the split of 42) in seed_42/ and seed_43/,
+    mean +- sd over them in cv_runs.json; ``bundle compare`` of two such folders pairs the runs by seed."""
+    out = tmp_path / "cv"
+    base = ["cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out), *TINY_FLAGS]
+    fire.Fire(COMMANDS, command=[*base, "--seeds", "2", "--scoring", "raw"])
+    printed = capsys.readouterr().out
+    assert "raw scoring (no TTA, 0.5 thresholds, no post-processing" in printed
+    assert "2 runs (seeds 42, 43)" in printed and "python -m bundle infer" in printed
+    runs = json.loads((out / "cv_runs.json").read_text())
+    assert runs["seeds"] == [42, 43] and runs["split_seed"] == 42 and runs["scoring"] == "raw"
+    split = {i["case_id"]: i["fold"] for i in json.loads((out / "datalist.json").read_text())["training"]}
+    per_seed = {}
+    for s in (42, 43):
+        summary = json.loads((out / f"seed_{s}" / "cv_summary.json").read_text())
+        assert summary["seed"] == s and summary["scoring"] == "raw"
+        assert summary["datalist"] == str(out / "datalist.json")
+        assert json.loads((out / f"seed_{s}" / "fold_1" / "cv_fold.json").read_text())["seed"] == s
+        rows = _read_csv(out / f"seed_{s}" / "cv_metrics.csv")
+        assert {r["case"]: int(r["fold"]) for r in rows} == split  # the same split in every run
+        per_seed[s] = summary["across_folds"]["WT"]["dice"]["mean"]
+    entry = runs["across_runs"]["WT"]["dice"]
+    assert entry["run_means"] == {"42": pytest.approx(per_seed[42]), "43": pytest.approx(per_seed[43])}
+    assert entry["mean"] == pytest.approx(np.mean(list(per_seed.values())))
+    assert entry["std"] == pytest.approx(np.std(list(per_seed.values()), ddof=1))
+    weights = [torch.load(out / f"seed_{s}" / "fold_0" / "models" / "model.pt", weights_only=True) for s in (42, 43)]
+    assert any(not torch.equal(weights[0]["model"][k], weights[1]["model"][k]) for k in weights[0]["model"])
+    # the printed ensemble command names the four checkpoints (two folds of two runs)
+    assert printed.count("models/model.pt") >= 4
+
+    fire.Fire(COMMANDS, command=["compare", str(out), str(out), "--metrics", "dice"])
+    table = capsys.readouterr().out
+    assert "2 runs per side, paired by seed" in table and "p Holm-adjusted" in table.splitlines()[1]
+    assert "no significant difference" in table
+
+
+def test_a_misspelt_scoring_or_no_seeds_is_one_sentence_before_any_training(
+    tmp_path: Path, tiny_demo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from bundle.errors import OptionError
+
+    trained: list[dict] = []
+    monkeypatch.setattr("monai.bundle.ConfigWorkflow", lambda **kw: trained.append(kw))
+    out = tmp_path / "cv"
+    base = ["bundle", "cv", "--folds", "2", "--dataset_dir", str(tiny_demo), "--output_dir", str(out)]
+    for flags, sentence in (
+        (["--scoring", "rwa"], "error: scoring: 'rwa' is not one of recipe, raw; did you mean raw?"),
+        (["--seeds", "0"], "error: seeds: 0 is not allowed: use a whole number of at least 1"),
+    ):
+        monkeypatch.setattr(sys, "argv", [*base, *flags])
+        with pytest.raises(SystemExit) as info:
+            main()
+        message = info.value.code if isinstance(info.value.code, str) else capsys.readouterr().err.strip()
+        assert message.startswith(sentence), message
+    with pytest.raises(OptionError, match="scoring: 'tta' is not one of recipe, raw"):
+        run_cv(folds=2, dataset_dir=str(tiny_demo), output_dir=str(out), scoring="tta")
+    assert not trained and not out.exists()

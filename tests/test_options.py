@@ -243,8 +243,8 @@ INFERENCE = ["configs/inference.yaml"]
 TRAIN = ["configs/train.yaml"]
 # key -> (configs, probe reading the key's effect from the resolved config)
 PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
-    "tta": (INFERENCE, lambda p: p.get_parsed_content("inferer").tta),
-    "save_uncertainty": (INFERENCE, lambda p: p.get_parsed_content("inferer").return_std),
+    "tta": (INFERENCE, lambda p: p.get_parsed_content("inferer").inferer.tta),
+    "save_uncertainty": (INFERENCE, lambda p: p.get_parsed_content("inferer").inferer.return_std),
     "save_probabilities": (
         INFERENCE,
         lambda p: any(type(t).__name__ == "Invertd" and "pred_mean" in t.keys for t in _postprocessing(p)),
@@ -668,7 +668,7 @@ def test_compare_refuses_a_file_that_is_no_metrics_table_and_a_misspelt_metric(
     assert message.startswith(f"error: {other}: not a metrics table (expected the columns 'case' and 'region'")
     monkeypatch.setattr(sys, "argv", ["bundle", "compare", str(table), str(table), "--metrics", "dice,hd95"])
     bundle.integrations.cli.main()
-    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]] == [["WT", "dice"], ["WT", "hd95"]]
+    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:-1]] == [["WT", "dice"], ["WT", "hd95"]]
 
 
 TRAINING_PROBES = {

@@ -180,3 +180,183 @@ def _index_rows(rows: list[dict], path: str | Path) -> dict[tuple[str, str], dic
             raise ValueError(f"{path}: case {key[0]!r} region {key[1]!r} appears twice")
         index[key] = row
     return index
+
+
+# ------------------------------------------------------------------ several comparisons at once: Holm
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error rate), in the order given.
+
+    The ``i``-th smallest of ``m`` p-values becomes ``max over j <= i of min(1, (m - j + 1) * p_(j))``;
+    a hypothesis is rejected at level ``alpha`` when its adjusted p-value is below ``alpha``. Written here
+    because scipy offers only false-discovery-rate adjustments (``scipy.stats.false_discovery_control``)
+    and statsmodels' ``multipletests`` would be a dependency for six lines.
+    """
+    p = np.asarray(p_values, dtype=float)
+    m = len(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(np.argsort(p, kind="stable")):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return [float(v) for v in adjusted]
+
+
+def with_holm(results: Sequence[dict], p_key: str, alpha: float = 0.05) -> list[dict]:
+    """``results`` with ``p_holm``: ``p_key`` Holm-adjusted over the rows of each metric (every region and
+    variant compared at once), and the verdict taken on it (the CI condition of :func:`compare` kept)."""
+    out = [dict(r) for r in results]
+    for metric in dict.fromkeys(r["metric"] for r in out):
+        family = [r for r in out if r["metric"] == metric]
+        for row, adjusted in zip(family, holm([r[p_key] for r in family]), strict=True):
+            row["p_holm"] = adjusted
+            low, high = row.get("ci_low", -np.inf), row.get("ci_high", np.inf)
+            row["verdict"] = _verdict(metric, row["mean_diff"], low, high, adjusted, alpha)
+    return out
+
+
+def compare_variants(
+    run_a_csv: str | Path,
+    variant_csvs: Sequence[str | Path],
+    metrics: Sequence[str] | None = None,
+    n_bootstrap: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    output_csv: str | Path | None = None,
+    verbose: bool = True,
+) -> list[dict]:
+    """:func:`compare` of each variant against ``run_a``, every p-value Holm-adjusted at once.
+
+    The family of one metric is every region of every variant: three regions of one variant are three
+    tests, and a difference is called only if its Holm-adjusted Wilcoxon p-value (``p_holm``) is below
+    ``alpha`` and its bootstrap CI excludes 0. Rows carry ``variant`` (the file of B).
+    """
+    results = []
+    for variant in variant_csvs:
+        rows = compare(run_a_csv, variant, metrics, n_bootstrap, seed, alpha, verbose=False)
+        results += [{"variant": str(variant), **r} for r in rows]
+    results = with_holm(results, "p_wilcoxon", alpha)
+    if output_csv is not None:
+        write_metrics_table(results, output_csv)
+    if verbose:
+        print(format_holm_comparison(results, "p Wilcoxon", "p_wilcoxon"))
+    return results
+
+
+def format_holm_comparison(results: Sequence[dict], test: str, p_key: str) -> str:
+    """One line per (variant,) region and metric: the comparison and its Holm-adjusted p-value."""
+    several = len({r.get("variant") for r in results}) > 1
+    runs = "mean_a_sd" in results[0] if results else False
+    head = f"{'variant':<24} " if several else ""
+    if runs:
+        head += f"{'region':<6} {'metric':<20} {'A mean +- sd':>20} {'B mean +- sd':>20} {'mean B-A':>10}"
+    else:
+        head += f"{'region':<6} {'metric':<20} {'mean B-A':>10} {'95% CI':>22}"
+    lines = [f"{head} {test:>11} {'p Holm-adjusted':>16}  verdict"]
+    for r in results:
+        line = f"{Path(str(r['variant'])).parent.name or r['variant']:<24} " if several else ""
+        line += f"{r['region']:<6} {r['metric']:<20} "
+        if runs:
+            line += f"{r['mean_a']:>11.4f} +- {r['mean_a_sd']:<6.4f}{r['mean_b']:>11.4f} +- {r['mean_b_sd']:<6.4f}"
+            line += f"{r['mean_diff']:>10.4f}"
+        else:
+            ci = f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+            line += f"{r['mean_diff']:>10.4f} {ci:>22}"
+        lines.append(f"{line} {r[p_key]:>11.4g} {r['p_holm']:>16.4g}  {r['verdict']}")
+    families = len({r["region"] for r in results}) * max(1, len({r.get("variant") for r in results}))
+    lines.append(f"Holm-adjusted over the {families} comparison(s) of each metric (regions x variants)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ repeated runs (bundle cv --seeds N)
+
+
+def seed_runs(folder: str | Path) -> dict[int, Path]:
+    """The runs of a repeated cross-validation: ``seed_<s>/cv_metrics.csv`` in ``folder``, by seed."""
+    folder = Path(folder)
+    runs = {}
+    for path in sorted(folder.glob("seed_*/cv_metrics.csv")):
+        suffix = path.parent.name.removeprefix("seed_")
+        if suffix.lstrip("-").isdigit():
+            runs[int(suffix)] = path
+    return runs
+
+
+def run_means(rows: Sequence[dict], metrics: Sequence[str]) -> dict[tuple[str, str], float]:
+    """One cross-validation's figure per (region, metric): the mean of its per-fold means, as ``bundle cv``
+    reports it (all cases alike without a ``fold`` column)."""
+    out: dict[tuple[str, str], float] = {}
+    for region in dict.fromkeys(r["region"] for r in rows):
+        for metric in metrics:
+            folds: dict[object, list[float]] = {}
+            for r in rows:
+                value = r.get(metric)
+                if r["region"] == region and isinstance(value, float) and not np.isnan(value):
+                    folds.setdefault(r.get("fold"), []).append(value)
+            if folds:
+                out[(region, metric)] = float(np.mean([np.mean(v) for v in folds.values()]))
+    return out
+
+
+def compare_runs(
+    run_a: str | Path,
+    variants: Sequence[str | Path],
+    metrics: Sequence[str] | None = None,
+    alpha: float = 0.05,
+    output_csv: str | Path | None = None,
+    verbose: bool = True,
+) -> list[dict]:
+    """Repeated cross-validations (``bundle cv --seeds N``) compared run by run: B (each variant) minus A.
+
+    Each run (seed) gives one figure per region and metric (:func:`run_means`); runs are paired by seed,
+    so both folders must hold the same seeds. Rows: ``region``, ``metric``, ``n_runs``, ``mean_a`` /
+    ``mean_a_sd`` and ``mean_b`` / ``mean_b_sd`` (mean +- sample sd over the runs), ``mean_diff``,
+    ``p_ttest`` (two-sided paired t-test across the runs) and ``p_wilcoxon``, ``p_holm`` (the t-test's,
+    Holm-adjusted over every region and variant of the metric) and ``verdict`` on ``p_holm``.
+    """
+    runs_a = seed_runs(run_a)
+    if not runs_a:
+        raise ValueError(f"{run_a}: no seed_<s>/cv_metrics.csv (the runs of python -m bundle cv --seeds N)")
+    results = []
+    for variant in variants:
+        runs_b = seed_runs(variant)
+        if set(runs_b) != set(runs_a):
+            raise ValueError(
+                f"{variant}: seeds {sorted(runs_b)} differ from {run_a}'s {sorted(runs_a)}; runs are paired by seed"
+            )
+        seeds = sorted(runs_a)
+        tables_a = {s: read_metrics_csv(runs_a[s]) for s in seeds}
+        tables_b = {s: read_metrics_csv(runs_b[s]) for s in seeds}
+        chosen = _metrics_of_both(
+            metrics, tables_a[seeds[0]][0], tables_b[seeds[0]][0], runs_a[seeds[0]], runs_b[seeds[0]]
+        )
+        means_a = {s: run_means(tables_a[s], chosen) for s in seeds}
+        means_b = {s: run_means(tables_b[s], chosen) for s in seeds}
+        for region, metric in means_a[seeds[0]]:
+            va = np.array([means_a[s][(region, metric)] for s in seeds])
+            vb = np.array([means_b[s][(region, metric)] for s in seeds])
+            p_w, p_t = _paired_p_values(vb - va)
+            results.append(
+                {
+                    "variant": str(variant),
+                    "region": region,
+                    "metric": metric,
+                    "n_runs": len(seeds),
+                    "mean_a": float(va.mean()),
+                    "mean_a_sd": float(va.std(ddof=1)) if len(va) > 1 else 0.0,
+                    "mean_b": float(vb.mean()),
+                    "mean_b_sd": float(vb.std(ddof=1)) if len(vb) > 1 else 0.0,
+                    "mean_diff": float((vb - va).mean()),
+                    "p_ttest": p_t,
+                    "p_wilcoxon": p_w,
+                }
+            )
+    results = with_holm(results, "p_ttest", alpha)
+    if output_csv is not None:
+        write_metrics_table(results, output_csv)
+    if verbose:
+        n = results[0]["n_runs"] if results else 0
+        print(f"{n} runs per side, paired by seed; mean +- sd over the runs of each run's mean of fold means")
+        print(format_holm_comparison(results, "p t-test", "p_ttest"))
+    return results

@@ -26,6 +26,8 @@ from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 from monai.utils import convert_to_dst_type
 from torch.nn import functional as F
 
+from bundle.plan.checkpoints import ModelEnsemble
+
 
 class ResizedSliceInferer(SliceInferer):
     """MONAI's ``SliceInferer`` that resizes every slice to ``model_size`` and the output back.
@@ -293,6 +295,53 @@ class FlipTTAInferer(Inferer):
         if m2 is None:
             return _like_input(acc.div_(n), inputs)
         return {"mean": _like_input(acc, inputs), "std": _like_input(m2.div_(n).sqrt_(), inputs)}
+
+
+class EnsembleInferer(Inferer):
+    """``inferer`` (the recipe's :class:`FlipTTAInferer`) run by each network of a :class:`ModelEnsemble` in
+    turn, the probabilities averaged (nnU-Net's fold ensemble): before thresholds and post-processing.
+
+    Memory: one case's probabilities per model at a time. The first member's output becomes a running
+    sum that every further member's output is added to and then released, so the peak is two
+    volume-sized outputs whatever the number of models. MONAI's ``EnsembleEvaluator`` + ``MeanEnsembled``
+    keep every model's prediction of the case under its own key until they are averaged (N outputs).
+    A plain network (one checkpoint) goes through ``inferer`` unchanged, so an ensemble of one gives
+    that checkpoint's own result.
+
+    With ``inferer`` returning ``{"mean", "std"}`` (``save_uncertainty``), the std is over every flip of
+    every model: from the running sums of the members' means and of their second moments
+    (``std ** 2 + mean ** 2``), each member weighing as much as its flips.
+    """
+
+    def __init__(self, inferer: Inferer) -> None:
+        super().__init__()
+        self.inferer = inferer
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The mean (and std) of the members' outputs on ``inputs``; ``network`` itself if it is no ensemble."""
+        if not isinstance(network, ModelEnsemble):
+            return self.inferer(inputs, network, *args, **kwargs)
+        members = list(network.members)
+        if len(members) == 1:
+            return self.inferer(inputs, members[0], *args, **kwargs)
+        total: torch.Tensor | None = None
+        second: torch.Tensor | None = None  # running sum of the members' second moments (with std)
+        for member in members:
+            out = self.inferer(inputs, member, *args, **kwargs)
+            mean = out["mean"] if isinstance(out, Mapping) else out
+            if isinstance(out, Mapping):
+                moment = out["std"].square_().add_(mean.square())
+                second = moment if second is None else second.add_(moment)
+                del moment
+            # the first output is the running sum (its own tensor); later ones are added and released
+            total = mean if total is None else total.add_(mean)
+            del out, mean
+        assert total is not None
+        total.div_(len(members))
+        if second is None:
+            return total
+        std = second.div_(len(members)).sub_(total.square()).clamp_(min=0.0).sqrt_()
+        return {"mean": total, "std": std}
 
 
 def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

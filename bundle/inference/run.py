@@ -27,7 +27,7 @@ from bundle.data import file_list, read_voxels
 from bundle.data.labels import INTERNAL, scheme_values
 from bundle.errors import DataError, OptionError, find_user_error
 from bundle.inference.gate import GatedSliceInferer, SliceGate
-from bundle.inference.inferers import FlipTTAInferer, ResizedSliceInferer
+from bundle.inference.inferers import EnsembleInferer, FlipTTAInferer, ResizedSliceInferer
 from bundle.inference.writers import AtomicSaveImaged
 from bundle.options import as_bool, check_config_keys, folder_problem
 from bundle.paths import BUNDLE_ROOT, output_path, resolve_config_files, working_directory
@@ -157,25 +157,33 @@ def recipe_inferer(
     flip_batch_size: int | None = None,
     amp: Any = False,
     return_std: Any = False,
-) -> FlipTTAInferer:
-    """The recipe's inferer: flip TTA (or one pass) around ``base``, softmax for class models, sigmoid otherwise."""
-    return FlipTTAInferer(
-        base_inferer=base,
-        activation="softmax" if output_type == "classes" else "sigmoid",
-        tta=recipe["tta"],
-        flip_batch_size=flip_batch_size,
-        amp=as_bool(amp, "amp"),
-        return_std=as_bool(return_std, "save_uncertainty"),
+) -> EnsembleInferer:
+    """The recipe's inferer: flip TTA (or one pass) around ``base``, softmax for class models, sigmoid otherwise.
+
+    Wrapped in :class:`EnsembleInferer`: a list of checkpoints (``bundle.plan.load_checkpoints``) averages
+    its models' probabilities; one network passes through unchanged.
+    """
+    return EnsembleInferer(
+        FlipTTAInferer(
+            base_inferer=base,
+            activation="softmax" if output_type == "classes" else "sigmoid",
+            tta=recipe["tta"],
+            flip_batch_size=flip_batch_size,
+            amp=as_bool(amp, "amp"),
+            return_std=as_bool(return_std, "save_uncertainty"),
+        )
     )
 
 
 def log_recipe(
     recipe: Mapping[str, Any],
     plan: Mapping[str, Any],
-    checkpoint: str,
+    checkpoint: str | Sequence[str],
     label_scheme: str = "brats2021",
 ) -> dict[str, Any]:
     """Log in one line what this run does to each case (an ``initialize`` step: every option checked by then)."""
+    if not isinstance(checkpoint, str):  # a fold ensemble
+        checkpoint = f"an ensemble of {len(checkpoint)} checkpoints ({', '.join(str(c) for c in checkpoint)})"
     output_type = str(plan["output_type"])
     rule = {"regions": "thresholds", "binary": "mask threshold", "classes": "argmax"}[output_type]
     numbers = [f"{key} {recipe[key]}" for key in RULE_KEYS[output_type]]
@@ -299,7 +307,7 @@ def cases_to_segment(
 def infer(
     input: str | Sequence[str],
     output: str = "runs/inference",
-    checkpoint: str | None = None,
+    checkpoint: str | Sequence[str] | None = None,
     tta: bool | str | None = None,
     device: str | None = None,
     save_probabilities: bool = False,
@@ -319,7 +327,9 @@ def infer(
         input: a dataset folder (BraTS 2021 / 2023 / MSD), one case folder, or the files of one case
             (four volumes T1, T1ce, T2, FLAIR, or one 4-D image), as a list or one ``"[a,b,c,d]"`` string.
         output: folder for ``<case>_seg.nii.gz`` (and ``_prob`` / ``_uncertainty``).
-        checkpoint: model weights, default ``models/model.pt`` of the bundle.
+        checkpoint: model weights, default ``models/model.pt`` of the bundle; a list of checkpoints
+            (or ``"[a.pt,b.pt]"``) is a fold ensemble: their probabilities are averaged before the
+            recipe's thresholds and clean-up (:class:`bundle.plan.CheckpointEnsemble`).
         tta: flip test-time augmentation on or off; ``None``: as the recipe says (M4 on, M1-M3 off).
         device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
         save_probabilities: also write the averaged probability maps.
@@ -354,8 +364,11 @@ def infer(
         settings["tta"] = as_bool(tta, "tta")
     if overwrite is not None:
         settings["overwrite"] = as_bool(overwrite, "overwrite")
-    if checkpoint is not None:
-        settings["checkpoint"] = str(Path(checkpoint).resolve())
+    if checkpoint is not None:  # one file, or several (a list, or "[a.pt,b.pt]"): a fold ensemble
+        paths = file_list(checkpoint if isinstance(checkpoint, (list, tuple)) else str(checkpoint))
+        listed = isinstance(checkpoint, (list, tuple)) or str(checkpoint).strip().startswith("[")
+        resolved = [str(Path(p).resolve()) for p in paths]
+        settings["checkpoint"] = resolved if listed or len(resolved) > 1 else resolved[0]
     if device is not None:
         settings["device"] = f"$torch.device({device!r})"
     configs, variants = [], []

@@ -204,7 +204,7 @@ def export(output: str, zip: bool = False, checkpoint: str | None = None, url_ba
 def infer(
     *inputs: str,
     output: str = "runs/inference",
-    checkpoint: str | None = None,
+    checkpoint: str | list[str] | None = None,
     tta: bool | str | None = None,
     device: str | None = None,
     overwrite: bool | str = False,
@@ -214,7 +214,9 @@ def infer(
 
     ``inputs``: one dataset or case folder, or the files of one case in the order T1, T1ce, T2, FLAIR
     (``infer t1.nrrd t1ce.nrrd t2.nrrd flair.mha``, or as one list ``infer "[t1.nrrd,t1ce.nrrd,t2.nrrd,flair.mha]"``),
-    or one 4-D image; every other setting is a ``--flag``. The checkpoint's own inference recipe runs
+    or one 4-D image; every other setting is a ``--flag``. ``--checkpoint a.pt b.pt ...`` (or
+    ``--checkpoint "[a.pt,b.pt]"``) is a fold ensemble: the models' probabilities are averaged before the
+    recipe's thresholds and clean-up; their plans must agree. The checkpoint's own inference recipe runs
     unless ``--tta``, another recipe key or ``--config_file <variant>`` overrides it. Cases whose outputs
     already exist in ``output`` are skipped (logged), so rerunning a killed run continues it;
     ``--overwrite true`` redoes them. Returns every case's segmentation file.
@@ -312,23 +314,39 @@ def evaluate(
 def compare(
     run_a: str,
     run_b: str,
+    *more_runs: str,
     metrics: str | list[str] | None = None,
     output: str | None = None,
     n_bootstrap: int = 10000,
     seed: int = 0,
     alpha: float = 0.05,
 ) -> None:
-    """Paired comparison of two runs, B minus A (bundle.evaluation.statistics.compare): prints the table.
+    """Paired comparison of runs with A, B minus A (bundle.evaluation.statistics): prints the table.
 
-    ``run_a`` / ``run_b``: a ``metrics.csv`` (or ``cv_metrics.csv``) or a folder holding one;
+    ``run_a`` / ``run_b``: a ``metrics.csv`` (or ``cv_metrics.csv``) or a folder holding one, paired by case;
+    or two repeated cross-validations (``bundle cv --seeds N`` folders, ``seed_<s>/``), paired by seed:
+    mean +- sd over the runs and the paired t-test across them. More runs after B are further variants,
+    each compared with A. Every p-value is Holm-adjusted over the regions and variants of its metric.
     ``--metrics dice,hd95`` restricts the metrics; ``--output FILE.csv`` also writes the table.
     """
-    from bundle.evaluation.statistics import compare as _compare
+    from bundle.evaluation.statistics import compare_runs, compare_variants, seed_runs
 
     check_options("compare", **_given(n_bootstrap=n_bootstrap, seed=seed, alpha=alpha, output=output))
     names = metrics.split(",") if isinstance(metrics, str) else metrics
+    variants = [str(run_b), *(str(r) for r in more_runs)]
     with _user_errors():
-        _compare(_metrics_csv(run_a), _metrics_csv(run_b), names, n_bootstrap, seed, alpha, output, verbose=True)
+        seeded = [bool(Path(r).is_dir() and seed_runs(r)) for r in (run_a, *variants)]
+        if any(seeded):
+            if not all(seeded):
+                plain = next(r for r, s in zip((run_a, *variants), seeded, strict=True) if not s)
+                raise ValueError(
+                    f"{plain}: not a repeated cross-validation (no seed_<s>/cv_metrics.csv), unlike "
+                    f"{next(r for r, s in zip((run_a, *variants), seeded, strict=True) if s)}; compare like with like"
+                )
+            compare_runs(run_a, variants, names, alpha, output, verbose=True)
+            return
+        tables = [_metrics_csv(r) for r in variants]
+        compare_variants(_metrics_csv(run_a), tables, names, n_bootstrap, seed, alpha, output, verbose=True)
 
 
 def cv(
@@ -340,18 +358,27 @@ def cv(
     output_dir: str = "runs/cv",
     seed: int = 42,
     include_disjoint: bool | str | None = None,
+    scoring: str = "recipe",
+    seeds: int = 1,
     **overrides: Any,
 ) -> str:
     """K-fold cross-validation (bundle.integrations.cv.run_cv): train each fold, score its validation cases, pool them.
 
-    ``--include_disjoint true`` also scores NCR and ED (default: the config's ``validate_disjoint``,
-    true for M3). Any other ``--key value`` overrides the training config. Writes ``cv_metrics.csv`` and
-    ``cv_summary.json`` in ``output_dir`` and prints the fold summary; returns the summary's path.
+    ``--scoring recipe`` (default): each fold's best checkpoint segments its cases as ``bundle infer``
+    would (its own TTA, thresholds, post-processing); ``--scoring raw``: no TTA, 0.5 thresholds, no
+    post-processing, on the validation grid. ``--seeds N`` repeats the whole cross-validation with training
+    seeds ``seed`` .. ``seed + N - 1`` (same split), each in ``output_dir/seed_<s>``, and reports mean +- sd
+    over the runs (``cv_runs.json``). ``--include_disjoint true`` also scores NCR and ED (default: the
+    config's ``validate_disjoint``, true for M3). Any other ``--key value`` overrides the training config.
+    Prints the fold summary and the fold-ensemble command; returns the summary's path.
     """
     from bundle.errors import DataError
     from bundle.integrations.cv import parse_fold_ids, run_cv
 
-    check_options("cv", **_given(folds=folds, seed=seed, output_dir=output_dir, datalist=datalist))
+    read = check_options(
+        "cv",
+        **_given(folds=folds, seed=seed, output_dir=output_dir, datalist=datalist, scoring=scoring, seeds=seeds),
+    )
     with _user_errors():
         parse_fold_ids(fold_ids, folds)
     with _user_errors(DataError):
@@ -364,9 +391,11 @@ def cv(
             output_dir,
             seed,
             include_disjoint=include_disjoint,
+            scoring=read["scoring"],
+            seeds=read["seeds"],
             **overrides,
         )
-    return str(Path(output_dir) / "cv_summary.json")
+    return str(Path(output_dir) / ("cv_summary.json" if read["seeds"] == 1 else "cv_runs.json"))
 
 
 def plots(path: str, output_dir: str | None = None, metric: str = "dice") -> list[str]:
@@ -444,6 +473,36 @@ COMMANDS = {
 }
 
 
+#: Commands whose ``--checkpoint`` takes several files (a fold ensemble), and what a checkpoint's name ends with.
+CHECKPOINT_LISTS = ("infer", "evaluate")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _checkpoint_lists(args: list[str]) -> list[str]:
+    """``--checkpoint a.pt b.pt`` as the one list Fire reads, ``--checkpoint "['a.pt','b.pt']"``.
+
+    Fire gives a flag one value: ``b.pt`` would become an input to segment. The files after
+    ``--checkpoint`` that end in ``.pt`` / ``.pth`` / ``.ckpt`` are taken as its list; other names are
+    given as one list (``--checkpoint "[a,b]"``), which is passed on as typed.
+    """
+    if not args or args[0] not in CHECKPOINT_LISTS:
+        return args
+    out, i = list(args[:1]), 1
+    while i < len(args):
+        out.append(args[i])
+        if args[i] == "--checkpoint":
+            files = []
+            while i + 1 < len(args) and args[i + 1].lower().endswith(CHECKPOINT_SUFFIXES):
+                files.append(args[i + 1])
+                i += 1
+            if len(files) > 1:
+                out.append("[" + ",".join(repr(f) for f in files) + "]")
+            else:
+                out += files
+        i += 1
+    return out
+
+
 def _check_flag_names(args: list[str]) -> None:
     """A fixed-signature command given a flag it does not take stops here, before it runs (bundle.options)."""
     if args and args[0] in COMMANDS:
@@ -455,8 +514,9 @@ def main() -> None:
     import fire
 
     try:
-        _check_flag_names(sys.argv[1:])
-        fire.Fire(COMMANDS)
+        args = _checkpoint_lists(sys.argv[1:])
+        _check_flag_names(args)
+        fire.Fire(COMMANDS, command=args)
     except Exception as err:
         from bundle.errors import find_user_error, user_error_message
 

@@ -6,7 +6,17 @@ data), :mod:`bundle.plan.network` (the network, its down-sampling and windows),
 preprocessing a plan describes), :mod:`bundle.plan.checkpoints` (reading and writing checkpoints).
 """
 
-from bundle.plan.checkpoints import Checkpoint, CheckpointError, load_checkpoint, load_model, read_plan, save_model
+from bundle.plan.checkpoints import (
+    Checkpoint,
+    CheckpointEnsemble,
+    CheckpointError,
+    ModelEnsemble,
+    load_checkpoint,
+    load_checkpoints,
+    load_model,
+    read_plan,
+    save_model,
+)
 from bundle.plan.network import build_network, check_window, inference_window, network_from_spec, spatial_dims
 from bundle.plan.plan import ModelPlan, PlanError, fine_tune_overrides, migrate
 from bundle.plan.preprocessing import preprocessing_transforms
@@ -15,7 +25,9 @@ from bundle.plan.specs import build, spec_of
 
 __all__ = [
     "Checkpoint",
+    "CheckpointEnsemble",
     "CheckpointError",
+    "ModelEnsemble",
     "ModelPlan",
     "PlanError",
     "build",
@@ -24,6 +36,7 @@ __all__ = [
     "fine_tune_overrides",
     "inference_window",
     "load_checkpoint",
+    "load_checkpoints",
     "load_model",
     "migrate",
     "network_from_spec",

@@ -16,6 +16,7 @@ dict (its CI calls ``ckpt_export`` without ``key_in_ckpt``), so the zoo export
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -24,9 +25,10 @@ from typing import Any
 
 import torch
 
+from bundle.data import file_list
 from bundle.errors import DataError
 from bundle.paths import BUNDLE_ROOT
-from bundle.plan.network import network_from_spec
+from bundle.plan.network import input_divisors, network_from_spec, spatial_dims
 from bundle.plan.plan import M4_PREPROCESSING, ModelPlan, migrate
 
 MODEL_KEY = "model"
@@ -109,14 +111,21 @@ class Checkpoint:
 
 
 def with_weights(
-    network: torch.nn.Module, checkpoint: Checkpoint, device: str | torch.device = "cpu"
+    network: torch.nn.Module, checkpoint: Checkpoint | CheckpointEnsemble, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """``network`` with ``checkpoint``'s weights loaded strictly, in eval mode on ``device``.
 
     The network is normally the one the plan records (:meth:`Checkpoint.network`); one given instead
     (a config's ``network_def``) must fit the weights exactly. A mismatch is one sentence naming the file
-    (a hand-edited plan, weights of another network), never a half-loaded network.
+    (a hand-edited plan, weights of another network), never a half-loaded network. For an ensemble, each
+    member's weights go into its own network (``network`` a :class:`ModelEnsemble`, or one network copied).
     """
+    if isinstance(checkpoint, CheckpointEnsemble):
+        nets = list(network.members) if isinstance(network, ModelEnsemble) else []
+        if len(nets) != len(checkpoint.members):
+            nets = [copy.deepcopy(network) for _ in checkpoint.members]
+        members = [with_weights(n, m, device) for n, m in zip(nets, checkpoint.members, strict=True)]
+        return ModelEnsemble(members).to(device).eval()
     expected = network.state_dict()
     weights = checkpoint.weights
     missing = [k for k in expected if k not in weights]
@@ -131,6 +140,118 @@ def with_weights(
         )
     network.load_state_dict(weights)
     return network.to(device).eval()
+
+
+#: What the models of an ensemble must share: one preprocessing feeds them all, one window and recipe run
+#: them, and their probabilities are averaged channel by channel (``what they mean`` for the sentence).
+ENSEMBLE_KEYS: dict[str, str] = {
+    "input_channels": "the network's input channels",
+    "output_type": "the output type",
+    "output_channels": "the output channels",
+    "label_convention": "the label convention",
+    "preprocessing": "the preprocessing",
+    "spatial_dims": "the network's dimension",
+    "down_sampling": "the network's down-sampling",
+    "window": "the inference window",
+    "inference_recipe": "the inference recipe",
+}
+
+
+class ModelEnsemble(torch.nn.Module):
+    """The networks of an ensemble's checkpoints, run one after the other by
+    :class:`bundle.inference.inferers.EnsembleInferer` (which averages their probabilities).
+
+    A ``torch.nn.Module`` so that MONAI's ``SupervisedEvaluator`` can hold it as its ``network`` (it moves
+    it and calls ``eval()``); calling it directly is an error, since averaging logits is not what an
+    ensemble of probabilities does.
+    """
+
+    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse: the members run through ``EnsembleInferer``, which averages their probabilities."""
+        raise TypeError("ModelEnsemble runs through bundle.inference.inferers.EnsembleInferer, one member at a time")
+
+
+def _ensemble_view(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of :data:`ENSEMBLE_KEYS` of a plan (dimension, down-sampling, window derived from it)."""
+    view = {key: plan.get(key) for key in ENSEMBLE_KEYS if key in plan}
+    view["spatial_dims"] = spatial_dims(plan)
+    view["down_sampling"] = list(input_divisors(plan["network"]))
+    view["window"] = plan.get("window") or plan.get("patch_size")
+    return view
+
+
+def _first_difference(a: Any, b: Any, key: str) -> tuple[str, Any, Any] | None:
+    """The dotted key of the first value that differs between ``a`` and ``b`` (None: equal)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for sub in [*a, *(k for k in b if k not in a)]:
+            found = _first_difference(a.get(sub), b.get(sub), f"{key}.{sub}")
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _first_difference(x, y, f"{key}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (key, a, b)
+
+
+class CheckpointEnsemble:
+    """Several checkpoints run as one model: nnU-Net's fold ensemble (their probabilities averaged).
+
+    Every checkpoint is read once (:class:`Checkpoint`); their plans must agree on :data:`ENSEMBLE_KEYS`,
+    else a :class:`CheckpointError` names both files and the first key that differs. The network may
+    differ (another method with the same inputs, outputs, preprocessing, window and recipe). ``plan`` is
+    the first checkpoint's: what the one preprocessing, window and recipe of the run are built from.
+    MONAI's ``EnsembleEvaluator`` with ``MeanEnsembled`` would keep every model's output of a case at
+    once; :class:`bundle.inference.inferers.EnsembleInferer` keeps a running sum instead.
+    """
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        if not paths:
+            raise CheckpointError("checkpoint: an empty list; give one checkpoint or several to ensemble")
+        self.members = [Checkpoint(p) for p in paths]
+        seen = [m.path.resolve() for m in self.members]
+        twice = next((p for i, p in enumerate(seen) if p in seen[:i]), None)
+        if twice is not None:
+            raise CheckpointError(f"{twice}: named twice in the ensemble's checkpoints (it would count double)")
+        first = self.members[0]
+        reference = _ensemble_view(first.plan)
+        for member in self.members[1:]:
+            found = _first_difference(reference, _ensemble_view(member.plan), "")
+            if found:
+                key, mine, theirs = found
+                what = ENSEMBLE_KEYS[key.lstrip(".").split(".", 1)[0].split("[", 1)[0]]
+                raise CheckpointError(
+                    f"{member.path}: its plan's {key.lstrip('.')} ({theirs!r}) differs from {first.path}'s "
+                    f"({mine!r}); an ensemble's models must share {what}"
+                )
+        self.path = first.path
+        self.plan: dict[str, Any] = first.plan
+
+    def network(self, device: str | torch.device = "cpu") -> ModelEnsemble:
+        """Every member's network with its weights, in eval mode on ``device``."""
+        return ModelEnsemble([m.network(device) for m in self.members]).to(device).eval()
+
+
+def load_checkpoints(path: str | Path | Sequence[str | Path]) -> Checkpoint | CheckpointEnsemble:
+    """``configs/inference.yaml``'s model: one checkpoint, or a list of them as an ensemble.
+
+    ``path``: a file, a list of files, or a list typed as one string (``"[a.pt,b.pt]"``, how
+    ``monai.bundle run --checkpoint`` and ``python -m bundle infer`` hand it over). A list, even of one
+    file, is an :class:`CheckpointEnsemble`; its result equals that checkpoint's own.
+    """
+    if isinstance(path, (str, Path)):
+        paths = file_list(str(path))  # "[a.pt,b.pt]" typed as one string; an existing file is itself
+        if len(paths) == 1 and not str(path).strip().startswith("["):
+            return Checkpoint(path)
+        path = paths
+    return CheckpointEnsemble(list(path))
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:
