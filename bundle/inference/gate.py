@@ -69,10 +69,14 @@ def load_slice_gate(
     """
     gated = plan is not None and is_gated(plan["network"])
     if not checkpoint:
-        if threshold is not None:
-            where = "the model's own gate (its plan's)" if gated else "M2's slice gate"
+        if threshold is not None and gated:
             raise OptionError(
-                f"gate_threshold: {threshold} is given without gate_checkpoint; it applies to {where} only"
+                f"gate_threshold: {threshold} applies to a gate given with gate_checkpoint; this model's own gate "
+                f"passes a slice at P(tumour) >= {plan['network']['threshold']}, as it was trained (its plan)"
+            )
+        if threshold is not None:
+            raise OptionError(
+                f"gate_threshold: {threshold} is given without gate_checkpoint; it applies to M2's slice gate only"
             )
         if plan is not None and gate_expected(plan):
             logger.warning(
