@@ -208,6 +208,29 @@ def test_bundle_infer_runs_the_models_own_gate_without_flags(tmp_path: Path) -> 
     assert "gate_checkpoint: " in refused.stderr and "the model holds its gate already" in refused.stderr
 
 
+def test_monai_label_serves_the_m2_model_gate_first(tmp_path: Path) -> None:
+    """MONAI Label's inference (the app's inference config, its task's sequence) on an M2 checkpoint with its gate."""
+    from test_label import _serve_like_monai_label
+
+    from bundle.constants import MODALITIES, MSD_CHANNEL_ORDER
+    from bundle.inference.run import variant_recipe
+    from bundle.integrations.monailabel import PRED_KEY, app_inference_config
+
+    gate, segmenter = _BrightGate(), _Tumour()
+    gate.bundle_network_spec = {"_target_": "test_m2_model._BrightGate"}
+    segmenter.bundle_network_spec = {"_target_": "test_m2_model._Tumour", "spatial_dims": 2}
+    save_model(tmp_path / "gate.pt", gate, output_type="gate", patch_size=[16, 16])
+    recipe = {**variant_recipe(CONFIGS / "variants" / "m2_resunet_tversky.yaml"), "mask_outside_brain": False}
+    model = with_gate(segmenter, str(tmp_path / "gate.pt"), 0.5, "binary")
+    save_model(tmp_path / "m2.pt", model, output_type="binary", patch_size=[16, 16], inference_recipe=recipe)
+    volume = np.random.default_rng(0).uniform(0.9, 1.1, size=(20, 18, 10, 4)).astype(np.float32)
+    volume[..., 3:7, MSD_CHANNEL_ORDER.index(MODALITIES[0])] += 2.0  # channel 0 of the network: slices 3-6 pass
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "case.nii.gz")
+    config = app_inference_config(REPO_ROOT, {"checkpoint": str(tmp_path / "m2.pt"), "tta": False}, "msd")
+    pred = _serve_like_monai_label(config, str(tmp_path / "case.nii.gz"))[PRED_KEY]
+    assert [z for z in range(pred.shape[-1]) if pred[..., z].any()] == [3, 4, 5, 6]
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 
