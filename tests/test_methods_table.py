@@ -109,6 +109,14 @@ def test_the_table_rows_that_hold_paper_numbers_are_checked() -> None:
         assert (method, ("batch_size",)) in checked
         assert (method, ("slices_per_volume", "skip_empty_slices")) in checked
     assert ("m3_resse_lka_unet", ("warmup_start", "lr_decay")) in checked
+    # M2 as one model: the gate, its head, stopping rule and augmentation, the noise reduction
+    assert ("m2_resunet_tversky", ("slice_gate", "gate_threshold")) in checked
+    assert ("m2_resunet_tversky", ("noise_reduction", "intensity_transform#denoise#size")) in checked
+    gate_head = ("network_factory#_target_", "network_factory#dense_layers", "network_factory#num_classes")
+    gate_head += ("output_type",)
+    assert ("train_gate", gate_head) in checked
+    assert ("train_gate", ("monitor", "early_stop_patience")) in checked
+    assert ("train_gate", ("rotation_degrees", "zoom_range")) in checked
     # M4's network, loss and deep supervision (the paper's baseline) and its best setting
     assert ("train", ("network_factory#filters",)) in checked
     assert ("train", ("network_factory#strides",)) in checked

@@ -270,8 +270,9 @@ def test_configs_stop_on_what_each_paper_says() -> None:
     assert m4.get_parsed_content("lr_scheduler_factory#mode") == "min"
     m2 = parsed("train.yaml", "train_2d.yaml", "variants/m2_resunet_tversky.yaml")
     assert (m2["monitor"], m2["early_stop_patience"]) == ("val_loss", 30)
-    gate = parsed("train.yaml", "train_2d.yaml", "train_gate.yaml")
-    assert gate["monitor"] == "val_auc" and gate.get_parsed_content("lr_scheduler_factory#mode") == "max"
+    gate = parsed("train.yaml", "train_2d.yaml", "train_gate.yaml")  # M2's gate: the paper's rule too
+    assert (gate["monitor"], gate["early_stop_patience"], gate["batch_size"]) == ("val_loss", 30, 16)
+    assert gate.get_parsed_content("lr_scheduler_factory#mode") == "min"
 
 
 def test_training_stops_when_the_validation_loss_stops_improving(tmp_path: Path, tiny_demo: Path) -> None:

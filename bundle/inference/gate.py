@@ -1,9 +1,12 @@
 """M2's tumour-presence gate at inference: a 2-D slice classifier decides which slices the segmenter sees.
 
-:class:`GatedSliceInferer` runs the gate (:class:`bundle.networks.SliceGateClassifier`, trained by
-``configs/train_gate.yaml``) on every slice and the segmenter only on the slices it calls positive;
-the others get an empty mask. :class:`GateSliceLog` logs, per case and for the run, how many slices it
-passed.
+An M2 model trained with its gate holds it (:class:`bundle.networks.GatedSegmenter`, built by
+:func:`bundle.plan.with_gate`) and gates its slices itself. For a segmenter saved without one, a gate
+checkpoint given at inference (``--gate_checkpoint``) is run by :class:`GatedSliceInferer`: the gate
+(:class:`bundle.networks.SliceGateClassifier`, trained by ``configs/train_gate.yaml``) on every slice
+and the segmenter only on the slices it calls positive; the others get an empty mask. An M2
+segmenter without any gate says so in one line (:func:`load_slice_gate`). :class:`GateSliceLog`
+logs, per case and for the run, how many slices the gate passed.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from torch import nn
 
 from bundle.errors import OptionError
 from bundle.inference.inferers import ResizedSliceInferer
+from bundle.networks import GatedSegmenter
 from bundle.plan.checkpoints import Checkpoint, load_model
-from bundle.plan.network import spatial_dims
+from bundle.plan.gate import gate_expected
+from bundle.plan.network import is_gated, spatial_dims
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +62,32 @@ def load_slice_gate(
 
     ``threshold``: the probability from which the gate passes a slice (None: ``default_threshold``, the
     paper's argmax of two classes, 0.5). A threshold without a gate (it would be ignored), a threshold
-    outside [0, 1], or a gate for a 3-D model (``plan``, the segmenter's) is one sentence.
+    outside [0, 1], a gate for a 3-D model or for a model that holds its gate already (``plan``, the
+    segmenter's) is one sentence. Without a gate, an M2 segmenter that holds none (a plan whose method
+    gates slices, :func:`bundle.plan.gate.gate_expected`) says in one warning line that every slice is
+    segmented.
     """
+    gated = plan is not None and is_gated(plan["network"])
     if not checkpoint:
+        if threshold is not None and gated:
+            raise OptionError(
+                f"gate_threshold: {threshold} applies to a gate given with gate_checkpoint; this model's own gate "
+                f"passes a slice at P(tumour) >= {plan['network']['threshold']}, as it was trained (its plan)"
+            )
         if threshold is not None:
             raise OptionError(
                 f"gate_threshold: {threshold} is given without gate_checkpoint; it applies to M2's slice gate only"
             )
+        if plan is not None and gate_expected(plan):
+            logger.warning(
+                "no gate: this M2 segmenter holds no slice gate, so every slice is segmented (train "
+                "configs/train_gate.yaml and the segmenter with --gate_checkpoint, or give --gate_checkpoint)"
+            )
         return None
+    if gated:
+        raise OptionError(
+            f"gate_checkpoint: {checkpoint} is given, but the model holds its gate already (M2 trained with it)"
+        )
     if plan is not None and spatial_dims(plan) != 2:
         raise OptionError(f"gate_checkpoint: {checkpoint} gates the slices of a 2-D model; the model is 3-D")
     chosen = default_threshold if threshold is None else threshold
@@ -218,18 +241,20 @@ class GateSliceLog:
     per flip (the line says how many flips).
 
     Args:
-        inferer: the run's base inferer; nothing is logged unless it is a :class:`GatedSliceInferer`.
+        inferer: the run's base inferer: a :class:`GatedSliceInferer` (a gate given at inference) counts.
+        network: the run's network: a :class:`bundle.networks.GatedSegmenter` (M2 with its gate) counts.
+            Nothing is logged when neither gates.
         name_key: the datalist key that names a case.
     """
 
-    def __init__(self, inferer: Any, name_key: str = "case_id") -> None:
-        self.inferer = inferer
+    def __init__(self, inferer: Any, network: Any = None, name_key: str = "case_id") -> None:
+        self.inferer = inferer if isinstance(inferer, GatedSliceInferer) else network
         self.name_key = name_key
         self.cases = self.slices_total = self.slices_segmented = 0
 
     def attach(self, engine: Engine) -> None:
         """Count each iteration (one case with ``batch_size: 1``) and log at its end and at the run's."""
-        if not isinstance(self.inferer, GatedSliceInferer):
+        if not isinstance(self.inferer, (GatedSliceInferer, GatedSegmenter)):
             return  # no gate in this run
         engine.add_event_handler(Events.STARTED, self.start_run)
         engine.add_event_handler(Events.ITERATION_STARTED, self.start_case)
@@ -249,7 +274,8 @@ class GateSliceLog:
         inferer = self.inferer
         names = _case_names(engine.state.batch, self.name_key)
         passes = ""
-        if inferer.volumes_total > len(names):  # test-time flips: every slice gated once per flip
+        # test-time flips: every slice gated once per flip (the inferer counts volumes; the network cannot)
+        if getattr(inferer, "volumes_total", 0) > len(names):
             flips = inferer.volumes_total // max(1, len(names))
             passes = f"; {inferer.slices_total // max(1, inferer.volumes_total)} slices in each of {flips} flips"
         logger.info(

@@ -31,7 +31,7 @@ from bundle.inference.inferers import EnsembleInferer, FlipTTAInferer, ResizedSl
 from bundle.inference.writers import AtomicSaveImaged
 from bundle.options import as_bool, check_config_keys, folder_problem
 from bundle.paths import BUNDLE_ROOT, output_path, resolve_config_files, working_directory
-from bundle.plan.network import inference_window, spatial_dims
+from bundle.plan.network import inference_window, is_gated, spatial_dims
 from bundle.plan.recipes import RULE_KEYS, STEPS
 
 logger = logging.getLogger(__name__)
@@ -188,11 +188,14 @@ def log_recipe(
     rule = {"regions": "thresholds", "binary": "mask threshold", "classes": "argmax"}[output_type]
     numbers = [f"{key} {recipe[key]}" for key in RULE_KEYS[output_type]]
     intensity = [str(step["_target_"]).rsplit(".", 1)[-1] for step in plan["preprocessing"]["intensity"]]
+    network = plan["network"]
+    gate = f" behind its slice gate (P(tumour) >= {network['threshold']})" if is_gated(network) else ""
     logger.info(
-        "%s: %s %s model, %s, %s%s, post-processing: %s; labels as %s; preprocessing: %s",
+        "%s: %s %s model%s, %s, %s%s, post-processing: %s; labels as %s; preprocessing: %s",
         checkpoint,
         f"{spatial_dims(plan)}-D",
         output_type,
+        gate,
         "flip TTA" if recipe["tta"] else "one pass",
         rule,
         f" ({', '.join(numbers)})" if numbers else "",

@@ -24,6 +24,8 @@ and ``torch.jit.load``. Hence three things differ from a training checkpoint:
 * The inference network is the trained one without its deep-supervision heads (``deep_supervision:
   false``, :func:`inference_form`): they are only used in training, the eval-mode output is the same,
   and DynUNet's head bookkeeping cannot be scripted (the zoo's DynUNet bundles do the same).
+* M2 with its gate (:class:`bundle.networks.GatedSegmenter`) is exported whole: ``model.pt`` holds the
+  gate's and the segmenter's weights, ``model.ts`` runs the gate, then the segmenter on the slices it passes.
 * ``metadata.json``'s ``network_data_format`` is derived from the exported network
   (:func:`network_data_format`): ``spatial_shape`` is ``"d*(n+1)"`` with ``d`` the network's total
   down-sampling, so the zoo's ``n = 1`` gives the smallest input with a 2-voxel bottleneck (instance
@@ -59,7 +61,7 @@ from bundle.networks import M4UNet
 from bundle.options import folder_problem
 from bundle.paths import BUNDLE_ROOT
 from bundle.plan.checkpoints import MODEL_KEY, RECORD_KEY, CheckpointError, load_checkpoint, record_file
-from bundle.plan.network import input_divisors, network_data_format, network_from_spec
+from bundle.plan.network import input_divisors, is_gated, network_data_format, network_from_spec
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +89,10 @@ def inference_form(
     scripted: its inference form is MONAI's ``DynUNet`` itself.
     """
     spec = dict(record["network"])
-    if spec.get("deep_supervision"):
-        spec["deep_supervision"] = False
-    constructor = pydoc.locate(str(spec["_target_"]))
-    if isinstance(constructor, type) and issubclass(constructor, M4UNet):
-        spec["_target_"] = "monai.networks.nets.DynUNet"
-        spec.pop("upsample_heads", None)
+    if is_gated(spec):  # M2 with its gate: the segmenter in its inference form, the gate as it is
+        spec["segmenter"] = _inference_spec(spec["segmenter"])
+    else:
+        spec = _inference_spec(spec)
     network = network_from_spec(spec)
     wanted = network.state_dict()
     missing = [k for k, v in wanted.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)]
@@ -107,6 +107,18 @@ def inference_form(
     if dropped:
         logger.info("export: %d training-only weights (deep-supervision heads) left out", dropped)
     return {**record, "network": spec}, weights
+
+
+def _inference_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A segmenter's spec without deep-supervision heads (M4UNet: MONAI's DynUNet; see :func:`inference_form`)."""
+    spec = dict(spec)
+    if spec.get("deep_supervision"):
+        spec["deep_supervision"] = False
+    constructor = pydoc.locate(str(spec["_target_"]))
+    if isinstance(constructor, type) and issubclass(constructor, M4UNet):
+        spec["_target_"] = "monai.networks.nets.DynUNet"
+        spec.pop("upsample_heads", None)
+    return spec
 
 
 def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -442,7 +442,9 @@ def app_inference_config(bundle_dir: Path, overrides: Mapping[str, Any], layout:
     """
     # the served network is the one its plan records: training's network_factory does not apply
     overrides = {k: v for k, v in overrides.items() if not k.startswith("network_factory")}
-    layout_keys = {"label_layout": layout, "output_label_scheme": layout, "case_image_key": "image"}
+    # the studies' label values; a binary model (M2) writes its whole-tumour mask as 0/1 whatever the layout
+    scheme = f"$'internal' if @output_type == 'binary' else '{layout}'"
+    layout_keys = {"label_layout": layout, "output_label_scheme": scheme, "case_image_key": "image"}
     config = expand_config(bundle_dir, "inference.yaml", {**overrides, **layout_keys})
     # MONAI Label takes the label map from "pred"; inference.yaml leaves it in "pred_label".
     config["postprocessing"]["transforms"].append({"_target_": "CopyItemsd", "keys": "pred_label", "names": PRED_KEY})

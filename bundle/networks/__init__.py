@@ -9,10 +9,12 @@ from bundle.networks.blocks import (
     UpResidualBlock,
 )
 from bundle.networks.classifier import SliceGateClassifier, adapt_first_conv, load_pretrained_backbone
+from bundle.networks.gated import GatedSegmenter
 from bundle.networks.nets import M4UNet, ResSELKAUNet, ResUNet
 
 __all__ = [
     "ContextExtraction",
+    "GatedSegmenter",
     "LargeKernelAttention",
     "M4UNet",
     "ModalityAwareStem",

@@ -2,8 +2,11 @@
 
 MONAI's ``resnet50`` builds the backbone (standard stem: 7 x 7 stride-2 convolution and max pooling,
 as in He et al. and the ImageNet models; MONAI's default first convolution has stride 1), without
-its single ``fc`` layer: the paper's head is global average pooling, flattening, two dense layers
-with ReLU and dropout between them, and a softmax over two classes (no tumour, tumour).
+its single ``fc`` layer. The paper's head: "Average Pooling, Flatten, two Dense layers with ReLU
+activation, dropout layers, and a softmax output layer": global average pooling and flattening
+(the backbone's), then two dense layers, each with ReLU and dropout, then the output layer, a dense
+layer whose two logits the softmax turns into P(no tumour), P(tumour) (the softmax is taken by the
+loss and by the inference, on the logits).
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ RESNET50_FEATURES = 2048
 
 
 class SliceGateClassifier(nn.Module):
-    """ResNet-50 -> global average pooling -> flatten -> dense + ReLU + dropout -> dense -> 2 logits.
+    """ResNet-50 -> global average pooling -> flatten -> (dense + ReLU + dropout) x 2 -> dense -> 2 logits.
 
     Args:
         spatial_dims: 2 for axial slices ``(N, C, H, W)``.
         in_channels: input channels (the four MRI modalities).
-        hidden_features: width of the first dense layer (the paper gives none; ours 256).
-        dropout: dropout probability after it (the paper gives none; ours 0.5).
+        hidden_features: width of each hidden dense layer (the paper gives none; ours 256).
+        dropout: dropout probability after each (the paper gives none; ours 0.5).
         num_classes: 2 (softmax over no tumour / tumour).
+        dense_layers: hidden dense layers with ReLU and dropout (the paper's 2; gates saved before the
+            paper's head had 1, which their plans record, ``bundle.plan.migrate``).
 
     Returns logits ``(N, num_classes)``; ``softmax(logits)[:, 1]`` is the probability of tumour.
     """
@@ -40,6 +45,7 @@ class SliceGateClassifier(nn.Module):
         hidden_features: int = 256,
         dropout: float = 0.5,
         num_classes: int = 2,
+        dense_layers: int = 2,
     ) -> None:
         super().__init__()
         # torchvision's layout (no bias in the shortcut convolutions), so ImageNet weights load by name
@@ -52,12 +58,13 @@ class SliceGateClassifier(nn.Module):
             shortcut_type="B",
             bias_downsample=False,
         )
-        self.head = nn.Sequential(
-            nn.Linear(RESNET50_FEATURES, hidden_features),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_features, num_classes),
-        )
+        if dense_layers < 1:
+            raise ValueError(f"SliceGateClassifier: dense_layers {dense_layers} must be at least 1")
+        layers: list[nn.Module] = []
+        for i in range(dense_layers):
+            width = RESNET50_FEATURES if i == 0 else hidden_features
+            layers += [nn.Linear(width, hidden_features), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        self.head = nn.Sequential(*layers, nn.Linear(hidden_features, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of a batch of slices."""

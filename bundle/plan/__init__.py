@@ -3,7 +3,8 @@
 :mod:`bundle.plan.plan` (the plan and its migration), :mod:`bundle.plan.specs` (components as plain
 data), :mod:`bundle.plan.network` (the network, its down-sampling and windows),
 :mod:`bundle.plan.recipes` (inference recipes), :mod:`bundle.plan.preprocessing` (the deterministic
-preprocessing a plan describes), :mod:`bundle.plan.checkpoints` (reading and writing checkpoints).
+preprocessing a plan describes), :mod:`bundle.plan.checkpoints` (reading and writing checkpoints),
+:mod:`bundle.plan.gate` (M2's gate built into its segmenter).
 """
 
 from bundle.plan.checkpoints import (
@@ -17,6 +18,7 @@ from bundle.plan.checkpoints import (
     read_plan,
     save_model,
 )
+from bundle.plan.gate import with_gate
 from bundle.plan.network import build_network, check_window, inference_window, network_from_spec, spatial_dims
 from bundle.plan.plan import ModelPlan, PlanError, fine_tune_overrides, migrate
 from bundle.plan.preprocessing import preprocessing_transforms
@@ -46,4 +48,5 @@ __all__ = [
     "save_model",
     "spatial_dims",
     "spec_of",
+    "with_gate",
 ]

@@ -85,6 +85,22 @@ def _argument(spec: Mapping[str, Any], name: str) -> Any:
     return parameter.default
 
 
+def is_gated(spec: Mapping[str, Any]) -> bool:
+    """Whether a recorded network is M2's gate and segmenter in one (:class:`bundle.networks.GatedSegmenter`)."""
+    return str(spec.get("_target_", "")).rsplit(".", 1)[-1] == "GatedSegmenter"
+
+
+def segmenter_spec(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The segmenter of a recorded network: the one behind M2's gate, else the network itself.
+
+    Its dimensions and down-sampling are the whole model's: the gate takes whatever slices the
+    segmenter takes (resized to its own size).
+    """
+    if is_gated(spec):
+        return {k: v for k, v in spec["segmenter"].items() if k != "_mode_"}
+    return spec
+
+
 def input_divisors(spec: Mapping[str, Any]) -> tuple[int, ...]:
     """Per spatial axis, the network's total down-sampling: every input size must be a multiple of it.
 
@@ -92,6 +108,7 @@ def input_divisors(spec: Mapping[str, Any]) -> tuple[int, ...]:
     int or one per axis), ``channels`` levels of the bundle's U-Nets and ``blocks_down`` of SegResNet
     (2x per level), SwinUNETR's fixed 32.
     """
+    spec = segmenter_spec(spec)
     name = str(spec["_target_"]).rsplit(".", 1)[-1]
     dims = 3 if name == "SwinUNETR" else int(_argument(spec, "spatial_dims"))
     if name == "SwinUNETR":
@@ -131,7 +148,7 @@ def check_window(window: Any, spec: Mapping[str, Any], key: str = "window", dims
         fitting = [-(-side // d) * d for side, d in zip(sides, divisors)]  # the next multiple up
         raise OptionError(
             f"{key}: {sides} is not a multiple of {list(divisors)} per side, the down-sampling of the network "
-            f"({str(spec['_target_']).rsplit('.', 1)[-1]}); e.g. {fitting}"
+            f"({str(segmenter_spec(spec)['_target_']).rsplit('.', 1)[-1]}); e.g. {fitting}"
         )
     return sides
 
@@ -191,7 +208,7 @@ def spatial_dims(record: Mapping[str, Any]) -> int:
     Every network of this bundle and of MONAI's that a config builds states it; a record without it
     falls back to the length of the training patch, and then to 3.
     """
-    dims = record["network"].get("spatial_dims")
+    dims = segmenter_spec(record["network"]).get("spatial_dims")
     if dims is None and record.get("patch_size"):
         dims = len(record["patch_size"])
     return int(dims or 3)

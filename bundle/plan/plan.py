@@ -36,7 +36,7 @@ from bundle.constants import CLASS_NAMES, LABEL_SCHEMES, REGIONS
 from bundle.errors import DataError, OptionError
 from bundle.options import as_bool
 from bundle.paths import BUNDLE_ROOT
-from bundle.plan.network import check_window, spatial_dims
+from bundle.plan.network import check_window, segmenter_spec, spatial_dims
 from bundle.plan.recipes import LEGACY_RECIPE, OPTIONAL_STEPS, STEPS, recipe_for
 from bundle.plan.specs import callable_mode, same_component, spec_of
 from bundle.transforms import input_channel_names
@@ -116,6 +116,26 @@ def planned_preprocessing(
     }
 
 
+def check_gate_preprocessing(gate_plan: Mapping[str, Any], preprocessing: Mapping[str, Any], where: str) -> None:
+    """One sentence unless M2's gate (its plan) was trained on the inputs the segmenter gets (``preprocessing``).
+
+    The gate runs on the segmenter's slices inside one network, so its spacing, input channels and
+    intensity steps must be the segmenter's (``configs/train_gate.yaml`` shares M2's by default).
+    """
+    theirs = dict(gate_plan.get("preprocessing") or {})
+    differing = [
+        key
+        for key in ("spacing", "salient_channel", "intensity")
+        if not same_component(theirs.get(key), preprocessing.get(key))
+    ]
+    if differing:
+        raise OptionError(
+            f"gate_checkpoint: {where} was trained with another {', '.join(differing)} than this segmenter "
+            f"({theirs.get(differing[0])!r} vs {preprocessing.get(differing[0])!r}); train the gate with the "
+            "segmenter's preprocessing (configs/train_gate.yaml after the same overlays)"
+        )
+
+
 class ModelPlan:
     """The plan of the model a training run makes, saved with every checkpoint (see the module docstring).
 
@@ -151,12 +171,16 @@ class ModelPlan:
             raise OptionError("network_factory: not a network constructor; give it `_mode_: callable`")
         pre = planned_preprocessing(**dict(preprocessing or {}))
         channels = input_channel_names(pre["salient_channel"])
-        if "in_channels" in spec and spec["in_channels"] != len(channels):
+        segmenter = segmenter_spec(spec)
+        if "in_channels" in segmenter and segmenter["in_channels"] != len(channels):
             raise OptionError(
-                f"network_factory#in_channels is {spec['in_channels']}, but the preprocessing gives the network "
+                f"network_factory#in_channels is {segmenter['in_channels']}, but the preprocessing gives the network "
                 f"{len(channels)} channels ({', '.join(channels)}): set in_channels to {len(channels)}, or change "
                 "salient_channel"
             )
+        gate_plan = getattr(network, "bundle_gate_plan", None)
+        if gate_plan is not None:
+            check_gate_preprocessing(gate_plan, pre, getattr(network, "bundle_gate_file", "gate_checkpoint"))
         if inference_recipe is None and output_type != "gate":
             raise OptionError(f"inference_recipe: missing; a {output_type} model records how it segments a case")
         patch = _sizes(patch_size, "patch_size")
@@ -295,27 +319,37 @@ def migrate(record: Mapping[str, Any], where: str = "the checkpoint") -> dict[st
         raise PlanError(f"{where}: the checkpoint does not record the network that built it")
     version = int(record.get("plan_version", 1))
     if version == PLAN_VERSION:
-        return dict(record)
+        return _with_old_gate_head(dict(record))
     if version > PLAN_VERSION:
         raise PlanError(f"{where}: plan version {version} is newer than this bundle reads ({PLAN_VERSION}); update it")
     output_type = str(record.get("output_type", "regions"))
     recipe = _v1_recipe(record, where)
-    return {
-        "plan_version": PLAN_VERSION,
-        "network": dict(record["network"]),
-        "input_channels": list(record.get("input_channels") or []),
-        "output_type": output_type,
-        "output_channels": list(record.get("output_channels") or OUTPUT_CHANNELS[output_type]),
-        "label_convention": record.get("label_convention")
-        or {"internal": {str(k): v for k, v in CLASS_NAMES.items()}, "schemes": LABEL_SCHEMES},
-        "preprocessing": _v1_preprocessing(record),
-        "patch_size": record.get("patch_size"),
-        "window": record.get("inference_roi_size"),
-        "inference_recipe": recipe_for(recipe, output_type) if recipe is not None else None,
-        "training": {},
-        "bundle_version": record.get("bundle_version"),
-        "migrated_from": version,
-    }
+    return _with_old_gate_head(
+        {
+            "plan_version": PLAN_VERSION,
+            "network": dict(record["network"]),
+            "input_channels": list(record.get("input_channels") or []),
+            "output_type": output_type,
+            "output_channels": list(record.get("output_channels") or OUTPUT_CHANNELS[output_type]),
+            "label_convention": record.get("label_convention")
+            or {"internal": {str(k): v for k, v in CLASS_NAMES.items()}, "schemes": LABEL_SCHEMES},
+            "preprocessing": _v1_preprocessing(record),
+            "patch_size": record.get("patch_size"),
+            "window": record.get("inference_roi_size"),
+            "inference_recipe": recipe_for(recipe, output_type) if recipe is not None else None,
+            "training": {},
+            "bundle_version": record.get("bundle_version"),
+            "migrated_from": version,
+        }
+    )
+
+
+def _with_old_gate_head(plan: dict[str, Any]) -> dict[str, Any]:
+    """A gate saved before the paper's head (two dense layers) records no ``dense_layers``: it had one."""
+    spec = plan["network"]
+    if str(spec.get("_target_", "")).endswith("SliceGateClassifier") and "dense_layers" not in spec:
+        plan["network"] = {**spec, "dense_layers": 1}
+    return plan
 
 
 # ------------------------------------------------------------------------------------------ use

@@ -42,6 +42,7 @@ from bundle.atomic import process_is_running, write_error
 from bundle.errors import OptionError
 from bundle.options import as_bool
 from bundle.plan import ModelPlan
+from bundle.plan.network import segmenter_spec
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def to_device(network: torch.nn.Module, device: Any, channels_last: Any = True) 
     Channels-last memory is 2-5x faster for 3-D convolution backward on CPU (oneDNN) and what cuDNN
     prefers under AMP; weights and checkpoints are unaffected. 2-D networks keep the default layout.
     """
-    spec = getattr(network, "bundle_network_spec", {}) or {}
+    spec = segmenter_spec(getattr(network, "bundle_network_spec", {}) or {})  # M2: the gated segmenter's
     if as_bool(channels_last, "channels_last") and int(spec.get("spatial_dims", 3)) == 3:
         return network.to(device, memory_format=torch.channels_last_3d)
     return network.to(device)

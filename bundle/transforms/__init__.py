@@ -5,10 +5,12 @@ from bundle.transforms.brain import SalientMaskd, input_channel_names, is_positi
 from bundle.transforms.intensity import (
     CLAHEd,
     ClipNonzeroPercentilesd,
+    MedianDenoised,
     ZScoreIntensity,
     ZScoreIntensityd,
     clahe_slices,
     clip_nonzero_percentiles,
+    median_denoise,
     opencv_to_skimage_clip_limit,
 )
 from bundle.transforms.labels import (
@@ -27,6 +29,7 @@ __all__ = [
     "LabelsToRegions",
     "LabelsToRegionsd",
     "LoadCaseImaged",
+    "MedianDenoised",
     "RandChannelGammad",
     "RandGaussianShiftIntensityd",
     "RegionsToDisjointd",
@@ -39,5 +42,6 @@ __all__ = [
     "input_channel_names",
     "is_positive_numpy",
     "map_label_values",
+    "median_denoise",
     "opencv_to_skimage_clip_limit",
 ]
