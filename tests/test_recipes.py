@@ -113,7 +113,7 @@ def test_every_stack_plans_its_preprocessing_and_recipe_by_value(variant: Path) 
     assert recipe_for(full.get_parsed_content("inference_recipe"), full.get_parsed_content("output_type"))
     intensity = [step["_target_"].rsplit(".", 1)[-1] for step in _planned(stack)["intensity"]]
     expected = {
-        "m2_resunet_tversky": ["ScaleIntensityd"],
+        "m2_resunet_tversky": ["MedianDenoised", "ScaleIntensityd"],  # noise reduction, then scaling
         "m3_resse_lka_unet": ["ClipNonzeroPercentilesd", "ZScoreIntensityd"],
     }.get(variant.stem, ["ZScoreIntensityd"])
     assert intensity == expected
