@@ -241,6 +241,28 @@ def _validation_step(name: str, configs: tuple[str, ...] = ()) -> Callable[[Conf
 
 INFERENCE = ["configs/inference.yaml"]
 TRAIN = ["configs/train.yaml"]
+M2_STACK = ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m2_resunet_tversky.yaml"]
+
+
+def _with_min_prob(probe: Callable[[ConfigParser], bool]) -> Callable[[ConfigParser], bool]:
+    """``probe`` with the step's number given, so that switching the step on is complete."""
+
+    def with_number(parser: ConfigParser) -> bool:
+        if as_bool(parser["remove_unconfident_components"], "remove_unconfident_components"):
+            parser["component_min_prob"] = 0.9  # a number for a step that is off is an error of its own
+        return probe(parser)
+
+    return with_number
+
+
+def _slice_gate_probe(parser: ConfigParser) -> bool:
+    """What the plan tells inference: an M2 segmenter without its gate is expected to have one."""
+    from bundle.plan.gate import gate_expected
+
+    parser["network_factory#channels"] = [4, 8, 8, 8, 8]
+    return gate_expected(parser.get_parsed_content("model_plan").state_dict())
+
+
 # key -> (configs, probe reading the key's effect from the resolved config)
 PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
     "tta": (INFERENCE, lambda p: p.get_parsed_content("inferer").inferer.tta),
@@ -254,6 +276,7 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         lambda p: any(getattr(t, "output_ext", "") == ".seg.nrrd" for t in _postprocessing(p)),
     ),
     "mask_outside_brain": (INFERENCE, _postprocessing_flag("OutsideBrainToBackgroundd")),
+    "remove_unconfident_components": (INFERENCE, _with_min_prob(_postprocessing_flag("RemoveUnconfidentComponentsd"))),
     "et_components_to_ncr": (INFERENCE, _postprocessing_flag("SmallETComponentsToNCRd")),
     "et_volume_to_ncr": (INFERENCE, _postprocessing_flag("SmallETVolumeToNCRd")),
     "remove_small_components": (INFERENCE, _postprocessing_flag("RemoveSmallTumourComponentsd")),
@@ -288,6 +311,11 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m3_resse_lka_unet.yaml"],
         lambda p: p.get_parsed_content("intensity_transform").get("clahe") is not None,
     ),
+    "noise_reduction": (
+        M2_STACK,
+        lambda p: "MedianDenoised" in {type(t).__name__ for t in p.get_parsed_content("deterministic_transforms")},
+    ),
+    "slice_gate": (M2_STACK, _slice_gate_probe),
     "lesion_wise": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag("lesion_wise")),
     "include_disjoint": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag("include_disjoint")),
 }

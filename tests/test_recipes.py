@@ -182,7 +182,10 @@ def test_a_2d_methods_training_config_records_its_recipe_and_preprocessing(metho
     intensity = [step["_target_"].rsplit(".", 1)[-1] for step in plan["preprocessing"]["intensity"]]
     assert (
         intensity
-        == {"m3": ["ClipNonzeroPercentilesd", "CLAHEd", "ZScoreIntensityd"], "m2": ["ScaleIntensityd"]}[method]
+        == {
+            "m3": ["ClipNonzeroPercentilesd", "CLAHEd", "ZScoreIntensityd"],
+            "m2": ["MedianDenoised", "ScaleIntensityd"],
+        }[method]
     )
     assert (
         plan["preprocessing"]["target"]
