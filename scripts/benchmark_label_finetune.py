@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import signal
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "benchmark_label_finetune")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "label_finetune")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     args.work.mkdir(parents=True, exist_ok=True)
     if args.checkpoint is None:

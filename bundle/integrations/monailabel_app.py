@@ -97,7 +97,10 @@ class StudiesDatastore(LocalDatastore):
                 return
             self._refreshed = time.monotonic()
             before = set(self._datastore.objects)
-            follow_dataset(self._datastore_path)
+            try:
+                follow_dataset(self._datastore_path)
+            except (OSError, UserError) as err:  # the dataset unreadable a moment (being copied): the view stays
+                logger.warning("studies: the view was not refreshed from its dataset: %s", err)
             self.refresh()
             new = sorted(set(self._datastore.objects) - before)
         if new:
