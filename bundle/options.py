@@ -50,8 +50,8 @@ _ON_OFF = {"on": "true", "off": "false"}
 def as_bool(value: Any, name: str = "value") -> bool:
     """Read ``value`` of option ``name`` as a boolean.
 
-    Accepts ``True``/``False``, the integers 1/0 and, in any letter case and without surrounding
-    spaces, the strings MONAI's :func:`monai.utils.str2bool` reads (true/false, yes/no, t/f, y/n,
+    Accepts ``True``/``False``, the integers 1/0 and, in any letter case (surrounding spaces
+    ignored), the strings MONAI's :func:`monai.utils.str2bool` reads (true/false, yes/no, t/f, y/n,
     1/0) plus on/off. Anything else (``None``, ``"ture"``, ``2``, a list) raises
     :class:`~bundle.errors.OptionError` with one sentence naming the option: ``str2bool``'s own
     ``ValueError`` names neither the option nor on/off, hence this wrapper.

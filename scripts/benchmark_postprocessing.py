@@ -8,7 +8,11 @@ Each case's ground truth is turned into region probabilities (0.97 inside each o
 * the Dice of the result against the truth per region, for the closing with the recipe's element
   (the cross) and with the 3 x 3 x 3 cube (the baseline the element was chosen against), and without
   any closing (steps 1-3 only: a correct prediction should come through them unchanged);
-* the seconds each step takes (median of ``--repeats``), against the region rule alone.
+* the seconds each step takes (median of ``--repeats``), against the region rule alone;
+* the closing against the library's way to the same labels, scipy's grey-level closing of the nesting
+  level (:func:`scipy.ndimage.grey_closing`, as ``tests/test_postprocessing.py`` checks it): wall and CPU
+  seconds of this process (the CPU time is less disturbed by others on a shared machine), and whether
+  the labels are equal.
 
     python scripts/benchmark_postprocessing.py --dataset_dir ../shared/brats_samples [--json out.json]
 """
@@ -27,13 +31,18 @@ from typing import Any
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from scipy import ndimage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bundle.constants import ET, NCR  # noqa: E402
+from bundle.constants import BACKGROUND, ED, ET, NCR  # noqa: E402
+from bundle.data.labels import bounding_box  # noqa: E402
 from bundle.evaluation.files import load_label_map  # noqa: E402
 from bundle.inference.postprocessing import (  # noqa: E402
+    _REGION_BITS,
+    binary_dilation,
+    binary_erosion,
     close_tumour_regions,
     remove_small_tumour_components,
     small_et_components_to_ncr,
@@ -45,12 +54,39 @@ from bundle.plan.recipes import normalise_recipe  # noqa: E402
 
 def _seconds(repeats: int, function: Any, *arguments: Any) -> tuple[float, Any]:
     """Median wall seconds of ``function(*arguments)`` over ``repeats`` calls, and its result."""
-    times, result = [], None
+    wall, _, result = _wall_and_cpu_seconds(repeats, function, *arguments)
+    return wall, result
+
+
+def _wall_and_cpu_seconds(repeats: int, function: Any, *arguments: Any) -> tuple[float, float, Any]:
+    """Median wall and CPU (this process) seconds of ``function(*arguments)`` over ``repeats`` calls, and its result."""
+    wall, cpu, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = function(*arguments)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu), result
+
+
+#: internal label -> how many of the nested regions hold it (ED: WT; NCR: WT, TC; ET: all three)
+_NESTING = np.zeros(4, dtype=np.uint8)
+_NESTING[ED], _NESTING[NCR], _NESTING[ET] = 1, 2, 3
+_LEVEL_TO_LABEL = np.array([BACKGROUND, ED, NCR, ET], dtype=np.uint8)
+
+
+def grey_closing_labels(labels: torch.Tensor, filter_size: int, element: str) -> torch.Tensor:
+    """The closing of the nested regions as scipy's grey-level closing of the nesting level, on the same box."""
+    lab = labels[0].numpy()
+    box = bounding_box(lab != BACKGROUND, margin=filter_size - 1)
+    if box is None or filter_size == 1:
+        return labels
+    cross = ndimage.iterate_structure(ndimage.generate_binary_structure(lab.ndim, 1), filter_size // 2)
+    footprint = cross if element == "cross" else np.ones((filter_size,) * lab.ndim, dtype=bool)
+    closed = ndimage.grey_closing(_NESTING[lab[box].astype(np.intp)], footprint=footprint, mode="nearest")
+    out = labels.clone()
+    out[(0, *box)] = torch.as_tensor(_LEVEL_TO_LABEL[closed], dtype=out.dtype)
+    return out
 
 
 def _dice(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -60,6 +96,22 @@ def _dice(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         a, b = region(labels), region(truth)
         out[name] = round(float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)), 4)
     return out
+
+
+def _morphology_cpu_seconds(repeats: int, labels: torch.Tensor, size: int, element: str) -> tuple[float, float]:
+    """CPU seconds of the dilation and erosion alone on the tumour's box: the bundle's bit planes, scipy's levels."""
+    lab = labels[0]
+    box = bounding_box(lab.numpy() != BACKGROUND, margin=size - 1)
+    bits = _REGION_BITS[lab[box].long()]
+    levels = _NESTING[lab[box].numpy().astype(np.intp)]
+    cross = ndimage.iterate_structure(ndimage.generate_binary_structure(lab.ndim, 1), size // 2)
+    footprint = cross if element == "cross" else np.ones((size,) * lab.ndim, dtype=bool)
+    radius = size // 2
+    ours = _wall_and_cpu_seconds(
+        repeats, lambda: binary_erosion(binary_dilation(bits, radius, lab.ndim, element), radius, lab.ndim, element)
+    )[1]
+    theirs = _wall_and_cpu_seconds(repeats, ndimage.grey_closing, levels, None, footprint, None, None, "nearest")[1]
+    return ours, theirs
 
 
 def main() -> None:
@@ -75,6 +127,7 @@ def main() -> None:
     recipe = normalise_recipe(config.get_parsed_content("inference_recipe"), "regions")
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine()}
     result["torch_threads"] = torch.get_num_threads()
+    result["command"] = " ".join(["python", *sys.argv])
     result["cases"] = {}
     for truth_file in sorted(Path(args.dataset_dir).glob("*/*_seg.nii.gz")):
         truth, _, _ = load_label_map(truth_file, "brats2021")
@@ -99,10 +152,16 @@ def main() -> None:
         seconds["3 remove_small_components"], step3 = _seconds(
             n, remove_small_tumour_components, step2, recipe["min_component_size"]
         )
-        closed = {}
+        closed, cpu_seconds, equal = {}, {}, {}
         for element in ("cross", "cube"):
-            seconds[f"4 closing ({element})"], closed[element] = _seconds(
-                n, close_tumour_regions, step3, recipe["closing_size"], element
+            size = recipe["closing_size"]
+            for name, closing in (("", close_tumour_regions), (", scipy grey_closing", grey_closing_labels)):
+                key = f"4 closing ({element}{name})"
+                seconds[key], cpu_seconds[key], out = _wall_and_cpu_seconds(n, closing, step3, size, element)
+                closed.setdefault(element, out)
+            equal[element] = bool(torch.equal(closed[element], out))
+            cpu_seconds[f"morphology only ({element})"], cpu_seconds[f"morphology only ({element}, scipy)"] = (
+                _morphology_cpu_seconds(n, step3, size, element)
             )
         result["cases"][truth_file.parent.name] = {
             "tumour_voxels": int((truth > 0).sum()),
@@ -110,6 +169,8 @@ def main() -> None:
             "dice_with_closing_cross": _dice(closed["cross"][0].numpy(), truth),
             "dice_with_closing_cube": _dice(closed["cube"][0].numpy(), truth),
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "cpu_seconds_closing": {k: round(v, 4) for k, v in cpu_seconds.items()},
+            "grey_closing_gives_the_same_labels": equal,
         }
         print(truth_file.parent.name, json.dumps(result["cases"][truth_file.parent.name]))
     if args.json:

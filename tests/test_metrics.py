@@ -142,20 +142,23 @@ def test_monai_surface_distances_are_the_old_ones_on_synthetic_pairs(seed):
     _assert_same_distances(pred[:, :, 20] > 0, truth[:, :, 20] > 0, spacing[:2])
 
 
-def _assert_same_distances_on_real_case(path):
+def _assert_same_distances_on_real_case(path, regions, perturbations=("eroded", "shifted", "lesion_removed")):
     truth, spacing = _load_cropped(path)
-    for pred in _perturbations(truth).values():
-        for region, mask in region_masks(pred, {**REGIONS, **DISJOINT_CLASSES}).items():
-            reference = region_masks(truth, {region: {**REGIONS, **DISJOINT_CLASSES}[region]})[region]
-            if mask.any() and reference.any():
-                _assert_same_distances(mask, reference, spacing)
+    truths = region_masks(truth, regions)
+    for name, pred in _perturbations(truth).items():
+        if name not in perturbations:
+            continue
+        for region, mask in region_masks(pred, regions).items():
+            if mask.any() and truths[region].any():
+                _assert_same_distances(mask, truths[region], spacing)
 
 
 def test_monai_surface_distances_are_the_old_ones_on_a_real_case():
     cases = _sample_cases()
     if not cases:
         pytest.skip(f"no BraTS samples at {SAMPLES} (set BRATS_SAMPLES)")
-    _assert_same_distances_on_real_case(cases[0])
+    # the shifted truth (every surface voxel moves); the other perturbations, NCR and ED with -m slow
+    _assert_same_distances_on_real_case(cases[0], REGIONS, ("shifted",))
 
 
 @pytest.mark.slow
@@ -164,7 +167,7 @@ def test_monai_surface_distances_are_the_old_ones_on_all_real_cases():
     if not cases:
         pytest.skip(f"no BraTS samples at {SAMPLES} (set BRATS_SAMPLES)")
     for path in cases:
-        _assert_same_distances_on_real_case(path)
+        _assert_same_distances_on_real_case(path, {**REGIONS, **DISJOINT_CLASSES})
 
 
 @pytest.mark.parametrize("fn", [hd95, hd95_monai])

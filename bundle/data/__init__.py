@@ -18,7 +18,7 @@ from bundle.data.datalist import (
     without_labels,
 )
 from bundle.data.demo import DEMO_SPACING, DEMO_VERSION, demo_affine, generate_demo_dataset, make_phantom
-from bundle.data.io import ImageHeader, load_nifti, read_header, read_voxels
+from bundle.data.io import ImageHeader, load_nifti, read_header, read_voxels, refuse_non_finite
 from bundle.data.layouts import (
     IMAGE_SUFFIXES,
     ITK_READER,
@@ -69,6 +69,7 @@ __all__ = [
     "prepare",
     "read_header",
     "read_voxels",
+    "refuse_non_finite",
     "resolve_datalist",
     "select_cases",
     "without_labels",

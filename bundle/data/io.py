@@ -143,19 +143,29 @@ def read_voxels(path: str | Path, what: str = "image") -> np.ndarray:
 
     A header can be intact over truncated or corrupt data (an interrupted copy of a ``.nii.gz``),
     and NaN or infinite intensities would flow silently through normalisation into NaN
-    probabilities, NaN losses and NaN weights; both are found here, before any long work.
-    Integer data cannot hold non-finite values, so only floating-point data is scanned. The reader is
+    probabilities, NaN losses and NaN weights; both are found here (:func:`refuse_non_finite`),
+    before any long work. The reader is
     the one training and inference use (:func:`image_reader`), so the array is the one they see.
     """
     try:
         data = np.asarray(load_nifti(path).dataobj) if is_nifti(path) else _itk_volume(Path(path))[0]
     except Exception as err:  # zlib, EOFError, nibabel's and ITK's own: whatever a damaged file raises
         raise DataError(f"{path}: {what} data cannot be decoded ({type(err).__name__}: {err})") from err
+    refuse_non_finite(data, path)
+    return data
+
+
+def refuse_non_finite(data: np.ndarray, path: str | Path) -> None:
+    """Raise :class:`DataError` naming ``path`` if ``data`` holds NaN or infinite voxels (one pass over them).
+
+    The one NaN / Inf check of the bundle: the case checks (:func:`read_voxels`) and the loader
+    (:class:`bundle.transforms.LoadCaseImaged`) both call it. Integer data cannot hold non-finite
+    values and is not scanned.
+    """
     if data.dtype.kind in "fc":
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
         if bad:
             raise DataError(f"{path}: {bad} of {data.size} voxels are not finite (NaN or Inf)")
-    return data
 
 
 def _read_label_values(path: str) -> np.ndarray:

@@ -43,7 +43,8 @@ def compare(
     excludes 0; otherwise "no significant difference". Identical runs give mean difference 0 and p-values of 1.
     """
     # the numbers before the files: compare(n_bootstrap=0) is one sentence naming the option, as on the command line
-    check_options(n_bootstrap=n_bootstrap, seed=seed, alpha=alpha)
+    numbers = check_options(n_bootstrap=n_bootstrap, seed=seed, alpha=alpha)
+    n_bootstrap, seed, alpha = numbers["n_bootstrap"], numbers["seed"], numbers["alpha"]
     a, b = read_metrics_csv(run_a_csv), read_metrics_csv(run_b_csv)
     for rows, path in ((a, run_a_csv), (b, run_b_csv)):
         if not rows:

@@ -180,7 +180,7 @@ def binary_dilation(
     The cube gives the same result as MONAI's ``monai.transforms.utils_morphological_ops.dilate``
     (tested), which convolves float masks with a ones kernel: the cube is separable, so shifted
     logical ORs along each axis do it on the tensor's device with about 1/10 of the arithmetic
-    (MONAI's took 4.9 s on a full volume here). MONAI has no cross; scipy's
+    (docs/inference.md). MONAI has no cross; scipy's
     ``binary_dilation(structure=generate_binary_structure(ndim, 1), iterations=radius)`` is the
     reference (tested), which runs on the CPU only.
     """
@@ -240,6 +240,11 @@ def close_tumour_regions(labels: NdarrayOrTensor, filter_size: int = 3, element:
     extensive). A background hole inside the tumour takes the innermost region that closes over it.
     Runs on the label map's device, on the tumour's bounding box grown by ``filter_size - 1`` (twice
     the radius: enough that the box border sees the same neighbourhood as the full volume).
+
+    Why not scipy's :func:`~scipy.ndimage.grey_closing` of the nesting level (0 background, 1 ED,
+    2 NCR, 3 ET; with a flat element it closes WT, TC and ET at once): it gives the same labels
+    (tests/test_postprocessing.py, synthetic and real label maps) but is slower than these bitwise
+    shifts, and CPU only (docs/benchmarks/postprocessing_closing.md).
     """
     if filter_size < 1 or filter_size % 2 == 0:
         raise ValueError(f"filter_size must be a positive odd number, got {filter_size}.")

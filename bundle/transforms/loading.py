@@ -25,7 +25,7 @@ from monai.transforms.traits import ThreadUnsafe
 from monai.utils import ensure_tuple
 
 from bundle.constants import MODALITIES, MSD_CHANNEL_ORDER
-from bundle.data import case_of_image, check_case, image_reader, load_nifti
+from bundle.data import case_of_image, check_case, image_reader, load_nifti, refuse_non_finite
 from bundle.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -105,21 +105,18 @@ class LoadCaseImaged(LoadImaged, ThreadUnsafe):
 
 
 def _refuse_non_finite(image: Any, source: Any) -> None:
-    """Raise ``DataError`` naming the file (of the channel) that holds NaN / Inf voxels."""
-    array = torch.as_tensor(image)
-    if not array.is_floating_point():
-        return
-    finite = torch.isfinite(array)
-    if bool(finite.all()):
-        return
-    files = list(source) if isinstance(source, (list, tuple)) else [source]
-    channels = array.shape[0] if array.ndim > 3 else 1
-    if len(files) == channels > 1:
-        bad = [int((~finite[c]).sum()) for c in range(channels)]
-        index = next(i for i, n in enumerate(bad) if n)
-        raise DataError(f"{files[index]}: {bad[index]} of {finite[index].numel()} voxels are not finite (NaN or Inf)")
-    count = int((~finite).sum())
-    raise DataError(f"{', '.join(map(str, files))}: {count} of {finite.numel()} voxels are not finite (NaN or Inf)")
+    """Raise ``DataError`` naming the file (of the channel) that holds NaN / Inf voxels.
+
+    :func:`bundle.data.refuse_non_finite` on each modality's channel when the files are stacked one per
+    channel, on the whole image otherwise: every voxel is scanned once.
+    """
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)  # CPU: no copy
+    files = [str(f) for f in source] if isinstance(source, (list, tuple)) else [str(source)]
+    if array.ndim > 3 and len(files) == array.shape[0] > 1:
+        for channel, path in zip(array, files, strict=True):
+            refuse_non_finite(channel, path)
+    else:
+        refuse_non_finite(array, ", ".join(files))
 
 
 def _check_brain(image: Any, source: Any, case_id: Any = None) -> None:
