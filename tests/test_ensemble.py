@@ -135,8 +135,14 @@ def test_checkpoints_whose_plans_disagree_are_refused_naming_both_files_and_the_
         },
     )
     five = _variant(tmp_path / "five.pt", net={"in_channels": 5}, preprocessing={"salient_channel": True})
+    relabelled = tmp_path / "relabelled.pt"  # another label convention (a hand-edited plan): NCR and ED swapped
+    content = torch.load(a, weights_only=True)
+    internal = content["model_record"]["label_convention"]["internal"]
+    internal["1"], internal["2"] = internal["2"], internal["1"]
+    torch.save(content, relabelled)
     for other, key in (
         (classes, "output_type"),
+        (relabelled, "label_convention.internal.1"),
         (clipped, "preprocessing.intensity[0].nonzero"),
         (five, "input_channels"),
     ):

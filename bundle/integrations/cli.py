@@ -270,7 +270,8 @@ def evaluate(
     the summary table; ``--plots`` adds the Dice box plot and overlays of the ``overlays`` worst cases.
     With ``--checkpoint`` instead of ``--pred``, the labelled cases of the dataset ``--truth`` are first
     segmented by configs/evaluate.yaml over configs/inference.yaml (predictions and tables in
-    ``output_dir``, default ``runs/evaluate``) with the checkpoint's inference recipe; ``--config_file``
+    ``output_dir``, default ``runs/evaluate``) with the checkpoint's inference recipe (``--checkpoint a.pt b.pt``:
+    the fold ensemble, as ``infer``); ``--config_file``
     adds configs after those two (a variant: its inference recipe) and other ``--key value`` pairs are
     their keys. Returns the output folder.
     """

@@ -202,9 +202,6 @@ def format_cv_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SCORINGS = ("recipe", "raw")
-
-
 def run_cv(
     config_file: str | Sequence[str] = "configs/train.yaml",
     folds: int = 5,
