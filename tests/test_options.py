@@ -175,6 +175,18 @@ def _salient_probe(parser: ConfigParser) -> bool:
     return made
 
 
+M2 = ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m2_resunet_tversky.yaml"]
+
+
+def _slice_gate_probe(parser: ConfigParser) -> bool:
+    """What inference makes of the value the plan records: an M2 segmenter without its gate says so."""
+    from bundle.plan.gate import gate_expected
+
+    value = parser.get_parsed_content("model_plan#training#slice_gate")
+    network = {"_target_": "bundle.networks.ResUNet", "spatial_dims": 2}
+    return gate_expected({"network": network, "output_type": "binary", "training": {"slice_gate": value}})
+
+
 def _evaluate_flag(name: str) -> Callable[[ConfigParser], bool]:
     """The value scoring reads (with as_bool, as evaluate_datalist does) from what the config hands it."""
 
@@ -265,6 +277,8 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m3_resse_lka_unet.yaml"],
         lambda p: p.get_parsed_content("intensity_transform").get("clahe") is not None,
     ),
+    "noise_reduction": (M2, lambda p: p.get_parsed_content("intensity_transform").get("denoise") is not None),
+    "slice_gate": (M2, _slice_gate_probe),
     "lesion_wise": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag("lesion_wise")),
     "include_disjoint": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag("include_disjoint")),
 }
