@@ -104,6 +104,7 @@ def train_command(
         "output_dir": out / "train",
         "ckpt_dir": out / "models",
         **sizes,
+        "window": sizes["patch_size"],  # the slice size: demo.yaml's window is a 3-D one
         "epochs": args.epochs,
         "val_interval": args.val_interval,
         "slices_per_volume": args.slices_per_volume,

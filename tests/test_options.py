@@ -198,6 +198,18 @@ def _salient_probe(parser: ConfigParser) -> bool:
     return made
 
 
+M2 = ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m2_resunet_tversky.yaml"]
+
+
+def _slice_gate_probe(parser: ConfigParser) -> bool:
+    """What inference makes of the value the plan records: an M2 segmenter without its gate says so."""
+    from bundle.plan.gate import gate_expected
+
+    value = parser.get_parsed_content("model_plan#training#slice_gate")
+    network = {"_target_": "bundle.networks.ResUNet", "spatial_dims": 2}
+    return gate_expected({"network": network, "output_type": "binary", "training": {"slice_gate": value}})
+
+
 def _evaluate_flag(name: str) -> Callable[[ConfigParser], bool]:
     """The value scoring reads (with as_bool, as evaluate_datalist does) from what the config hands it."""
 
@@ -241,7 +253,6 @@ def _validation_step(name: str, configs: tuple[str, ...] = ()) -> Callable[[Conf
 
 INFERENCE = ["configs/inference.yaml"]
 TRAIN = ["configs/train.yaml"]
-M2_STACK = ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m2_resunet_tversky.yaml"]
 
 
 def _with_min_prob(probe: Callable[[ConfigParser], bool]) -> Callable[[ConfigParser], bool]:
@@ -253,14 +264,6 @@ def _with_min_prob(probe: Callable[[ConfigParser], bool]) -> Callable[[ConfigPar
         return probe(parser)
 
     return with_number
-
-
-def _slice_gate_probe(parser: ConfigParser) -> bool:
-    """What the plan tells inference: an M2 segmenter without its gate is expected to have one."""
-    from bundle.plan.gate import gate_expected
-
-    parser["network_factory#channels"] = [4, 8, 8, 8, 8]
-    return gate_expected(parser.get_parsed_content("model_plan").state_dict())
 
 
 # key -> (configs, probe reading the key's effect from the resolved config)
@@ -311,11 +314,8 @@ PROBES: dict[str, tuple[list[str], Callable[[ConfigParser], bool]]] = {
         ["configs/train.yaml", "configs/train_2d.yaml", "configs/variants/m3_resse_lka_unet.yaml"],
         lambda p: p.get_parsed_content("intensity_transform").get("clahe") is not None,
     ),
-    "noise_reduction": (
-        M2_STACK,
-        lambda p: "MedianDenoised" in {type(t).__name__ for t in p.get_parsed_content("deterministic_transforms")},
-    ),
-    "slice_gate": (M2_STACK, _slice_gate_probe),
+    "noise_reduction": (M2, lambda p: p.get_parsed_content("intensity_transform").get("denoise") is not None),
+    "slice_gate": (M2, _slice_gate_probe),
     "lesion_wise": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag("lesion_wise")),
     "include_disjoint": (["configs/inference.yaml", "configs/evaluate.yaml"], _evaluate_flag("include_disjoint")),
 }

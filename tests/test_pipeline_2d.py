@@ -383,14 +383,13 @@ def test_one_2d_epoch_through_the_bundle(variant: str, tmp_path: Path, tiny_demo
 # ------------------------------------------------------------------------------------ M2's gate
 
 
-def test_gate_network_is_the_papers_resnet50_with_two_dense_layers_and_a_softmax_output() -> None:
+def test_gate_network_is_the_papers_resnet50_with_two_dense_layers_and_a_softmax_output_layer() -> None:
     from bundle.networks import SliceGateClassifier
 
     gate = SliceGateClassifier(in_channels=4).eval()
     assert gate.backbone.conv1.stride == (2, 2) and gate.backbone.conv1.kernel_size == (7, 7)  # standard stem
     assert not gate.backbone.no_max_pool
     linears = [m for m in gate.head if isinstance(m, torch.nn.Linear)]
-    # "two Dense layers with ReLU activation, dropout layers, and a softmax output layer"
     assert [(m.in_features, m.out_features) for m in linears] == [(2048, 256), (256, 256), (256, 2)]
     assert any(isinstance(m, torch.nn.ReLU) for m in gate.head) and any(
         isinstance(m, torch.nn.Dropout) for m in gate.head

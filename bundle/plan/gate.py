@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ def with_gate(
         raise OptionError(f"gate_checkpoint: {checkpoint} gates the slices of a 2-D segmenter; this network is not one")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise OptionError(f"gate_threshold: {threshold!r} is not a probability (a number in [0, 1])")
+    if not Path(checkpoint).is_file():
+        raise OptionError(f"gate_checkpoint: {checkpoint} does not exist (train configs/train_gate.yaml first)")
     gate = Checkpoint(checkpoint)
     if gate.plan["output_type"] != "gate":
         raise OptionError(f"gate_checkpoint: {checkpoint} holds a {gate.plan['output_type']} model, not M2's gate")
