@@ -7,15 +7,15 @@ lines joined, comments dropped) is either run or skipped with a reason that the 
   command it skips that command only;
 * the README's two install commands are skipped here: ``.ci/run`` runs them on a fresh clone.
 
-What runs, runs in one working folder made once (a copy of ``configs/``, the demo phantoms of
-``configs/demo.yaml`` in ``data/demo``, a small BraTS 2021-layout dataset of 7 labelled phantoms and the
-unlabelled one, and one tiny trained ``models/model.pt``), with ``PYTHONPATH`` set to this repository
-and ``python`` meaning this interpreter. The guides run in :data:`GUIDES` order, so a guide may use what
-an earlier one wrote (``runs/train/datalist.json``, the predictions in ``OUT``). The docs' placeholders
-(``/data/BraTS2021``, ``CASE_DIR``, ``OUT``, ...) become demo paths (:data:`PLACEHOLDERS`), and the
-expensive commands get cheap overrides (:data:`OVERRIDES`: one epoch of two steps of a 4 -> 8 filter
-network on 64^3 patches, one fold of a cross-validation). Each block runs as one ``bash -e`` script, so a
-``cd`` or ``export`` holds for the block's later commands.
+What runs, runs in one working folder made once (a copy of ``configs/``, a small BraTS 2021-layout
+dataset of 7 labelled demo phantoms and one without a segmentation, and one tiny trained
+``models/model.pt``; a command with ``configs/demo.yaml`` trains on that dataset too), with
+``PYTHONPATH`` set to this repository and ``python`` meaning this interpreter. The guides run in
+:data:`GUIDES` order, so a guide may use what an earlier one wrote (``runs/train/datalist.json``, the
+predictions in ``OUT``). The docs' placeholders (``/data/BraTS2021``, ``CASE_DIR``, ``OUT``, ...) become
+demo paths (:data:`PLACEHOLDERS`), and the expensive commands get cheap overrides (:data:`OVERRIDES`:
+one epoch of two steps of a 4 -> 8 filter network on 64^3 patches, one fold of a cross-validation).
+Each block runs as one ``bash -e`` script, so a ``cd`` or ``export`` holds for the block's later commands.
 
     python scripts/check_docs.py                     # run everything; exit status 1 if a command failed
     python scripts/check_docs.py --list              # what would run and what is skipped, nothing run
@@ -57,8 +57,9 @@ BUILT_IN_SKIPS = {
     "pip install": "installs into a new venv; .ci/run runs the README's install commands on a fresh clone",
 }
 
-#: The demo case without a segmentation (the held-out one of configs/demo.yaml's phantoms).
-CASE = "Demo_00016"
+#: The phantoms' size, and the one of them without a segmentation (the 8th).
+SHAPE = (64, 64, 48)
+CASE = "Demo_00007"
 
 _FILES = [f"{{case}}/{{name}}_{modality}.nii.gz" for modality in ("t1", "t1ce", "t2", "flair")]
 
@@ -94,6 +95,8 @@ OVERRIDES: tuple[tuple[str, dict[str, str]], ...] = (
     ),
     (r"monai\.bundle run training (?!.*variants/)", {**TINY_TRAINING, **TINY_M4}),
     (r"configs/cpu\.yaml", {"--average_last_epochs": "1"}),
+    # configs/demo.yaml alone would generate the demo's 17 full-size phantoms: the small dataset instead
+    (r"configs/demo\.yaml(?!.*--dataset_dir)", {"--dataset_dir": "{data}"}),
     (r"-m bundle cv (?!.*variants/)", {**TINY_TRAINING, **TINY_M4, "--fold_ids": "{first_fold}"}),
 )
 
@@ -208,21 +211,18 @@ def _first_fold(command: str) -> str:
 
 
 def prepare_workdir(work: Path, python: str, env: dict[str, str]) -> dict[str, str]:
-    """configs/, the demo phantoms, a small BraTS 2021-layout dataset and one tiny trained model."""
+    """configs/, a small BraTS 2021-layout dataset of demo phantoms and one tiny trained ``models/model.pt``."""
     sys.path.insert(0, str(REPO_ROOT))
     from bundle.data.demo import generate_demo_dataset
 
     shutil.copytree(REPO_ROOT / "configs", work / "configs")
-    demo = generate_demo_dataset(work / "data" / "demo")  # configs/demo.yaml's phantoms, as the demo makes them
-    data = work / "datasets" / "BraTS2021"
-    data.mkdir(parents=True)
-    labelled = sorted(p for p in demo.glob("Demo_*") if (p / f"{p.name}_seg.nii.gz").exists())[:7]
-    for case in [*labelled, demo / CASE]:
-        (data / case.name).symlink_to(case, target_is_directory=True)
+    # 7 labelled phantoms (5 folds after a 20 % hold-out) and one without a segmentation, smaller than the
+    # demo's 96 x 96 x 64 so that one 64^3 window covers a cropped case
+    data = generate_demo_dataset(work / "datasets" / "BraTS2021", num_cases=7, num_test_cases=1, shape=SHAPE)
     values = {"data": str(data), "case": str(data / CASE), "name": CASE}
     seed = (
-        f"python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/demo.yaml']\" "
-        f"--dataset_dir {data} --output_dir runs/docs_seed --ckpt_dir models"
+        "python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/demo.yaml']\" "
+        "--dataset_dir /data/BraTS2021 --output_dir runs/docs_seed --ckpt_dir models"
     )
     result = _run_script(substitute(seed, values), work, env, timeout=1200)
     if result.returncode != 0 or not (work / "models" / "model.pt").exists():
