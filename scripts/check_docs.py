@@ -73,6 +73,7 @@ PLACEHOLDERS: dict[str, str] = {
     "T1 T1CE T2 FLAIR": " ".join(_FILES),
     "OUT_AVERAGE": "runs/docs_out_average",
     "OUT_CLEAN": "runs/docs_out_clean",
+    "OUT_EXTRA": "runs/docs_out_extra",
     "OUT": "runs/docs_out",
 }
 
@@ -215,7 +216,7 @@ def prepare_workdir(work: Path, python: str, env: dict[str, str]) -> dict[str, s
     sys.path.insert(0, str(REPO_ROOT))
     from bundle.data.demo import generate_demo_dataset
 
-    shutil.copytree(REPO_ROOT / "configs", work / "configs")
+    shutil.copytree(REPO_ROOT / "configs", work / "configs", dirs_exist_ok=True)
     # 7 labelled phantoms (5 folds after a 20 % hold-out) and one without a segmentation, smaller than the
     # demo's 96 x 96 x 64 so that one 64^3 window covers a cropped case
     data = generate_demo_dataset(work / "datasets" / "BraTS2021", num_cases=7, num_test_cases=1, shape=SHAPE)
@@ -224,6 +225,8 @@ def prepare_workdir(work: Path, python: str, env: dict[str, str]) -> dict[str, s
         "python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/demo.yaml']\" "
         "--dataset_dir /data/BraTS2021 --output_dir runs/docs_seed --ckpt_dir models"
     )
+    if (work / "models" / "model.pt").exists():  # a kept folder (--keep) of an earlier check
+        return values
     result = _run_script(substitute(seed, values), work, env, timeout=1200)
     if result.returncode != 0 or not (work / "models" / "model.pt").exists():
         sys.stderr.write(result.stdout[-4000:])
