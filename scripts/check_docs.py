@@ -220,6 +220,9 @@ def prepare_workdir(work: Path, python: str, env: dict[str, str]) -> dict[str, s
     # 7 labelled phantoms (5 folds after a 20 % hold-out) and one without a segmentation, smaller than the
     # demo's 96 x 96 x 64 so that one 64^3 window covers a cropped case
     data = generate_demo_dataset(work / "datasets" / "BraTS2021", num_cases=7, num_test_cases=1, shape=SHAPE)
+    # the demo keeps its unlabelled case's truth in heldout_truth/, where evaluate would find it; a
+    # downloaded dataset has no such folder
+    shutil.rmtree(data / "heldout_truth", ignore_errors=True)
     values = {"data": str(data), "case": str(data / CASE), "name": CASE}
     seed = (
         "python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/demo.yaml']\" "
