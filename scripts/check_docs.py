@@ -8,7 +8,7 @@ lines joined, comments dropped) is either run or skipped with a reason that the 
 * the README's two install commands are skipped here: ``.ci/run`` runs them on a fresh clone.
 
 What runs, runs in one working folder made once (a copy of ``configs/``, a small BraTS 2021-layout
-dataset of 7 labelled demo phantoms and one without a segmentation, and one tiny trained
+dataset of 7 labelled demo phantoms, and one tiny trained
 ``models/model.pt``; a command with ``configs/demo.yaml`` trains on that dataset too), with
 ``PYTHONPATH`` set to this repository and ``python`` meaning this interpreter. The guides run in
 :data:`GUIDES` order, so a guide may use what an earlier one wrote (``runs/train/datalist.json``, the
@@ -57,9 +57,9 @@ BUILT_IN_SKIPS = {
     "pip install": "installs into a new venv; .ci/run runs the README's install commands on a fresh clone",
 }
 
-#: The phantoms' size, and the one of them without a segmentation (the 8th).
+#: The phantoms' size, and the case folder CASE_DIR stands for.
 SHAPE = (64, 64, 48)
-CASE = "Demo_00007"
+CASE = "Demo_00000"
 
 _FILES = [f"{{case}}/{{name}}_{modality}.nii.gz" for modality in ("t1", "t1ce", "t2", "flair")]
 
@@ -217,12 +217,10 @@ def prepare_workdir(work: Path, python: str, env: dict[str, str]) -> dict[str, s
     from bundle.data.demo import generate_demo_dataset
 
     shutil.copytree(REPO_ROOT / "configs", work / "configs", dirs_exist_ok=True)
-    # 7 labelled phantoms (5 folds after a 20 % hold-out) and one without a segmentation, smaller than the
-    # demo's 96 x 96 x 64 so that one 64^3 window covers a cropped case
-    data = generate_demo_dataset(work / "datasets" / "BraTS2021", num_cases=7, num_test_cases=1, shape=SHAPE)
-    # the demo keeps its unlabelled case's truth in heldout_truth/, where evaluate would find it; a
-    # downloaded dataset has no such folder
-    shutil.rmtree(data / "heldout_truth", ignore_errors=True)
+    # 7 labelled phantoms (5 folds after a 20 % hold-out), smaller than the demo's 96 x 96 x 64 so that one
+    # 64^3 window covers a cropped case. All labelled, as a downloaded training set: evaluate refuses a
+    # prediction without a truth, so the guides segment and score the same labelled cases.
+    data = generate_demo_dataset(work / "datasets" / "BraTS2021", num_cases=7, num_test_cases=0, shape=SHAPE)
     values = {"data": str(data), "case": str(data / CASE), "name": CASE}
     seed = (
         "python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/demo.yaml']\" "
