@@ -1,4 +1,4 @@
-"""The 2-D pipeline measured: the models with one budget, and what an epoch costs (docs/pipeline_2d.md).
+"""The 2-D pipeline measured: the models with one budget, and what an epoch costs (docs/benchmarks/methods_2d.md).
 
 Models (default): train the 2-D variants (MONAI UNet 2-D baseline, M1, M2, M3) and M2's gate through
 ``monai.bundle``'s ``ConfigWorkflow`` on the same demo phantoms, fold and schedule (epochs, slices per
@@ -82,7 +82,7 @@ def workflow(variant: str, out: Path, args: argparse.Namespace, **extra: Any) ->
     """An initialised training workflow of ``train.yaml + train_2d.yaml + variant`` with the shared budget."""
     name = Path(variant).stem
     # one caching thread: with make_dataset's default (a thread per CPU) a demo case intermittently
-    # loads as one channel on this machine (not yet understood; see docs/pipeline_2d.md)
+    # loads as one channel on this machine (not yet understood; see docs/reference/pipeline_2d.md, "Known issues")
     extra["train#dataset#volume_dataset#num_workers"] = 1
     extra["validate#dataset#" + ("volume_dataset#num_workers" if variant == GATE else "num_workers")] = 1
     top = f"configs/{variant}" if variant == GATE else f"configs/variants/{variant}"

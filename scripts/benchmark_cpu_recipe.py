@@ -21,7 +21,7 @@ network, post-processing, writing the NIfTI; what every further case of a folder
 command's wall time (plus Python, torch and MONAI imports, config parsing and building the network).
 
     python scripts/benchmark_cpu_recipe.py --dataset_dir ../shared/brats_samples --minutes 20 \\
-        --speed_rounds 3 --json docs/benchmark_cpu_recipe.json
+        --speed_rounds 3 --json docs/benchmarks/benchmark_cpu_recipe.json
     python scripts/benchmark_cpu_recipe.py --dataset_dir ../shared/brats_samples --minutes 3 --recipes cpu   # a trial
     python scripts/benchmark_cpu_recipe.py --reuse_training --speed_rounds 3 ...   # time saved models again
 """

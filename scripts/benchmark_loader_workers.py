@@ -1,7 +1,7 @@
 """What non-persistent DataLoader workers cost per epoch: persistent vs not, on the real train loader.
 
 ``configs/train.yaml`` starts new loader workers every epoch so that a resumed run augments exactly
-as the uninterrupted one (docs/training.md, "Resuming"). Training overlaps the workers' transforms
+as the uninterrupted one (docs/reference/training.md, "Resuming"). Training overlaps the workers' transforms
 with the network's compute except at an epoch's start, so the cost is the wait for each epoch's first
 batch; this measures that wait and the data-only epoch time, alternating the two settings.
 

@@ -1,6 +1,6 @@
 """One demo-scale run per 2-D method (M1, M2 with its gate, M3) through the commands users type.
 
-For each method, in fresh processes, exactly as a user runs it (docs/pipeline_2d.md, "The methods at
+For each method, in fresh processes, exactly as a user runs it (docs/benchmarks/methods_2d.md, "The methods at
 demo scale"):
 
 1. ``python -m monai.bundle run training --config_file "['configs/train.yaml','configs/demo.yaml',
@@ -276,7 +276,7 @@ def main() -> None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The table docs/pipeline_2d.md records: one row per segmentation run (M2 with and without its gate)."""
+    """The table docs/benchmarks/methods_2d.md records: one row per segmentation run (M2 with and without its gate)."""
     lines = [
         "| run | slice | params (M) | best val mean Dice (epoch) | held-out Dice WT / TC / ET | "
         "held-out HD95 mm WT / TC / ET | training s | inference s: engine (command) |",

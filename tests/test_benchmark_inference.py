@@ -37,7 +37,7 @@ def test_standin_thresholds_the_z_scores() -> None:
 
 @pytest.mark.slow
 def test_overhead_run_reports_ours_and_the_zoo(tmp_path: Path) -> None:
-    """The command of docs/inference.md on a small phantom: both pipelines segment it and report their overhead."""
+    """docs/benchmarks/inference.md's command on a small phantom: both pipelines segment it and report overheads."""
     bench = _script()
     case = bench.synthetic_case(tmp_path / "data", shape=(64, 72, 48))
     report = tmp_path / "report.json"

@@ -1,4 +1,4 @@
-"""The 2-D epoch (docs/pipeline_2d.md): what an epoch holds, where its slices come from, and the schedule per epoch.
+"""The 2-D epoch (docs/reference/pipeline_2d.md): what an epoch holds, where its slices come from, its schedule.
 
 An epoch of the 2-D methods is every kept slice (with brain) of every training volume exactly once, in
 an order the DataLoader shuffles from torch's generator; ``slices_per_volume`` draws a few per volume

@@ -1,6 +1,6 @@
 """MONAI Label on BraTS data as users have it: studies, served weights, the app's configs, and a real server.
 
-The server tests need monailabel (its own venv, ``.venv-label``; see docs/ecosystem.md) and are
+The server tests need monailabel (its own venv, ``.venv-label``; see docs/guides/monai-label-slicer.md) and are
 marked ``slow`` and ``label``:  ``.venv-label/bin/python -m pytest -m label tests/test_label.py``.
 They drive the server through MONAI Label's own client on a BraTS 2021 folder as downloaded.
 """

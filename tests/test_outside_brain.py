@@ -123,7 +123,7 @@ def test_every_methods_intensity_transform_keeps_the_brain_where_the_raw_image_h
 
 @pytest.mark.skipif(BRATS_SAMPLES is None, reason="no BraTS samples beside the repository (BRATS_SAMPLES_DIR)")
 def test_no_true_tumour_voxel_lies_where_every_modality_is_zero() -> None:
-    """The evidence for the step (docs/inference.md): 0 of the samples' 385,810 tumour voxels lie outside the brain."""
+    """The evidence (docs/reference/inference.md): none of the samples' 385,810 tumour voxels lies outside the brain."""
     tumour_voxels = 0
     for case in sorted(Path(BRATS_SAMPLES).iterdir()):
         raw = np.stack([np.asarray(nib.load(case / f"{case.name}_{m}.nii.gz").dataobj) for m in MODALITIES])

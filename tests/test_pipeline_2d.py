@@ -529,7 +529,7 @@ def test_m2_tversky_loss_pushes_down_false_positives_on_tumour_free_slices() -> 
 
     Per slice (MONAI's default), such a slice's Tversky index is 0 whatever the prediction: its gradient here
     is 1e-7 against 8e-3 on the tumour slice's background, and the demo-scale run over-segmented (validation
-    WT Dice 0.58, sensitivity 1.0; docs/pipeline_2d.md).
+    WT Dice 0.58, sensitivity 1.0; docs/benchmarks/methods_2d.md).
     """
     loss = _parser(VARIANTS["m2"]).get_parsed_content("loss")
     logits = torch.full((2, 1, 32, 32), -2.0, requires_grad=True)  # p ~ 0.12 everywhere

@@ -36,7 +36,7 @@ def check_case(case: Case, affine_atol: float = 1e-3, check_labels: bool = True,
     ``affine_atol``, in mm), a 4-D MSD image with 4 channels, a label of the image's shape and
     affine whose values belong to the layout's label scheme; then every voxel of every file is
     decoded once (:func:`read_voxels`: truncated data, NaN / Inf). The headers come first, so the
-    cheap checks answer before the ~0.3 s of decoding a real BraTS case. A modality whose every voxel
+    cheap checks answer before the voxels of a real BraTS case are decoded. A modality whose every voxel
     is 0 is logged as a warning naming its file (the network would see it blank); a case with no voxel
     above 0 in any modality is an error, its brain mask (the voxels above 0) being empty. ``decode=False``
     checks the headers and label values only: inference decodes each image once, in its loader, which

@@ -121,10 +121,10 @@ def read_header(path: str | Path) -> ImageHeader:
 def load_nifti(path: str | os.PathLike) -> Any:
     """One NIfTI image (nibabel's) with its voxels in memory: ``.gz`` decompressed by ISA-L, else ``nibabel.load``.
 
-    ISA-L (python-isal) decodes these files 1.5-2x faster than zlib and releases the GIL, so the
-    files of a case decode at once in threads (``bundle.transforms.ConcurrentNibabelReader``, which
-    also corrects the header as MONAI's reader does). The case checks (:func:`read_voxels`) decode
-    with it too.
+    ISA-L (python-isal) decodes these files faster than zlib (docs/benchmarks/code_notes.md) and
+    releases the GIL, so the files of a case decode at once in threads
+    (``bundle.transforms.ConcurrentNibabelReader``, which also corrects the header as MONAI's reader
+    does). The case checks (:func:`read_voxels`) decode with it too.
     """
     name = str(path)
     if not name.endswith(".gz"):
@@ -171,7 +171,7 @@ def refuse_non_finite(data: np.ndarray, path: str | Path) -> None:
 def _read_label_values(path: str) -> np.ndarray:
     data = read_voxels(path, "label")
     if data.dtype.kind in "ui" and data.size:
-        # Label maps hold a few small integers: testing each value of the range is ~10x faster
+        # Label maps hold a few small integers: testing each value of the range is much faster
         # than np.unique's sort of a whole 240 x 240 x 155 volume (checking 1251 BraTS cases).
         low, high = int(data.min()), int(data.max())
         if high - low < 32:

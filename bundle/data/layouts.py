@@ -35,7 +35,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 #: MONAI reader names (``LoadImage``'s registry): NIfTI stays on nibabel, which is as fast as ITK for it
-#: and is what every earlier version used (docs/ecosystem.md, "Image formats"); ITK reads the rest.
+#: and is what every earlier version used (docs/reference/formats.md); ITK reads the rest.
 NIFTI_READER, ITK_READER = "NibabelReader", "ITKReader"
 LAYOUTS = ("brats2021", "brats2023", "msd")
 

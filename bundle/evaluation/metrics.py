@@ -3,7 +3,7 @@
 Everything here works on *internal* label maps (``0`` background, ``1`` NCR, ``2`` ED, ``3`` ET, see
 :mod:`bundle.constants`) and turns them into binary region masks (WT, TC, ET and optionally the disjoint
 NCR, ED, ET) before scoring. Definitions, conventions and the agreement with the official BraTS evaluation
-package are documented in ``docs/evaluation.md``; the short version:
+package are documented in ``docs/reference/evaluation.md``; the short version:
 
 * overlap metrics (Dice, IoU, sensitivity, specificity, accuracy) come from MONAI's confusion matrix
   (:func:`monai.metrics.get_confusion_matrix`, :func:`monai.metrics.compute_confusion_matrix_metric`);
@@ -393,7 +393,7 @@ def evaluate_case(
             if tuple(values) not in {tuple(v) for v in regions.values()}:
                 regions[name] = values
     # Everything is scored inside the tumours' bounding box (plus a margin wider than the lesion-wise
-    # dilation): values are identical, and labelling/dilating a 240x240x155 volume costs ~0.3 s per call.
+    # dilation): values are identical, and labelling/dilating a whole volume is slow (docs/benchmarks/code_notes.md).
     # The background outside the box only adds true negatives, added back to the confusion matrix below.
     if (pred_labels > 0).any() or (true_labels > 0).any():
         crop = _crop_to(pred_labels > 0, true_labels > 0, margin=_CASE_MARGIN)

@@ -6,7 +6,7 @@ These are the functions the command line calls (``python -m bundle evaluate --pr
 * :func:`evaluate_folder` scores every case of a folder and writes ``metrics.csv`` (one row per case and
   region) and ``summary.json`` (mean, std, median, 25th/75th percentile per region and metric).
 
-Metric definitions live in :mod:`bundle.evaluation.metrics` and ``docs/evaluation.md``; paired
+Metric definitions live in :mod:`bundle.evaluation.metrics` and ``docs/reference/evaluation.md``; paired
 comparisons between runs in :mod:`bundle.evaluation.statistics`.
 """
 
@@ -72,7 +72,7 @@ def check_pairs(pairs: Iterable[tuple[str | Path, str | Path, str, str]], verbos
     (:func:`load_label_map`: truncated data, NaN / Inf, non-integer values, values outside the
     scheme). The first bad pair raises ``FileNotFoundError`` or ``ValueError``, one sentence naming
     the file, so a problem in the last case is not found after scoring all the others. Decoding a
-    BraTS label map takes ~0.03 s, a small part of scoring it (HD95, lesion-wise).
+    label map is a small part of scoring it (HD95, lesion-wise; docs/benchmarks/code_notes.md).
     """
     pairs = [(Path(pred), Path(truth), scheme, pred_scheme) for pred, truth, scheme, pred_scheme in pairs]
     for pred, truth, _, _ in pairs:

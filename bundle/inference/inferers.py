@@ -3,7 +3,7 @@
 :class:`FlipTTAInferer` runs a ``base_inferer`` (MONAI's ``SlidingWindowInferer`` for 3-D models,
 the slice-by-slice :class:`ResizedSliceInferer` for 2-D ones; ``configs/inference.yaml`` defines which)
 on every flip combination of the chosen spatial axes, un-flips each output, turns it into probabilities
-and averages them (docs/methods.md M4, docs/inference.md). Probabilities to labels:
+and averages them (docs/methods.md M4, docs/reference/inference.md). Probabilities to labels:
 :mod:`bundle.inference.to_labels`; post-processing of the labels: :mod:`bundle.inference.postprocessing`.
 
 Input and output are batched: ``(B, C, *spatial)``; the output is float32 on the base inferer's
@@ -128,15 +128,14 @@ class FlipTTAInferer(Inferer):
     window from several flips (fewer, larger calls). Peak memory grows with the group: each copy
     needs one input-sized and one output-sized buffer. By default (``None``) all flips share one
     pass when the windows run on CUDA, and the flips run one by one on the CPU, where larger batches
-    do not run faster and the extra volume-sized copies cost memory bandwidth (measured: 8 flips of
-    a 4 x 240 x 240 x 155 volume in one pass took 1.7x longer than one by one, docs/inference.md).
+    do not run faster and the extra volume-sized copies cost memory bandwidth (measured: docs/benchmarks/inference.md).
 
     Memory: a running sum (or, with ``return_std``, Welford's running mean and sum of squared
     deviations) are the only volume-sized buffers kept across groups; each flip's input copy,
     stitched output and probabilities are released before the next pass starts. The peak is the
     network's activations for ``sw_batch_size`` windows plus a few volume-sized buffers, so 8 flips
     need about as much memory as one pass (measured with ``scripts/benchmark_inference.py``,
-    docs/inference.md).
+    docs/benchmarks/inference.md).
 
     2-D models run slice by slice over a 3-D volume inside a ``SliceInferer``; by default only its
     in-plane axes are flipped (4 flips), since flipping the slice axis only reorders slices for a
@@ -287,7 +286,7 @@ class FlipTTAInferer(Inferer):
                         m2.add_(delta.mul_(prob - acc))
                         del delta
                     # released before the next pass, so that pass's network activations do not
-                    # stack on this flip's volume-sized buffers (docs/inference.md, peak memory)
+                    # stack on this flip's volume-sized buffers (docs/benchmarks/inference.md, peak memory)
                     del prob
                 del out
 

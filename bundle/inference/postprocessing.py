@@ -1,4 +1,4 @@
-"""Post-processing of internal label maps: M4's clean-up steps (docs/methods.md M4, docs/inference.md).
+"""Post-processing of internal label maps: M4's clean-up steps (docs/methods.md M4, docs/reference/inference.md).
 
 In the paper's order, each a dictionary transform that :func:`recipe_steps` builds when the model's
 inference recipe (or a flag) switches it on:
@@ -180,7 +180,7 @@ def binary_dilation(
     The cube gives the same result as MONAI's ``monai.transforms.utils_morphological_ops.dilate``
     (tested), which convolves float masks with a ones kernel: the cube is separable, so shifted
     logical ORs along each axis do it on the tensor's device with about 1/10 of the arithmetic
-    (docs/inference.md). MONAI has no cross; scipy's
+    (docs/benchmarks/inference.md). MONAI has no cross; scipy's
     ``binary_dilation(structure=generate_binary_structure(ndim, 1), iterations=radius)`` is the
     reference (tested), which runs on the CPU only.
     """
@@ -234,7 +234,7 @@ def close_tumour_regions(labels: NdarrayOrTensor, filter_size: int = 3, element:
     docs/methods.md M4, the fourth step ("dilation/erosion to smooth borders"); the element is ours:
     the cross (face neighbours; radius ``(filter_size - 1) / 2``) by default, the smallest 3-D
     element, because the 3 x 3 x 3 cube already lowers the ET Dice of BraTS ground truths by up to
-    4.4 points (it closes the necrotic gaps of the thin enhancing rim; docs/inference.md). The WT,
+    4.4 points (it closes the necrotic gaps of the thin enhancing rim; docs/benchmarks/inference.md). The WT,
     TC and ET masks are closed separately and recombined with the region rule, so the result stays
     nested (closing is monotone: ET inside TC inside WT) and never shrinks a region (closing is
     extensive). A background hole inside the tumour takes the innermost region that closes over it.
@@ -425,7 +425,7 @@ class OutsideBrainToBackgroundd(MapTransform):
 
     BraTS volumes are skull-stripped with the background exactly 0 in every modality, so a voxel where
     all channels are 0 holds no brain and no tumour (none of the 385,810 tumour voxels of the three
-    BraTS 2021 sample cases lies there; ``docs/inference.md``). A network trained on patches around the
+    BraTS 2021 sample cases lies there; ``docs/reference/inference.md``). A network trained on patches around the
     tumour and the brain never sees that background and can call it tumour; this step removes such
     predictions. Runs first among the clean-up steps, on the network's grid: ``image_key`` is the
     preprocessed image of the same item (cropped to the brain, as the labels), read before ``Invertd``.

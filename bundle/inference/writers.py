@@ -159,8 +159,8 @@ class NiftiWriter(GridAsGiven, NibabelWriter):
     """MONAI's ``NibabelWriter`` handing nibabel the voxels in NIfTI's own (Fortran) order: the same file, faster.
 
     MONAI's writer gives nibabel a C-ordered array, which nibabel then writes slice by slice in
-    Fortran order (one strided copy per slice): 0.13 s of a 240 x 240 x 155 label map on one core.
-    One ``np.asfortranarray`` first makes nibabel's writes plain copies: 0.09 s, and the decompressed
+    Fortran order (one strided copy per slice). One ``np.asfortranarray`` first makes nibabel's writes
+    plain copies (faster: docs/benchmarks/inference.md), and the decompressed
     bytes of the file are identical (tests/test_inference_reliability.py). :class:`AtomicSaveImaged`
     uses it for ``.nii`` / ``.nii.gz``.
     """

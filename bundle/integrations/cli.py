@@ -166,7 +166,7 @@ def label_serve(
     import_labels: bool | str = True,
     **overrides: Any,
 ) -> int:
-    """Serve the bundle with MONAI Label (needs the ``label`` extra; see docs/ecosystem.md and bundle/).
+    """Serve the bundle with MONAI Label (needs the ``label`` extra; docs/guides/monai-label-slicer.md).
 
     ``--studies``: a BraTS 2021 / 2023 or MSD Task01 folder as downloaded (or MONAI Label's own folder of
     4-D images); ``--work_dir``: the app, the served and trained weights and the labels; ``--tta``: default

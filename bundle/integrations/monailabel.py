@@ -401,7 +401,7 @@ def choose_checkpoint(models_dir: str | Path, checkpoint: str | Path | None = No
 def default_tta(tta: Any = None) -> bool:
     """Test-time augmentation of the served inference: as given, else on with CUDA and off without (logged).
 
-    On a CPU the 8 flips take 8 times one pass (docs/ecosystem.md has the measured seconds per case).
+    On a CPU the 8 flips take 8 times one pass (docs/benchmarks/monai_label.md has the measured seconds per case).
     """
     import torch
 

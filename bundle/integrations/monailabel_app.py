@@ -1,6 +1,6 @@
 """The MONAI Label app serving this bundle (imported by the ``main.py`` :mod:`.monailabel` writes).
 
-Needs monailabel (the ``label`` extra, its own venv: docs/ecosystem.md); nothing else in the package
+Needs monailabel (the ``label`` extra, its own venv: docs/guides/monai-label-slicer.md); nothing else in the package
 imports this module. It is MONAI Label's ``monaibundle`` sample app reduced to this one bundle, with
 MONAI Label's own ``BundleInferTask`` / ``BundleTrainTask``; :class:`BratsInferTask` changes only what
 MONAI Label does not let a bundle say:

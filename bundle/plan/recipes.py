@@ -1,4 +1,4 @@
-"""Each method's inference recipe: how its models turn a case into labels (docs/inference.md, docs/methods.md).
+"""Each method's inference recipe: how its models turn a case into labels (docs/reference/inference.md).
 
 A recipe is one block of plain values in the training configs (``inference_recipe``: M4's in
 ``configs/train.yaml``; M1-M3's variant files change single keys of it, ``inference_recipe#tta: false``),

@@ -235,7 +235,7 @@ class SliceDataset(Dataset):
     Each item is ``{image_key: (C, H, W), label_key: (L, H, W)}`` (copies of the slice; the label as
     cached, e.g. ``uint8``) passed through ``transform`` (resizing, augmentation, typing). ``transform``
     runs without MONAI metadata (``set_track_meta(False)`` around it): a 2-D slice needs none, and M3's
-    slice transforms ran 3 times faster without (19 -> 7 ms a slice, this machine). MONAI's switch is
+    slice transforms ran faster without (docs/benchmarks/code_notes.md). MONAI's switch is
     process-wide, so read the dataset from one thread per process, as MONAI's ``DataLoader`` does.
 
     Args:

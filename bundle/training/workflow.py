@@ -181,8 +181,8 @@ def apply_resumed_changes(load_dict: Mapping[str, Any]) -> dict[str, tuple[Any, 
 def to_device(network: torch.nn.Module, device: Any, channels_last: Any = True) -> torch.nn.Module:
     """The network on ``device``; a 3-D network in channels-last memory with ``channels_last``.
 
-    Channels-last memory is 2-5x faster for 3-D convolution backward on CPU (oneDNN) and what cuDNN
-    prefers under AMP; weights and checkpoints are unaffected. 2-D networks keep the default layout.
+    Channels-last memory makes 3-D convolution backward faster on CPU (oneDNN; docs/benchmarks/code_notes.md)
+    and is what cuDNN prefers under AMP; weights and checkpoints are unaffected. 2-D networks keep the default layout.
     """
     spec = segmenter_spec(getattr(network, "bundle_network_spec", {}) or {})  # M2: the gated segmenter's
     if as_bool(channels_last, "channels_last") and int(spec.get("spatial_dims", 3)) == 3:
@@ -397,7 +397,7 @@ class ResumableState:
         if idist.get_rank() > 0:
             # Only rank 0 writes the checkpoint; other ranks must not all continue with its streams
             # (identical augmentation on every GPU). Derive a per-rank seed: deterministic, distinct,
-            # but not the uninterrupted run's streams (docs/training.md, "Resuming").
+            # but not the uninterrupted run's streams (docs/reference/training.md, "Resuming").
             seed = (int(torch.empty((), dtype=torch.int64).random_()) + idist.get_rank()) % 2**32
             torch.manual_seed(seed)
             np.random.seed(seed)

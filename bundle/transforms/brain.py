@@ -72,7 +72,7 @@ def is_positive_numpy(image: Any) -> np.ndarray:
 
     MONAI's ``generate_spatial_bounding_box`` reduces the mask with the library of the mask it gets:
     given a torch tensor (its default ``is_positive``), the comparison and the four ``any`` over a
-    4 x 240 x 240 x 155 BraTS case took 0.09-0.15 s on one core, numpy's take about 0.03 s for the
-    same box (tests/test_loading.py). The image is read on the CPU (preprocessing runs there).
+    BraTS case are several times slower than numpy's for the same box (tests/test_loading.py; the
+    figures: docs/benchmarks/code_notes.md). The image is read on the CPU (preprocessing runs there).
     """
     return torch.as_tensor(image).numpy(force=True) > 0

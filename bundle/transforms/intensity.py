@@ -37,8 +37,8 @@ class ZScoreIntensity(NormalizeIntensity):
 
     With ``nonzero=True`` and the statistics computed from the image, MONAI gathers the non-zero
     voxels by boolean indexing of the torch tensor and writes the normalised values back by boolean
-    index assignment; on a cropped BraTS case those two took about 0.2 s of inference's per-case
-    overhead (docs/inference.md). Here the gather is numpy's boolean indexing (about 4x faster than
+    index assignment; on a cropped BraTS case those two were a large part of inference's per-case
+    overhead (docs/benchmarks/inference.md). Here the gather is numpy's boolean indexing (faster than
     torch's on CPU, same values in the same order, so MONAI's own ``_mean`` / ``_std`` give the same
     numbers) and the write is one ``torch.where`` over the channel: the same ``(x - mean) / std``
     for each non-zero voxel, the zeros kept (tests/test_loading.py compares with MONAI's bit for bit).

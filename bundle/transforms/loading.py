@@ -3,7 +3,7 @@
 * :class:`LoadCaseImaged` - MONAI's ``LoadImaged`` declared ``ThreadUnsafe``, so the threads of
   ``CacheDataset`` each get their own copy (see its docstring), and refusing images with NaN / Inf voxels.
 * :class:`ConcurrentNibabelReader` - MONAI's ``NibabelReader`` decoding the files of one case at once,
-  gzip by ISA-L: the largest part of inference's per-case overhead (docs/inference.md).
+  gzip by ISA-L: the largest part of inference's per-case overhead (docs/benchmarks/inference.md).
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ class ConcurrentNibabelReader(NibabelReader):
     """MONAI's ``NibabelReader`` decoding the files of one call at once, gzip by ISA-L (python-isal).
 
     A BraTS case is four gzip-compressed NIfTI files; decoding them one after the other with zlib
-    was the largest part of inference's per-case overhead (docs/inference.md). Here every file of
+    was the largest part of inference's per-case overhead (docs/benchmarks/inference.md). Here every file of
     a call is read in its own thread: a ``.nii.gz`` is decompressed by ``isal.igzip`` (the ISA-L
-    library, 1.5-2x faster than zlib on these files, and it releases the GIL) and its image made
+    library, faster than zlib on these files, and it releases the GIL) and its image made
     from the bytes (``Nifti1Image`` / ``Nifti2Image.from_bytes``); other files are opened by
     ``nibabel.load``. Headers, affines, stacking and metadata stay MONAI's ``NibabelReader.get_data``,
     so voxels and metadata are exactly what MONAI's reader gives (tests/test_loading.py).
@@ -210,7 +210,7 @@ def _read_nifti_voxels(path: PathLike | str) -> tuple[Any, np.ndarray]:
 
     A NIfTI file stores its voxels in Fortran order; MONAI's ``LoadImage`` makes the stacked case
     C-contiguous (``convert_to_dst_type``), one transposing copy of all four volumes in one thread
-    (0.11-0.14 s of a BraTS case). Each file's copy is made here, in its reading thread, instead: the
+    (docs/benchmarks/code_notes.md). Each file's copy is made here, in its reading thread, instead: the
     stacked case is then C-contiguous already and that copy costs nothing.
     """
     image = _read_nifti(path)
