@@ -7,7 +7,7 @@ demo scale"):
    'configs/train_2d.yaml','configs/variants/<method>.yaml']"`` on the demo phantoms, with the demo's
    slice size and width for the method and a short schedule (``--slices_per_volume``, ``--epochs``);
    for M2 its gate first, the same way with ``configs/train_gate.yaml``, then the segmenter with
-   ``--gate_checkpoint`` (M2 is then one model, gate and segmenter, docs/pipeline_2d.md);
+   ``--gate_checkpoint`` (M2 is then one model, gate and segmenter, docs/reference/pipeline_2d.md);
 2. ``python -m bundle infer`` on the held-out phantom with the checkpoint's own inference recipe (no
    flag: M2's model runs its gate itself);
 3. ``python -m bundle evaluate`` of that segmentation against the held-out truth (Dice and official

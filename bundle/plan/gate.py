@@ -81,7 +81,8 @@ def note_missing_gate(slice_gate: Any, gate_checkpoint: str | None) -> None:
     if as_bool(slice_gate, "slice_gate") and not gate_checkpoint:
         logger.warning(
             "no gate: this M2 segmenter is trained without its slice gate and will segment every slice; train "
-            "configs/train_gate.yaml first and pass --gate_checkpoint for the paper's model (docs/pipeline_2d.md)"
+            "configs/train_gate.yaml first and pass --gate_checkpoint for the paper's model "
+            "(docs/reference/pipeline_2d.md)"
         )
 
 
