@@ -127,8 +127,11 @@ def surface_distances(
     spacing = _spacing(spacing, pred.ndim)
     with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal use of a deprecated argument
         warnings.simplefilter("ignore", FutureWarning)
-        _, (d_pred, d_truth), _ = get_edge_surface_distance(pred, truth, spacing=list(spacing), symmetric=True)
-    return np.asarray(d_truth, dtype=np.float64), np.asarray(d_pred, dtype=np.float64)
+        # tensors, not arrays: MONAI reads ``y_pred.device``, which numpy arrays have only from numpy 2
+        _, (d_pred, d_truth), _ = get_edge_surface_distance(
+            torch.from_numpy(pred), torch.from_numpy(truth), spacing=list(spacing), symmetric=True
+        )
+    return d_truth.cpu().double().numpy(), d_pred.cpu().double().numpy()
 
 
 def hd95(
