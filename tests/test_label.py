@@ -305,6 +305,7 @@ def cpu_recipe_checkpoint(path: Path) -> Path:
     parser = ConfigParser()
     parser.read_config([str(REPO_ROOT / "configs" / f) for f in ("train.yaml", "cpu.yaml")])
     small = {"network_factory#filters": [4, 8, 8, 8], "patch_size": [16, 16, 16], "window": [24, 24, 16]}
+    small["crop_pos"] = 3  # a sampling train.yaml does not have: fine-tuning must take it from the plan
     for key, value in {**small, "device": "$torch.device('cpu')", "num_workers": 0}.items():
         parser[key] = value
     torch.manual_seed(0)
