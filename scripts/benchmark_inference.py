@@ -179,7 +179,8 @@ def run_case(parser: ConfigParser, cuda: bool, tta: bool | None = None) -> dict[
     original_transform = dataset.transform
     dataset.transform = timer.wrap("load + preprocess", original_transform)
     original_post = list(post.transforms)
-    post.transforms = [timer.wrap(f"post: {type(t).__name__}", t) for t in original_post]
+    # nested blocks (the recipe's clean-up steps are one Compose) flattened, so each step is timed
+    post.transforms = [timer.wrap(f"post: {type(t).__name__}", t) for t in post.flatten().transforms]
     original_inferer = evaluator.inferer
     evaluator.inferer = timer.wrap("inferer (incl. network)", original_inferer)
 
