@@ -632,13 +632,13 @@ def _windows_per_case(window: Sequence[int], overlap: float = 0.25) -> int:
 def _epoch_cap(training: Mapping[str, Any]) -> tuple[int, str]:
     """The most epochs a fine-tuning should run, and why: its learning-rate schedule's length, else MONAI Label's 50.
 
-    A schedule that decays to zero over ``total_iters`` steps (configs/cpu.yaml's ``PolynomialLR``, stepped
-    every ``val_interval`` epochs) trains no further after that many epochs.
+    A schedule that decays to zero over ``total_iters`` epochs (configs/cpu.yaml's ``PolynomialLR``, stepped
+    at each epoch's end) trains no further after that many epochs.
     """
     schedule = training.get("lr_scheduler_factory")
     total = schedule.get("total_iters") if isinstance(schedule, Mapping) else None
     if isinstance(total, int) and total > 0:
-        return total * int(training.get("val_interval") or 1), "the length of the model's learning-rate schedule"
+        return total, "the length of the model's learning-rate schedule"
     return 50, "MONAI Label's default"
 
 
