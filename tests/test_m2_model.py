@@ -121,10 +121,12 @@ def test_a_gate_saved_with_one_dense_layer_still_loads(tmp_path: Path) -> None:
 
 def test_noise_reduction_is_an_in_plane_median_switched_by_one_key() -> None:
     volume = torch.zeros(1, 5, 5, 3)
-    volume[0, 2, 2, 1] = 9.0  # an impulse in one slice: removed
-    volume[0, 1:4, 1:4, 0] = 1.0  # a 3 x 3 square: its centre stays
+    volume[0, 1:4, 1:4, 1] = 1.0
+    volume[0, 2, 2, 1] = 9.0  # an impulse inside the brain of one slice: removed
+    volume[0, 1:4, 1:4, 0] = 1.0  # a 3 x 3 square: its centre stays, and so do its edges (the brain's extent)
     out = median_denoise(volume)
-    assert out[0, 2, 2, 1] == 0.0 and out[0, 2, 2, 0] == 1.0 and isinstance(out, torch.Tensor)
+    assert out[0, 2, 2, 1] == 1.0 and out[0, 2, 2, 0] == 1.0 and isinstance(out, torch.Tensor)
+    assert torch.equal(out != 0, volume != 0), "the skull-stripped brain keeps its extent"
     across = torch.zeros(1, 3, 3, 3)
     across[0, :, :, 1] = 1.0  # a whole slice: not filtered across slices
     assert torch.equal(median_denoise(across), across)

@@ -197,6 +197,8 @@ def median_denoise(image: np.ndarray | torch.Tensor, size: int = 3, slice_dim: i
 
     ``image`` is channel-first ``(C, H, W, D)`` (``slice_dim`` 2: axial slices of a RAS volume) or a 2-D
     ``(C, H, W)`` slice; borders repeat the edge voxel (scipy's ``nearest``). Same type and metadata as given.
+    The brain keeps its extent: voxels that are 0 stay 0, and a brain voxel whose median is 0 (at the
+    skull-stripped edge) keeps its value, so the outside-brain step sees the raw image's brain.
     """
     from scipy.ndimage import median_filter
 
@@ -207,6 +209,7 @@ def median_denoise(image: np.ndarray | torch.Tensor, size: int = 3, slice_dim: i
     if array.ndim == 4:
         window[1 + slice_dim] = 1  # nor across slices
     out = median_filter(array, size=window, mode="nearest")
+    out = np.where(array == 0, 0, np.where(out == 0, array, out)).astype(np.float32)
     return convert_to_dst_type(out, image)[0]
 
 
