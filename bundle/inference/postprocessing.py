@@ -108,6 +108,19 @@ def small_et_volume_to_ncr(
     return _assign(labels, tuple(slice(None) for _ in et.shape), et, NCR)
 
 
+def _tumour_components(
+    labels: NdarrayOrTensor, connectivity: int | None
+) -> tuple[np.ndarray, tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """The whole-tumour components on the tumour's box: (label map, box, component ids, sizes); None if no tumour."""
+    lab = _label_numpy(labels)
+    tumour = lab != BACKGROUND
+    box = bounding_box(tumour)
+    if box is None:
+        return None
+    cc, sizes = connected_components(tumour[box], connectivity)
+    return lab, box, cc, sizes
+
+
 def remove_small_tumour_components(
     labels: NdarrayOrTensor, min_size: int = 50, connectivity: int | None = None
 ) -> NdarrayOrTensor:
@@ -121,12 +134,10 @@ def remove_small_tumour_components(
     The threshold's meaning would depend on the installed scikit-image; here components strictly
     smaller than ``min_size`` go.
     """
-    lab = _label_numpy(labels)
-    tumour = lab != BACKGROUND
-    box = bounding_box(tumour)
-    if box is None:
+    components = _tumour_components(labels, connectivity)
+    if components is None:
         return labels
-    cc, sizes = connected_components(tumour[box], connectivity)
+    _, box, cc, sizes = components
     small = sizes < min_size
     small[0] = False
     if not small.any():
@@ -148,12 +159,10 @@ def remove_unconfident_components(
     """
     from scipy import ndimage
 
-    lab = _label_numpy(labels)
-    tumour = lab != BACKGROUND
-    box = bounding_box(tumour)
-    if box is None:
+    components = _tumour_components(labels, connectivity)
+    if components is None:
         return labels
-    cc, sizes = connected_components(tumour[box], connectivity)
+    lab, box, cc, sizes = components
     if sizes.size <= 2:  # background and one component: nothing to choose between
         return labels
     ids = np.arange(1, sizes.size)
